@@ -1,9 +1,36 @@
-"""Where a variant's files are in the Hugging Face cache, what is missing, and whether it is intact."""
+"""Where a variant's files are in the Hugging Face cache, what is missing, and whether it is intact.
+
+The cache is huggingface_hub's standard layout, so other tools (moshi, transformers, huggingface-cli)
+reuse what jmoshi downloads:
+
+    models--org--name/refs/<revision>          the commit a branch or tag points to
+    models--org--name/snapshots/<commit>/file  a link to ../../blobs/<etag>
+    models--org--name/blobs/<etag>             the content; <etag>.incomplete while downloading
+
+A blob's name is its content hash (sha256 for LFS files, the git blob id for small ones), so a
+cached file can be verified with no network at all.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
+
+from . import hub
+from .errors import CacheError, UsageError
+from .hub import Artifact
+from .variants import Catalogue, Variant
+
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+DISK_MARGIN = 256 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -15,3 +42,355 @@ class ModelFiles:
     tokenizer: Path
     # config.json when the repo has one; None means moshi's built-in 7B config (J-Moshi's case).
     config: Path | None = None
+
+
+@dataclass
+class Entry:
+    """One artifact and what the cache holds of it."""
+
+    artifact: Artifact
+    path: Path | None = None  # the snapshot path when the file is there
+    status: str = "missing"  # complete | missing | partial | corrupt | unverified
+    partial_bytes: int = 0
+    detail: str = ""
+
+    @property
+    def missing_bytes(self) -> int | None:
+        if self.status == "complete":
+            return 0
+        size = self.artifact.size
+        return None if size is None else max(size - self.partial_bytes, 0)
+
+
+@dataclass
+class Plan:
+    """Everything a variant needs, resolved to commits, with the cache's state of each file."""
+
+    variant: Variant
+    entries: list[Entry]
+    offline: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def missing(self) -> list[Entry]:
+        return [e for e in self.entries if e.status != "complete"]
+
+    @property
+    def missing_bytes(self) -> int:
+        return sum(e.missing_bytes or 0 for e in self.missing)
+
+    def entry(self, role: str) -> Entry | None:
+        return next((e for e in self.entries if e.artifact.role == role), None)
+
+
+# --- resolving -------------------------------------------------------------------------------------
+
+
+def _cached_commit(repo: str, revision: str) -> str | None:
+    if COMMIT.match(revision):
+        return revision if (hub.repo_folder(repo) / "snapshots" / revision).is_dir() else None
+    ref = hub.repo_folder(repo) / "refs" / revision
+    try:
+        commit = ref.read_text().strip()
+    except OSError:
+        return None
+    return commit if COMMIT.match(commit) else None
+
+
+def _offline_artifacts(repo: str, revision: str, wanted: list[tuple[str, str]]) -> list[Artifact]:
+    commit = _cached_commit(repo, revision)
+    if commit is None:
+        raise CacheError(
+            f"offline and nothing of {repo}@{revision} is in the cache ({hub.cache_dir()})",
+            f"run `jmoshi download` while online, or set HF_HUB_CACHE to a cache that has {repo}")
+    snapshot = hub.repo_folder(repo) / "snapshots" / commit
+    found = []
+    for role, filename in wanted:
+        link = snapshot / filename
+        blob = Path(os.path.realpath(link)).name if link.is_symlink() else None
+        if role == "config" and not link.exists():
+            continue
+        sha256, blob_id = (blob, None) if blob and len(blob) == 64 else (None, blob)
+        found.append(Artifact(role, repo, filename, revision, commit, sha256=sha256, blob_id=blob_id))
+    return found
+
+
+def _online_artifacts(repo: str, revision: str, wanted: list[tuple[str, str]]) -> list[Artifact]:
+    _, files = hub.repo_files(repo, revision)
+    where = f"{repo}@{revision}"
+    return [hub.pick(files, role, name, where) for role, name in wanted if role != "config" or name in files]
+
+
+def resolve(catalogue: Catalogue, variant: Variant, revision: str | None = None,
+            offline: bool = False, web_ui: bool = True) -> Plan:
+    """What a variant needs, at which commits, and what the cache already has of it."""
+    offline = offline or hub.offline_env()
+    revision = revision or variant.revision
+    _check_revision(revision)
+    wanted = [("moshi", variant.moshi), ("tokenizer", variant.tokenizer), ("mimi", variant.mimi),
+              ("config", "config.json")]
+    lookup = _offline_artifacts if offline else _online_artifacts
+    artifacts = lookup(variant.repo, revision, wanted)
+    if web_ui:
+        ui = catalogue.web_ui
+        artifacts += lookup(ui.repo, ui.revision, [("web_ui", ui.file)])
+    return Plan(variant, [inspect(a) for a in artifacts], offline)
+
+
+def _check_revision(revision: str) -> None:
+    if not revision or revision.startswith(("/", "-")) or ".." in revision or any(c.isspace() for c in revision):
+        raise UsageError(f"bad revision {revision!r}", "use a branch, tag or 40-character commit sha")
+
+
+# --- inspecting and verifying ----------------------------------------------------------------------
+
+
+def inspect(artifact: Artifact) -> Entry:
+    """Look at the cache for one artifact, without hashing."""
+    folder = hub.repo_folder(artifact.repo)
+    if artifact.commit:
+        link = folder / "snapshots" / artifact.commit / artifact.filename
+        if link.exists():
+            size = link.stat().st_size
+            if artifact.size is not None and size != artifact.size:
+                return Entry(artifact, link, "corrupt", detail=f"{size} bytes, expected {artifact.size}")
+            return Entry(artifact, link, "complete")
+    if artifact.etag:
+        partial = folder / "blobs" / f"{artifact.etag}.incomplete"
+        if partial.exists():
+            return Entry(artifact, None, "partial", partial.stat().st_size)
+    return Entry(artifact)
+
+
+def file_hash(path: Path, kind: str, chunk: int = 8 * 1024**2,
+              on_bytes: Callable[[int], None] | None = None) -> str:
+    """sha256 of the content, or the git blob id ("sha1" of 'blob <size>\\0' + content)."""
+    digest = hashlib.sha256() if kind == "sha256" else hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    done = 0
+    with path.open("rb") as stream:
+        while block := stream.read(chunk):
+            digest.update(block)
+            done += len(block)
+            if on_bytes:
+                on_bytes(done)
+    return digest.hexdigest()
+
+
+def expected_hash(entry: Entry) -> tuple[str, str] | None:
+    """(kind, value) the file must hash to: the hub's metadata, else its blob name in the cache."""
+    artifact = entry.artifact
+    if artifact.sha256:
+        return "sha256", artifact.sha256
+    if artifact.blob_id:
+        return "sha1", artifact.blob_id
+    if entry.path is not None:
+        name = Path(os.path.realpath(entry.path)).name
+        if len(name) == 64:
+            return "sha256", name
+        if len(name) == 40:
+            return "sha1", name
+    return None
+
+
+def verify(entry: Entry, on_bytes: Callable[[int], None] | None = None) -> Entry:
+    """Hash a complete entry; mark it corrupt (with why) when the content is not what the hub has."""
+    if entry.status != "complete" or entry.path is None:
+        return entry
+    expected = expected_hash(entry)
+    if expected is None:
+        return replace(entry, status="unverified", detail="no content hash known for this file")
+    kind, value = expected
+    actual = file_hash(entry.path, kind, on_bytes=on_bytes)
+    if actual != value:
+        return replace(entry, status="corrupt", detail=f"{kind} {actual[:12]}…, expected {value[:12]}…")
+    stamp_verified(entry.path)
+    return entry
+
+
+def is_stamped(path: Path) -> bool:
+    """True when this exact blob (same size and mtime) was hashed and matched before."""
+    blob = Path(os.path.realpath(path))
+    try:
+        stat = blob.stat()
+    except OSError:
+        return False
+    return _stamps().get(str(blob)) == [stat.st_size, stat.st_mtime_ns]
+
+
+def stamp_verified(path: Path) -> None:
+    blob = Path(os.path.realpath(path))
+    stamps = _stamps()
+    stat = blob.stat()
+    stamps[str(blob)] = [stat.st_size, stat.st_mtime_ns]
+    _write_json(data_dir() / "verified.json", stamps)
+
+
+def _stamps() -> dict:
+    try:
+        return json.loads((data_dir() / "verified.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def data_dir() -> Path:
+    explicit = os.environ.get("JMOSHI_HOME")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base).expanduser() / "jmoshi"
+
+
+def _write_json(path: Path, data: object) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, json.dumps(data, indent=1).encode())
+    except OSError:
+        pass  # the stamp only saves a re-hash; losing it costs time, not correctness
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def discard(entry: Entry) -> None:
+    """Remove a corrupt file (its snapshot link and blob) so no later run takes it for complete."""
+    if entry.path is None:
+        return
+    blob = Path(os.path.realpath(entry.path))
+    entry.path.unlink(missing_ok=True)
+    if blob != entry.path:
+        blob.unlink(missing_ok=True)
+
+
+# --- downloading -----------------------------------------------------------------------------------
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".jmoshi-write-test-"):
+            pass
+    except OSError as exc:
+        raise CacheError(f"cannot write to the cache {folder}: {exc.strerror or exc}",
+                         "make it writable, or point HF_HUB_CACHE (or HF_HOME) at a writable folder") from None
+
+
+def check_disk(plan: Plan) -> None:
+    from .hardware import disk_free
+
+    need = plan.missing_bytes
+    free = disk_free(hub.cache_dir())
+    if free.ok and need + DISK_MARGIN > int(free.value):
+        raise CacheError(
+            f"not enough disk space in {hub.cache_dir()}: need {gib(need)} more, {gib(int(free.value))} free",
+            "free some space, or point HF_HUB_CACHE at a larger disk")
+
+
+def gib(n: int) -> str:
+    return f"{n / 1024**3:.1f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
+
+
+Progress = Callable[[Entry, int], None]
+Retry = Callable[[Entry, int, BaseException, float], None]
+
+
+def download(plan: Plan, on_progress: Progress | None = None, on_retry: Retry | None = None,
+             attempts_on_corruption: int = 2) -> Plan:
+    """Fetch what is missing, verify each file's hash, and return the plan with everything complete."""
+    if plan.offline and plan.missing:
+        names = ", ".join(e.artifact.filename for e in plan.missing)
+        raise CacheError(f"offline and not cached: {names}",
+                         "run `jmoshi download` while online, or unset HF_HUB_OFFLINE / drop --offline")
+    if plan.missing:
+        check_writable(hub.cache_dir())
+        check_disk(plan)
+    entries = []
+    for entry in plan.entries:
+        if entry.status != "complete":
+            entry = _fetch_verified(entry, on_progress, on_retry, attempts_on_corruption)
+        entries.append(entry)
+    done = replace(plan, entries=entries)
+    _remember_refs(done)
+    if done.entry("web_ui") is not None:
+        unpack_web_ui(done.entry("web_ui"))
+    return done
+
+
+def _fetch_verified(entry: Entry, on_progress: Progress | None, on_retry: Retry | None, attempts: int) -> Entry:
+    artifact = entry.artifact
+    for attempt in range(1, attempts + 1):
+        if entry.status == "corrupt":
+            discard(entry)
+        report = (lambda n: on_progress(entry, n)) if on_progress else None
+        retry = (lambda i, exc, delay: on_retry(entry, i, exc, delay)) if on_retry else None
+        hub.fetch(artifact, on_bytes=report, on_retry=retry)
+        entry = verify(inspect(artifact))
+        if on_progress:
+            on_progress(entry, artifact.size or 0)
+        if entry.status in ("complete", "unverified"):
+            return replace(entry, status="complete")
+    discard(entry)
+    raise CacheError(f"{artifact.label} arrived corrupt {attempts} times ({entry.detail}); the bad copy was removed",
+                     "run the command again; if it persists, the mirror at HF_ENDPOINT serves a bad file")
+
+
+def _remember_refs(plan: Plan) -> None:
+    """Record branch -> commit like huggingface_hub does, so offline runs can resolve `main`."""
+    for entry in plan.entries:
+        artifact = entry.artifact
+        if artifact.commit and not COMMIT.match(artifact.revision):
+            ref = hub.repo_folder(artifact.repo) / "refs" / artifact.revision
+            try:
+                ref.parent.mkdir(parents=True, exist_ok=True)
+                _atomic_write(ref, artifact.commit.encode())
+            except OSError as exc:
+                raise CacheError(f"cannot write {ref}: {exc.strerror or exc}") from None
+
+
+def web_ui_dir(entry: Entry) -> Path:
+    """Where moshi.server itself unpacks dist.tgz: a `dist` folder beside the cached file."""
+    assert entry.path is not None
+    return entry.path.parent / "dist"
+
+
+def unpack_web_ui(entry: Entry) -> Path:
+    target = web_ui_dir(entry)
+    if (target / "index.html").is_file():
+        return target
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".dist-") as tmp:
+        try:
+            with tarfile.open(entry.path, "r:gz") as tar:
+                members = [m for m in tar.getmembers() if _safe_member(m)]
+                tar.extractall(tmp, members=members)  # noqa: S202 - members filtered above
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise CacheError(f"cannot unpack the web UI bundle {entry.path}: {exc}",
+                             "remove it and run `jmoshi download` again") from None
+        unpacked = Path(tmp) / "dist"
+        if not (unpacked / "index.html").is_file():
+            raise CacheError(f"{entry.path} has no dist/index.html", "check [web_ui] in the variant catalogue")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(unpacked, target)
+    return target
+
+
+def _safe_member(member: tarfile.TarInfo) -> bool:
+    name = member.name
+    return (member.isfile() or member.isdir()) and not name.startswith("/") and ".." not in Path(name).parts
+
+
+def model_files(plan: Plan) -> ModelFiles:
+    def path(role: str) -> Path:
+        entry = plan.entry(role)
+        if entry is None or entry.path is None or entry.status != "complete":
+            raise CacheError(f"{role} file of {plan.variant.repo} is not in the cache", "run `jmoshi download`")
+        return entry.path
+
+    config = plan.entry("config")
+    return ModelFiles(path("moshi"), path("mimi"), path("tokenizer"), config.path if config else None)

@@ -1,0 +1,266 @@
+"""A small client for moshi.server's ``/api/chat`` websocket.
+
+Protocol (binary messages, first byte = kind):
+
+- server -> client ``0x00``: handshake, sent once the server takes the (single) conversation;
+- client -> server ``0x01`` + Ogg/Opus bytes (24 kHz mono);
+- server -> client ``0x01`` + Ogg/Opus bytes, ``0x02`` + one UTF-8 text piece.
+
+The client streams PCM in 80 ms frames (1920 samples at 24 kHz), optionally paced in real time,
+keeps listening ``tail_s`` seconds after its last frame (the server may run slower than real time)
+and closes. Heavy imports (numpy, sphn, aiohttp) happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import typing as tp
+from dataclasses import dataclass, field
+
+if tp.TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+SAMPLE_RATE = 24000
+FRAME_SIZE = 1920  # 80 ms at 24 kHz, Mimi's frame
+FRAME_S = FRAME_SIZE / SAMPLE_RATE
+
+KIND_HANDSHAKE = 0
+KIND_AUDIO = 1
+KIND_TEXT = 2
+
+
+class ChatError(Exception):
+    """The conversation with the server failed; ``result`` holds what was received so far."""
+
+    def __init__(self, message: str, result: "ChatResult | None" = None):
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass
+class ChatResult:
+    handshake_s: float  # seconds from connect to 0x00
+    audio_samples: int  # decoded PCM samples received
+    audio: "np.ndarray"  # concatenated decoded float32 PCM at 24 kHz
+    text_pieces: list[str] = field(default_factory=list)
+    messages: dict[int, int] = field(default_factory=dict)  # count per kind byte
+    sent_frames: int = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_pieces)
+
+    @property
+    def audio_s(self) -> float:
+        return self.audio_samples / SAMPLE_RATE
+
+
+def _prepare_pcm(pcm: tp.Any, sample_rate: int) -> "np.ndarray":
+    """1-D float32 PCM at 24 kHz (first channel if several), padded to whole 80 ms frames."""
+    import numpy as np
+
+    data = np.asarray(pcm)
+    if data.ndim == 2:
+        # (channels, samples) as sphn.read returns, or (samples, channels) as soundfile does.
+        data = data[0] if data.shape[0] <= data.shape[1] else data[:, 0]
+    elif data.ndim != 1:
+        raise ValueError(f"pcm must be 1-D or 2-D, got shape {data.shape}")
+    if np.issubdtype(data.dtype, np.integer):
+        data = data.astype(np.float32) / float(np.iinfo(data.dtype).max)
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    if sample_rate != SAMPLE_RATE and data.size:
+        import sphn
+
+        expected = int(round(data.shape[0] * SAMPLE_RATE / sample_rate))
+        data = np.asarray(sphn.resample(data[None], sample_rate, SAMPLE_RATE), dtype=np.float32)[0]
+        data = data[:expected]  # the resampler pads its last block
+    rest = data.shape[0] % FRAME_SIZE
+    if rest:
+        data = np.concatenate([data, np.zeros(FRAME_SIZE - rest, dtype=np.float32)])
+    return data
+
+
+def _ssl_arg(ssl: object) -> object:
+    # aiohttp: True = default verification, False = no verification, or an SSLContext/Fingerprint.
+    return True if ssl is None else ssl
+
+
+async def chat(
+    url: str,
+    pcm: "np.ndarray",
+    *,
+    sample_rate: int = 24000,
+    realtime: bool = True,
+    tail_s: float = 3.0,
+    timeout_s: float = 60.0,
+    ssl: object = None,
+) -> ChatResult:
+    """Talk to a moshi.server at ``url`` (ws:// or wss://.../api/chat) with ``pcm``.
+
+    ``ssl``: None for default certificate checks, False to skip them (self-signed test
+    certificates), or an ``ssl.SSLContext``. ``timeout_s`` bounds the connection and the wait for
+    the handshake (the server serves one conversation at a time and says nothing while busy).
+    Raises ChatError on connection failure, no handshake in time, or the server closing early.
+    """
+    import aiohttp
+    import numpy as np
+    import sphn
+
+    frames = _prepare_pcm(pcm, sample_rate)
+    n_frames = frames.shape[0] // FRAME_SIZE
+
+    writer = sphn.OpusStreamWriter(SAMPLE_RATE)
+    reader = sphn.OpusStreamReader(SAMPLE_RATE)
+    received: list[np.ndarray] = []
+    text_pieces: list[str] = []
+    messages: dict[int, int] = {}
+    sent_frames = 0
+    handshake_s = float("nan")
+
+    def drain_reader() -> None:
+        out = reader.read_pcm()
+        if out is not None and out.shape[-1]:
+            received.append(np.asarray(out, dtype=np.float32).reshape(-1))
+
+    def result() -> ChatResult:
+        drain_reader()
+        audio = np.concatenate(received) if received else np.zeros(0, dtype=np.float32)
+        return ChatResult(
+            handshake_s=handshake_s,
+            audio_samples=int(audio.shape[0]),
+            audio=audio,
+            text_pieces=list(text_pieces),
+            messages=dict(messages),
+            sent_frames=sent_frames,
+        )
+
+    def handle(data: bytes) -> None:
+        if not data:
+            return
+        kind = data[0]
+        messages[kind] = messages.get(kind, 0) + 1
+        if kind == KIND_AUDIO:
+            reader.append_bytes(data[1:])
+            drain_reader()
+        elif kind == KIND_TEXT:
+            text_pieces.append(data[1:].decode("utf-8", errors="replace"))
+
+    t0 = time.monotonic()
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        try:
+            ws = await asyncio.wait_for(
+                session.ws_connect(url, ssl=_ssl_arg(ssl), max_msg_size=0, autoclose=True),
+                timeout=timeout_s,
+            )
+        except asyncio.TimeoutError as exc:
+            raise ChatError(f"could not connect to {url} within {timeout_s:g} s") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ChatError(f"could not connect to {url}: {exc}") from exc
+
+        async with ws:
+            # Handshake: the first message should be 0x00.
+            deadline = t0 + timeout_s
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ChatError(
+                        f"no handshake from {url} within {timeout_s:g} s "
+                        "(is another conversation holding the server?)", result())
+                try:
+                    msg = await ws.receive(timeout=remaining)
+                except asyncio.TimeoutError:
+                    continue
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    handle(msg.data)
+                    if msg.data[:1] == b"\x00":
+                        handshake_s = time.monotonic() - t0
+                        break
+                elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
+                                  aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    raise ChatError(f"connection closed before the handshake ({msg.type.name}, "
+                                    f"{ws.exception() or msg.extra})", result())
+                # text/ping messages before the handshake are ignored
+
+            closed_early: list[str] = []
+            done = asyncio.Event()
+
+            async def recv_loop() -> None:
+                while True:
+                    msg = await ws.receive()
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        handle(msg.data)
+                    elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
+                                      aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                        if not done.is_set():
+                            closed_early.append(f"{msg.type.name} {ws.exception() or msg.extra or ''}".strip())
+                        return
+
+            async def send_loop() -> None:
+                nonlocal sent_frames
+                start = time.monotonic()
+                for i in range(n_frames):
+                    if closed_early:
+                        return
+                    if realtime:
+                        delay = start + i * FRAME_S - time.monotonic()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                    writer.append_pcm(frames[i * FRAME_SIZE:(i + 1) * FRAME_SIZE])
+                    payload = writer.read_bytes()
+                    if len(payload) > 0:
+                        await ws.send_bytes(b"\x01" + payload)
+                    sent_frames += 1
+                    if not realtime:
+                        await asyncio.sleep(0)
+                # Flush anything the Ogg writer still holds.
+                payload = writer.read_bytes()
+                if len(payload) > 0:
+                    await ws.send_bytes(b"\x01" + payload)
+
+            recv_task = asyncio.create_task(recv_loop())
+            try:
+                try:
+                    await send_loop()
+                except (ConnectionError, aiohttp.ClientError) as exc:
+                    if not closed_early:
+                        closed_early.append(f"send failed: {exc}")
+                if not closed_early:
+                    # Keep listening: the server lags behind when slower than real time.
+                    try:
+                        await asyncio.wait_for(asyncio.shield(recv_task), timeout=max(tail_s, 0.0))
+                    except asyncio.TimeoutError:
+                        pass
+                done.set()
+            finally:
+                done.set()
+                if not recv_task.done():
+                    recv_task.cancel()
+                    try:
+                        await recv_task
+                    except (asyncio.CancelledError, Exception):
+                        pass
+            if closed_early:
+                raise ChatError(
+                    f"server closed the connection early after {sent_frames}/{n_frames} frames "
+                    f"({closed_early[0]})", result())
+    return result()
+
+
+def chat_sync(
+    url: str,
+    pcm: "np.ndarray",
+    *,
+    sample_rate: int = 24000,
+    realtime: bool = True,
+    tail_s: float = 3.0,
+    timeout_s: float = 60.0,
+    ssl: object = None,
+) -> ChatResult:
+    """``asyncio.run(chat(...))``."""
+    return asyncio.run(chat(url, pcm, sample_rate=sample_rate, realtime=realtime, tail_s=tail_s,
+                            timeout_s=timeout_s, ssl=ssl))
+
+
+__all__ = ["ChatError", "ChatResult", "chat", "chat_sync", "SAMPLE_RATE", "FRAME_SIZE"]

@@ -1,0 +1,221 @@
+"""The Typer app. Commands are thin: parse flags, call the library, show results, choose exit codes.
+
+Heavy modules (torch, moshi, huggingface_hub) are imported inside commands so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+from .console import console, plain
+from .errors import JMoshiError
+
+app = typer.Typer(
+    name="jmoshi",
+    help="Run J-Moshi, the Japanese full-duplex spoken dialogue model, with one command.\n\n"
+         "J-Moshi の重み (weights) は CC BY-NC 4.0: 研究・非商用のみ / research and non-commercial use only.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+# Shared option aliases, so every command spells a flag the same way.
+VariantOpt = Annotated[Optional[str], typer.Option(
+    "--variant", "-v", help="Which model: ext (default), base, or one from your variants.toml.",
+    show_default=False)]
+RevisionOpt = Annotated[Optional[str], typer.Option(
+    "--revision", help="Branch, tag or commit of the model repo (default: the catalogue's).", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+OfflineOpt = Annotated[bool, typer.Option("--offline", help="Use only the local cache; never call the hub.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cuda, or cpu (development and tests: not real time).")]
+HalfOpt = Annotated[bool, typer.Option("--half", help="float16 instead of bfloat16 (GPUs older than Ampere).")]
+MoshiWeightOpt = Annotated[Optional[Path], typer.Option(
+    "--moshi-weight", help="A local LM checkpoint (e.g. fine-tuned J-Moshi) instead of the variant's.",
+    show_default=False)]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"jmoshi {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show more detail (and tracebacks on errors).")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    if verbose:
+        os.environ["JMOSHI_DEBUG"] = os.environ.get("JMOSHI_DEBUG") or "1"
+
+
+def _catalogue_and_variant(name: str | None):
+    from .variants import load_catalogue
+
+    catalogue = load_catalogue()
+    return catalogue, catalogue.get(name)
+
+
+@app.command()
+def doctor(
+    variant: VariantOpt = None,
+    port: Annotated[int, typer.Option("--port", help="Port to check.")] = 8998,
+    host: Annotated[str, typer.Option("--host", help="Address to check the port on.")] = "127.0.0.1",
+    as_json: JsonOpt = False,
+) -> None:
+    """Check this machine for J-Moshi: OS, packages, GPU, VRAM, disk, cache, hub, port."""
+    from . import doctor as doc
+
+    catalogue, chosen = _catalogue_and_variant(variant)
+    checks = doc.evaluate(doc.gather(catalogue, chosen, host, port), chosen)
+    if as_json:
+        typer.echo(json.dumps(doc.as_json(checks, chosen), ensure_ascii=False, indent=2))
+    else:
+        from .render import show_checks
+
+        show_checks(checks, chosen)
+    if any(c.status == doc.FAIL for c in checks):
+        raise typer.Exit(1)
+
+
+@app.command()
+def variants(as_json: JsonOpt = False) -> None:
+    """List the model variants jmoshi knows (built-in and from your variants.toml)."""
+    from dataclasses import asdict
+
+    from .variants import load_catalogue
+
+    catalogue = load_catalogue()
+    if as_json:
+        rows = [asdict(v) | {"default": v.name == catalogue.default} for v in catalogue.variants.values()]
+        typer.echo(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    from .render import show_variants
+
+    show_variants(catalogue)
+
+
+@app.command()
+def download(
+    variant: Annotated[Optional[str], typer.Option(
+        "--variant", "-v", help="ext (default), base, all, or one from your variants.toml.",
+        show_default=False)] = None,
+    revision: RevisionOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what is missing and its size; fetch nothing.")] = False,
+    no_web_ui: Annotated[bool, typer.Option("--no-web-ui", help="Skip the browser UI bundle.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fetch weights, tokenizer, Mimi codec and web UI into the Hugging Face cache (verified)."""
+    from . import artifacts
+    from .render import DownloadView, show_plan
+
+    catalogue, _ = _catalogue_and_variant(None)
+    names = sorted(catalogue.variants) if variant == "all" else [catalogue.get(variant).name]
+    results = []
+    for name in names:
+        plan = artifacts.resolve(catalogue, catalogue.get(name), revision, web_ui=not no_web_ui)
+        if dry_run:
+            show_plan(plan)
+        else:
+            if plan.missing:
+                with DownloadView(plan) as view:
+                    plan = artifacts.download(plan, on_progress=view.progress, on_retry=view.retry)
+            else:
+                plan = artifacts.download(plan)
+                console.print(f"[green]✓[/] {name}: everything already cached")
+        results.append(plan)
+    _print_paths(results, as_json, dry_run)
+
+
+def _print_paths(plans, as_json: bool, dry_run: bool) -> None:
+    if as_json:
+        out = [{"variant": p.variant.name, "repo": p.variant.repo, "missing_bytes": p.missing_bytes,
+                "files": [{"role": e.artifact.role, "repo": e.artifact.repo, "file": e.artifact.filename,
+                           "commit": e.artifact.commit, "size": e.artifact.size, "sha256": e.artifact.sha256,
+                           "status": e.status, "path": str(e.path) if e.path else None} for e in p.entries]}
+               for p in plans]
+        typer.echo(json.dumps(out, ensure_ascii=False, indent=2))
+    elif not dry_run:
+        for plan in plans:
+            for entry in plan.entries:
+                typer.echo(str(entry.path))
+
+
+@app.command()
+def verify(
+    variant: Annotated[Optional[str], typer.Option(
+        "--variant", "-v", help="ext (default), base, all, or one from your variants.toml.",
+        show_default=False)] = None,
+    revision: RevisionOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-hash what is cached for a variant; report corrupt or missing files (exit 1 if any)."""
+    from . import artifacts
+    from .render import show_verify
+
+    catalogue, _ = _catalogue_and_variant(None)
+    names = sorted(catalogue.variants) if variant == "all" else [catalogue.get(variant).name]
+    bad = False
+    report = []
+    for name in names:
+        plan = artifacts.resolve(catalogue, catalogue.get(name), revision, offline=True)
+        entries = [artifacts.verify(e) for e in plan.entries]
+        bad = bad or any(e.status not in ("complete", "unverified") for e in entries)
+        report.append((plan, entries))
+    if as_json:
+        typer.echo(json.dumps([{"variant": p.variant.name, "files": [
+            {"file": e.artifact.filename, "repo": e.artifact.repo, "status": e.status, "detail": e.detail,
+             "path": str(e.path) if e.path else None} for e in entries]} for p, entries in report],
+            ensure_ascii=False, indent=2))
+    else:
+        show_verify(report)
+    if bad:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console entry point: run the app, turn expected failures into one line and an exit code."""
+    debug = os.environ.get("JMOSHI_DEBUG", "") not in ("", "0")
+    try:
+        app(standalone_mode=False)
+    except JMoshiError as exc:
+        _fail(exc.message, exc.hint, exc.exit_code, exc)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except _click_exception() as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, never a bare traceback
+        _fail(f"unexpected error: {type(exc).__name__}: {exc}",
+              "please report it with the output of JMOSHI_DEBUG=1", 1, exc, debug_always=False)
+    sys.exit(0)
+
+
+def _click_exception():
+    import click
+
+    return click.ClickException
+
+
+def _fail(message: str, hint: str, code: int, exc: BaseException, debug_always: bool = False) -> None:
+    if os.environ.get("JMOSHI_DEBUG", "") not in ("", "0"):
+        console.print_exception() if not plain() else __import__("traceback").print_exception(exc)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    if hint:
+        console.print(f"[dim]hint:[/] {hint}", highlight=False, soft_wrap=True)
+    sys.exit(code)

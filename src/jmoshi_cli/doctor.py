@@ -1,0 +1,277 @@
+"""`jmoshi doctor`: gather facts about the machine (bounded probes), then judge them (pure functions).
+
+`gather` is the only part that touches the machine; `evaluate` turns Facts into Checks and is tested
+with made-up facts for hardware this project's CI does not have (GPUs).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+
+from . import hardware
+from .hardware import GPU, Probe
+from .variants import Catalogue, Variant
+
+OK, WARN, FAIL = "OK", "WARN", "FAIL"
+# Rough download size of a Moshi 7B variant (weights, Mimi, tokenizer, web UI) when the hub cannot tell.
+ESTIMATED_7B_BYTES = 16_000_000_000
+
+# What jmoshi is tested with: (package, lowest, first excluded).
+KNOWN_GOOD = {
+    "moshi": ("0.2.2", "0.2.3"),
+    "sphn": ("0.1.4", "0.2"),
+    "torch": ("2.2", "2.7"),
+    "huggingface_hub": ("0.24", "0.29"),
+}
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+    hint: str = ""
+
+
+@dataclass
+class Facts:
+    os: dict
+    python: tuple[int, int, int]
+    packages: dict[str, str | None]
+    nvidia: Probe
+    torch: Probe | None
+    disk: Probe
+    cache: Probe  # value: list of (filename, status) for the variant, from the cache alone
+    missing_bytes: int | None
+    hub: Probe | None  # None when offline mode is on
+    endpoint: str
+    port: Probe
+    host: str
+    port_number: int
+    extra: dict = field(default_factory=dict)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("+")[0].split("."):
+        digits = "".join(c for c in piece if c.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def _in_range(version: str, low: str, high: str) -> bool:
+    v = _version_tuple(version)
+    return _version_tuple(low) <= v < _version_tuple(high)
+
+
+def gather(catalogue: Catalogue, variant: Variant, host: str = "127.0.0.1", port: int = 8998) -> Facts:
+    from . import artifacts, hub
+
+    packages = {name: hardware.package_version(name) for name in (*KNOWN_GOOD, "jmoshi")}
+    nvidia = hardware.nvidia()
+    has_gpu = nvidia.ok and bool(nvidia.value.gpus)
+    torch = hardware.torch_cuda() if has_gpu and packages["torch"] else None
+    offline = hub.offline_env()
+    reach = None
+    if not offline:
+        reach = hardware.http_reachable(f"{hub.endpoint()}/api/models/{variant.repo}")
+    plan = hardware.bounded(
+        lambda: artifacts.resolve(catalogue, variant, offline=offline or not (reach and reach.ok)), 20)
+    cache, missing = _cache_facts(plan)
+    return Facts(
+        os=hardware.os_facts(), python=tuple(sys.version_info[:3]), packages=packages, nvidia=nvidia,
+        torch=torch, disk=hardware.disk_free(hub.cache_dir()), cache=cache, missing_bytes=missing,
+        hub=reach, endpoint=hub.endpoint(), port=hardware.port_free(host, port), host=host, port_number=port,
+        extra={"cache_dir": str(hub.cache_dir()), "offline": offline})
+
+
+def _cache_facts(plan: Probe) -> tuple[Probe, int | None]:
+    from . import artifacts
+
+    if not plan.ok:
+        return Probe(False, error=plan.error), None
+    rows = []
+    for entry in plan.value.entries:
+        status = entry.status
+        if status == "complete" and not artifacts.is_stamped(entry.path):
+            status = "present"
+        rows.append((entry.artifact.filename, status))
+    sizes_known = all(e.artifact.size is not None for e in plan.value.missing)
+    missing = plan.value.missing_bytes if sizes_known else None
+    return Probe(True, rows), missing
+
+
+def evaluate(facts: Facts, variant: Variant) -> list[Check]:
+    checks = [_os(facts), _python(facts)]
+    checks += [_package(name, facts.packages.get(name)) for name in KNOWN_GOOD]
+    checks += _gpu_checks(facts, variant)
+    checks += [_disk(facts), _cache(facts, variant), _hub(facts), _port(facts)]
+    return checks
+
+
+def _os(facts: Facts) -> Check:
+    system, machine = facts.os.get("system"), facts.os.get("machine")
+    if system == "Linux" and machine in ("x86_64", "AMD64"):
+        return Check("os", OK, f"Linux {machine}")
+    if system == "Linux":
+        return Check("os", WARN, f"Linux {machine}: not tested", "jmoshi is tested on Linux x86_64")
+    why = {"Darwin": "macOS has no CUDA; moshi's PyTorch server needs an NVIDIA GPU",
+           "Windows": "moshi 0.2.2's server and its audio stack are only tested on Linux"}
+    return Check("os", FAIL, why.get(system, f"{system} is not supported"),
+                 "use a Linux x86_64 machine with an NVIDIA GPU (24 GB), or WSL2 on Windows")
+
+
+def _python(facts: Facts) -> Check:
+    version = ".".join(map(str, facts.python))
+    if (3, 10) <= facts.python[:2] <= (3, 12):
+        return Check("python", OK, version)
+    return Check("python", FAIL, f"{version}: moshi 0.2.2 and torch<2.7 need Python 3.10-3.12",
+                 "create the environment with python3.10, 3.11 or 3.12")
+
+
+def _package(name: str, version: str | None) -> Check:
+    low, high = KNOWN_GOOD[name]
+    wanted = f">={low},<{high}"
+    if version is None:
+        return Check(name, FAIL, "not installed", f"pip install '{name}{wanted}' (or reinstall jmoshi)")
+    if _in_range(version, low, high):
+        return Check(name, OK, version)
+    if name == "sphn":
+        return Check(name, FAIL, f"{version}: moshi 0.2.2's server calls the sphn 0.1 API; "
+                     "connections die at the first audio frame", "pip install 'sphn>=0.1.4,<0.2'")
+    return Check(name, FAIL if name == "moshi" else WARN, f"{version}: jmoshi is tested with {name}{wanted}",
+                 f"pip install '{name}{wanted}'")
+
+
+def _gpu_checks(facts: Facts, variant: Variant) -> list[Check]:
+    if not facts.nvidia.ok:
+        return [Check("gpu", FAIL, facts.nvidia.error + ": J-Moshi needs an NVIDIA GPU",
+                      f"use a machine with an NVIDIA GPU of {variant.vram_gb:g} GB; `--device cpu` works "
+                      "for tests but a 7B model on a CPU is far from real time")]
+    gpus: list[GPU] = facts.nvidia.value.gpus
+    if not gpus:
+        return [Check("gpu", FAIL, "the NVIDIA driver sees no GPU", "check `nvidia-smi` and the container's --gpus flag")]
+    best = max(gpus, key=lambda g: g.free_bytes)
+    listing = "; ".join(f"{g.index}: {g.name}, {_gb(g.total_bytes)} total, {_gb(g.free_bytes)} free, "
+                        f"cc {_cc(g.capability)}" for g in gpus)
+    checks = [Check("gpu", OK, f"driver {facts.nvidia.value.driver}; {listing}")]
+    checks.append(_torch_cuda(facts, best))
+    checks.append(_bf16(best))
+    checks.append(_vram(best, variant))
+    return checks
+
+
+def _cc(capability: tuple[int, int] | None) -> str:
+    return f"{capability[0]}.{capability[1]}" if capability else "?"
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def _torch_cuda(facts: Facts, gpu: GPU) -> Check:
+    torch = facts.torch
+    if torch is None:
+        return Check("torch-cuda", FAIL, "torch is not installed", "reinstall jmoshi")
+    if not torch.ok:
+        return Check("torch-cuda", FAIL, f"torch could not be asked: {torch.error}", "run with JMOSHI_DEBUG=1")
+    info = torch.value
+    if not info.get("cuda"):
+        return Check("torch-cuda", FAIL, f"torch {info['version']} is a CPU-only build",
+                     "pip install 'torch>=2.2,<2.7' from PyPI (its Linux wheels include CUDA)")
+    if not info.get("available"):
+        return Check("torch-cuda", FAIL, f"torch {info['version']} (CUDA {info['cuda']}) cannot use the GPU",
+                     f"the driver may be older than CUDA {info['cuda']} needs: update the NVIDIA driver")
+    if gpu.capability:
+        sm = f"sm_{gpu.capability[0]}{gpu.capability[1]}"
+        archs = info.get("arch_list") or []
+        same_major = any(a.startswith(f"sm_{gpu.capability[0]}") for a in archs)
+        if sm not in archs and not same_major:
+            return Check("torch-cuda", FAIL,
+                         f"{gpu.name} is {sm}; torch {info['version']} has kernels for {', '.join(archs)} only",
+                         "moshi 0.2.2 needs torch<2.7, which predates this GPU: use an older GPU (Ampere, Ada, "
+                         "Hopper) or wait for a jmoshi release on a newer moshi")
+    return Check("torch-cuda", OK, f"torch {info['version']}, CUDA {info['cuda']}")
+
+
+def _bf16(gpu: GPU) -> Check:
+    if gpu.capability and gpu.capability >= (8, 0):
+        return Check("bf16", OK, f"{gpu.name} supports bfloat16")
+    return Check("bf16", WARN, f"{gpu.name} (cc {_cc(gpu.capability)}) has no fast bfloat16",
+                 "serve with --half (float16); jmoshi turns it on by itself for such GPUs")
+
+
+def _vram(gpu: GPU, variant: Variant) -> Check:
+    need_min = variant.vram_min_gb * 1e9
+    if gpu.total_bytes < need_min:
+        return Check("vram", FAIL, f"{gpu.name} has {_gb(gpu.total_bytes)}; {variant.name} uses about "
+                     f"{variant.vram_min_gb:g} GB", f"use a GPU with {variant.vram_gb:g} GB or more")
+    if gpu.free_bytes < need_min:
+        return Check("vram", WARN, f"{_gb(gpu.free_bytes)} free of {_gb(gpu.total_bytes)}; {variant.name} "
+                     f"needs about {variant.vram_min_gb:g} GB", "stop other GPU processes (see `nvidia-smi`)")
+    if gpu.total_bytes < variant.vram_gb * 1e9:
+        return Check("vram", WARN, f"{_gb(gpu.total_bytes)}: below the {variant.vram_gb:g} GB asked for, above "
+                     f"the {variant.vram_min_gb:g} GB measured in use", "close other GPU programs while serving")
+    return Check("vram", OK, f"{_gb(gpu.free_bytes)} free; {variant.name} needs about {variant.vram_min_gb:g} GB")
+
+
+def _disk(facts: Facts) -> Check:
+    where = facts.extra.get("cache_dir", "the cache")
+    if not facts.disk.ok:
+        return Check("disk", WARN, f"cannot read free space of {where}: {facts.disk.error}")
+    free = int(facts.disk.value)
+    need = facts.missing_bytes
+    estimated = need is None
+    if estimated:
+        need = ESTIMATED_7B_BYTES if _any_missing(facts) else 0
+    about = "about " if estimated else ""
+    if need > free:
+        return Check("disk", FAIL, f"{_gb(free)} free in {where}; {about}{_gb(need)} still to download",
+                     "free space, or set HF_HUB_CACHE (or HF_HOME) to a larger disk")
+    return Check("disk", OK, f"{_gb(free)} free in {where}; {about}{_gb(need)} still to download")
+
+
+def _any_missing(facts: Facts) -> bool:
+    return not facts.cache.ok or any(status not in ("complete", "present") for _, status in facts.cache.value)
+
+
+def _cache(facts: Facts, variant: Variant) -> Check:
+    if not facts.cache.ok:
+        return Check("cache", WARN, f"{variant.name}: {facts.cache.error.split(': ', 1)[-1]}",
+                     f"run `jmoshi download --variant {variant.name}`")
+    rows = facts.cache.value
+    missing = [name for name, status in rows if status not in ("complete", "present")]
+    unverified = [name for name, status in rows if status == "present"]
+    summary = ", ".join(f"{name} {status}" for name, status in rows)
+    if missing:
+        return Check("cache", WARN, f"{variant.name}: {summary}", f"run `jmoshi download --variant {variant.name}`")
+    if unverified:
+        return Check("cache", OK, f"{variant.name}: all files present ({len(unverified)} not yet verified)",
+                     f"`jmoshi verify --variant {variant.name}` checks their hashes")
+    return Check("cache", OK, f"{variant.name}: all files present and verified")
+
+
+def _hub(facts: Facts) -> Check:
+    if facts.hub is None:
+        return Check("hub", OK, "offline mode (HF_HUB_OFFLINE=1): nothing will be downloaded")
+    if facts.hub.ok:
+        return Check("hub", OK, f"{facts.endpoint} answers")
+    return Check("hub", WARN, f"{facts.endpoint} unreachable: {facts.hub.error}",
+                 "downloads will fail: check the network, or set HF_ENDPOINT to a mirror")
+
+
+def _port(facts: Facts) -> Check:
+    where = f"{facts.host}:{facts.port_number}"
+    if not facts.port.ok:
+        return Check("port", FAIL, f"{where}: {facts.port.error}", "pass another --host")
+    if facts.port.value:
+        return Check("port", OK, f"{where} is free")
+    return Check("port", WARN, f"{where} is in use", f"stop what uses it, or serve with --port {facts.port_number + 1}")
+
+
+def as_json(checks: list[Check], variant: Variant) -> dict:
+    return {"variant": variant.name, "repo": variant.repo, "ok": not any(c.status == FAIL for c in checks),
+            "checks": [asdict(c) for c in checks]}

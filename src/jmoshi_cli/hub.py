@@ -1,0 +1,256 @@
+"""Talking to the Hugging Face hub: resolve what to fetch, fetch it with retries, explain failures.
+
+Settings are read from the environment at each call (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE,
+HF_HUB_CACHE/HF_HOME) and passed to huggingface_hub explicitly, because huggingface_hub itself only
+reads them once, at import.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from .errors import CacheError, HubError, JMoshiError, UsageError
+
+T = TypeVar("T")
+ROLES = ("moshi", "tokenizer", "mimi", "config", "web_ui")
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One file of one repo at one commit."""
+
+    role: str
+    repo: str
+    filename: str
+    revision: str
+    commit: str | None = None
+    size: int | None = None
+    sha256: str | None = None  # LFS files: the content hash the hub publishes
+    blob_id: str | None = None  # small files: the git blob id
+
+    @property
+    def etag(self) -> str | None:
+        """The name huggingface_hub gives the file's blob in the cache."""
+        return self.sha256 or self.blob_id
+
+    @property
+    def label(self) -> str:
+        return f"{self.repo}/{self.filename}"
+
+
+def endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def token() -> str | None:
+    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
+
+
+def offline_env() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    home = os.environ.get("HF_HOME")
+    if home:
+        return Path(home).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "huggingface" / "hub"
+
+
+# --- hub exceptions -> messages --------------------------------------------------------------------
+# Ordered: the first matching class wins, so subclasses come before their parents
+# (GatedRepoError < RepositoryNotFoundError; LocalEntryNotFoundError < EntryNotFoundError).
+
+
+def _explain(exc: BaseException, what: str) -> JMoshiError | None:
+    import requests
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    table: list[tuple[type[BaseException], Callable[[], JMoshiError]]] = [
+        (GatedRepoError, lambda: HubError(
+            f"{what}: the repo is gated and this account has not been granted access",
+            "accept the conditions on the repo's page, then log in (`huggingface-cli login`) or set HF_TOKEN")),
+        (RepositoryNotFoundError, lambda: HubError(
+            f"{what}: repository not found at {endpoint()} (or it is private)",
+            "check the repo id in the variant catalogue; for a private repo set HF_TOKEN")),
+        (RevisionNotFoundError, lambda: UsageError(
+            f"{what}: revision not found",
+            "use a branch, tag or full commit sha that exists on the hub (`--revision main`)")),
+        (LocalEntryNotFoundError, lambda: HubError(
+            f"{what}: the hub at {endpoint()} cannot be reached and the file is not cached",
+            "check the network or HF_ENDPOINT, or copy the Hugging Face cache from a machine that has it")),
+        (EntryNotFoundError, lambda: HubError(
+            f"{what}: no such file in the repo", "check the file names in the variant catalogue")),
+        (OfflineModeIsEnabled, lambda: CacheError(
+            f"{what}: HF_HUB_OFFLINE=1 and the file is not cached",
+            "run `jmoshi download` on a connected machine, or unset HF_HUB_OFFLINE")),
+        (HfHubHTTPError, lambda: HubError(
+            f"{what}: the hub answered HTTP {_status(exc)}", "try again later; JMOSHI_DEBUG=1 shows the details")),
+        (requests.exceptions.SSLError, lambda: HubError(
+            f"{what}: TLS error talking to {endpoint()}", "check HF_ENDPOINT and REQUESTS_CA_BUNDLE for a mirror")),
+        (requests.exceptions.RequestException, lambda: HubError(
+            f"{what}: the hub at {endpoint()} cannot be reached ({type(exc).__name__})",
+            "check the network or HF_ENDPOINT (a mirror), or work offline with files already cached")),
+    ]
+    for kind, build in table:
+        if isinstance(exc, kind):
+            error = build()
+            error.__cause__ = exc
+            return error
+    if isinstance(exc, OSError) and exc.errno == 28:
+        return CacheError(f"{what}: the disk is full ({cache_dir()})", "free space or point HF_HUB_CACHE elsewhere")
+    if isinstance(exc, PermissionError):
+        return CacheError(f"{what}: permission denied in {cache_dir()}", "make it writable or set HF_HUB_CACHE")
+    return None
+
+
+def _status(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    return str(getattr(response, "status_code", "error"))
+
+
+def explain(exc: BaseException, what: str) -> JMoshiError:
+    """A JMoshiError for any hub-side failure (unknown ones included, keeping the cause)."""
+    if isinstance(exc, JMoshiError):
+        return exc
+    error = _explain(exc, what) or HubError(f"{what}: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+# --- retries ----------------------------------------------------------------------------------------
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    response = getattr(exc, "response", None)
+    value = getattr(response, "headers", {}).get("Retry-After") if response is not None else None
+    try:
+        return min(float(value), 60.0) if value is not None else None
+    except ValueError:
+        return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth another try: dropped connections, timeouts, 5xx, 429."""
+    import requests
+    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if isinstance(exc, (RepositoryNotFoundError,)):
+        return False
+    if isinstance(exc, LocalEntryNotFoundError):
+        # huggingface_hub turns a failed HEAD (a 5xx, a refused connection) into this.
+        return not offline_env()
+    if isinstance(exc, HfHubHTTPError):
+        code = getattr(getattr(exc, "response", None), "status_code", None)
+        return code is not None and (code >= 500 or code == 429)
+    return isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                            requests.exceptions.ChunkedEncodingError))
+
+
+def retry_base_s() -> float:
+    try:
+        return float(os.environ.get("JMOSHI_RETRY_BASE_S", "1"))
+    except ValueError:
+        return 1.0
+
+
+def with_retries(call: Callable[[], T], what: str, attempts: int = 5,
+                 on_retry: Callable[[int, BaseException, float], None] | None = None) -> T:
+    """call() until it succeeds, backing off exponentially on transient errors; explain the last one."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - every error is either retried or explained
+            if attempt == attempts or not is_transient(exc):
+                raise explain(exc, what) from exc
+            delay = _retry_after(exc) or retry_base_s() * 2 ** (attempt - 1) * (1 + random.random() / 4)
+            if on_retry:
+                on_retry(attempt, exc, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# --- resolving ---------------------------------------------------------------------------------------
+
+
+def repo_files(repo: str, revision: str) -> tuple[str, dict[str, Artifact]]:
+    """Ask the hub for a repo's commit and files (with sizes and content hashes)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint(), token=token())
+    info = with_retries(lambda: api.model_info(repo, revision=revision, files_metadata=True),
+                        f"{repo}@{revision}", attempts=3)
+    files = {}
+    for sibling in info.siblings or []:
+        lfs = sibling.lfs
+        files[sibling.rfilename] = Artifact(
+            role="", repo=repo, filename=sibling.rfilename, revision=revision, commit=info.sha,
+            size=sibling.size if sibling.size is not None else (lfs.size if lfs else None),
+            sha256=lfs.sha256 if lfs else None, blob_id=sibling.blob_id)
+    return info.sha, files
+
+
+def pick(files: dict[str, Artifact], role: str, filename: str, where: str) -> Artifact:
+    if filename not in files:
+        raise HubError(f"{where} has no file '{filename}'", "check the file names in the variant catalogue")
+    return replace(files[filename], role=role)
+
+
+# --- downloading -------------------------------------------------------------------------------------
+
+
+def _watch(path_of: Callable[[], Path | None], report: Callable[[int], None], stop: threading.Event) -> None:
+    while not stop.wait(0.2):
+        path = path_of()
+        try:
+            if path is not None:
+                report(path.stat().st_size)
+        except OSError:
+            pass
+
+
+def fetch(artifact: Artifact, on_bytes: Callable[[int], None] | None = None,
+          on_retry: Callable[[int, BaseException, float], None] | None = None) -> Path:
+    """Download one file into the standard cache (resuming a partial one) and return its path."""
+    from huggingface_hub import hf_hub_download
+
+    def call() -> str:
+        return hf_hub_download(
+            artifact.repo, artifact.filename, revision=artifact.commit or artifact.revision,
+            cache_dir=cache_dir(), endpoint=endpoint(), token=token())
+
+    stop = threading.Event()
+    watcher = None
+    if on_bytes is not None and artifact.etag:
+        incomplete = repo_folder(artifact.repo) / "blobs" / f"{artifact.etag}.incomplete"
+        watcher = threading.Thread(target=_watch, args=(lambda: incomplete, on_bytes, stop), daemon=True)
+        watcher.start()
+    try:
+        return Path(with_retries(call, artifact.label, on_retry=on_retry))
+    finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join()
+
+
+def repo_folder(repo: str) -> Path:
+    return cache_dir() / ("models--" + repo.replace("/", "--"))

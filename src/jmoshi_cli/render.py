@@ -1,0 +1,113 @@
+"""How results look to a person on stderr: tables, progress bars, or plain lines off a terminal."""
+
+from __future__ import annotations
+
+import time
+
+from rich.table import Table
+
+from .console import console, plain
+
+STYLE = {"OK": "green", "WARN": "yellow", "FAIL": "bold red"}
+
+
+def show_checks(checks, variant) -> None:
+    table = Table(title=f"jmoshi doctor — variant {variant.name} ({variant.repo})", show_lines=False,
+                  title_justify="left")
+    for column in ("", "check", "detail"):
+        table.add_column(column, overflow="fold")
+    for check in checks:
+        detail = check.detail + (f"\n[dim]→ {check.hint}[/]" if check.hint else "")
+        table.add_row(f"[{STYLE[check.status]}]{check.status}[/]", check.name, detail)
+    if plain():
+        for check in checks:
+            hint = f"  (hint: {check.hint})" if check.hint else ""
+            console.print(f"{check.status:<4} {check.name}: {check.detail}{hint}", soft_wrap=True)
+    else:
+        console.print(table)
+    fails = sum(c.status == "FAIL" for c in checks)
+    warns = sum(c.status == "WARN" for c in checks)
+    console.print(f"{fails} failed, {warns} warnings. `jmoshi selftest` proves the installed stack end to end "
+                  "with a tiny model on the CPU (about a minute, no download).", soft_wrap=True)
+
+
+def show_variants(catalogue) -> None:
+    table = Table(title_justify="left")
+    for column in ("name", "repo", "revision", "VRAM", "license", "description"):
+        table.add_column(column, overflow="fold")
+    for v in catalogue.variants.values():
+        name = v.name + (" (default)" if v.name == catalogue.default else "")
+        table.add_row(name, v.repo, v.revision, f"{v.vram_gb:g} GB", v.license, v.description)
+    console.print(table)
+    console.print(f"catalogue: {', '.join(str(s) for s in catalogue.sources)}", soft_wrap=True)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def show_plan(plan) -> None:
+    console.print(f"{plan.variant.name} ({plan.variant.repo}):", soft_wrap=True)
+    for e in plan.entries:
+        state = e.status if e.status != "partial" else f"partial, {_size(e.partial_bytes)} already here"
+        console.print(f"  {e.artifact.repo}/{e.artifact.filename}  {_size(e.artifact.size)}  {state}", soft_wrap=True)
+    console.print(f"  to download: {len(plan.missing)} file(s), {_size(plan.missing_bytes)}", soft_wrap=True)
+
+
+def show_verify(report) -> None:
+    for plan, entries in report:
+        console.print(f"{plan.variant.name} ({plan.variant.repo}):", soft_wrap=True)
+        for e in entries:
+            mark = {"complete": "[green]ok[/]", "unverified": "[yellow]unverified[/]"}.get(
+                e.status, f"[bold red]{e.status}[/]")
+            detail = f" ({e.detail})" if e.detail else ""
+            console.print(f"  {mark} {e.artifact.repo}/{e.artifact.filename}{detail}", soft_wrap=True)
+
+
+class DownloadView:
+    """Rich progress bars on a terminal; one line per file (start, retry, done) elsewhere."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.tasks: dict[str, int] = {}
+        self.started: dict[str, float] = {}
+        self.progress_bar = None
+
+    def __enter__(self):
+        if not plain():
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+
+            self.progress_bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                         TransferSpeedColumn(), TimeRemainingColumn(), console=console)
+            self.progress_bar.__enter__()
+        for e in self.plan.missing:
+            key = e.artifact.label
+            self.started[key] = time.monotonic()
+            if self.progress_bar is not None:
+                self.tasks[key] = self.progress_bar.add_task(e.artifact.filename, total=e.artifact.size,
+                                                             completed=e.partial_bytes)
+            else:
+                resume = f", resuming at {_size(e.partial_bytes)}" if e.partial_bytes else ""
+                console.print(f"downloading {key} ({_size(e.artifact.size)}{resume})", soft_wrap=True)
+        return self
+
+    def progress(self, entry, done: int) -> None:
+        key = entry.artifact.label
+        if self.progress_bar is not None and key in self.tasks:
+            self.progress_bar.update(self.tasks[key], completed=done)
+        elif self.progress_bar is None and entry.status == "complete":
+            seconds = max(time.monotonic() - self.started.get(key, time.monotonic()), 1e-6)
+            console.print(f"done {key}: {_size(done)} in {seconds:.1f} s ({done / seconds / 1e6:.1f} MB/s), "
+                          "sha256 verified", soft_wrap=True)
+
+    def retry(self, entry, attempt: int, exc: BaseException, delay: float) -> None:
+        console.print(f"[yellow]retrying[/] {entry.artifact.filename} in {delay:.1f} s "
+                      f"(attempt {attempt} failed: {type(exc).__name__})", soft_wrap=True)
+
+    def __exit__(self, *exc):
+        if self.progress_bar is not None:
+            self.progress_bar.__exit__(*exc)
+        return False

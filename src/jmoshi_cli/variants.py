@@ -1,0 +1,147 @@
+"""The variant catalogue: configs/variants.toml (shipped in the wheel) plus an optional user file."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError, UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_MOSHI = "model.safetensors"
+DEFAULT_TOKENIZER = "tokenizer_spm_32k_3.model"
+DEFAULT_MIMI = "tokenizer-e351c8d8-checkpoint125.safetensors"
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class WebUI:
+    repo: str
+    file: str
+    revision: str = "main"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    repo: str
+    revision: str = "main"
+    description: str = ""
+    moshi: str = DEFAULT_MOSHI
+    tokenizer: str = DEFAULT_TOKENIZER
+    mimi: str = DEFAULT_MIMI
+    vram_gb: float = 24.0
+    vram_min_gb: float = 18.7
+    license: str = ""
+    license_url: str = ""
+    source: str = "built-in"
+
+    @property
+    def files(self) -> tuple[str, str, str]:
+        return (self.moshi, self.tokenizer, self.mimi)
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    variants: dict[str, Variant]
+    default: str
+    web_ui: WebUI
+    sources: tuple[Path, ...]
+
+    def get(self, name: str | None) -> Variant:
+        name = name or self.default
+        if name in self.variants:
+            return self.variants[name]
+        choices = ", ".join(sorted(self.variants))
+        close = difflib.get_close_matches(name, list(self.variants), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise UsageError(f"unknown variant '{name}'", f"{hint}choose one of: {choices}")
+
+
+def builtin_path() -> Path:
+    shipped = Path(__file__).with_name("configs") / "variants.toml"
+    if shipped.is_file():
+        return shipped
+    # Editable installs and source checkouts keep the catalogue at the project root.
+    return Path(__file__).resolve().parents[2] / "configs" / "variants.toml"
+
+
+def user_path() -> Path | None:
+    explicit = os.environ.get("JMOSHI_VARIANTS")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    path = base / "jmoshi" / "variants.toml"
+    return path if path.is_file() else None
+
+
+def _read(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"variant file not found: {path}", "check JMOSHI_VARIANTS") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read variant file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}", "fix the file or unset JMOSHI_VARIANTS") from None
+
+
+_FIELDS = {f for f in Variant.__dataclass_fields__ if f not in ("name", "source")}
+
+
+def _variant(name: str, raw: object, path: Path) -> Variant:
+    where = f"{path} [variants.{name}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = sorted(set(raw) - _FIELDS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}", f"known keys: {', '.join(sorted(_FIELDS))}")
+    repo = raw.get("repo")
+    if not isinstance(repo, str) or not REPO_ID.match(repo):
+        raise ConfigError(f"{where}: 'repo' must look like 'org/name', got {repo!r}")
+    for key in ("vram_gb", "vram_min_gb"):
+        if key in raw and (not isinstance(raw[key], (int, float)) or raw[key] < 0):
+            raise ConfigError(f"{where}: '{key}' must be a number of GB")
+    for key in _FIELDS - {"vram_gb", "vram_min_gb"}:
+        if key in raw and not isinstance(raw[key], str):
+            raise ConfigError(f"{where}: '{key}' must be a string")
+    return Variant(name=name, source=str(path), **raw)
+
+
+def _merge(data: dict, path: Path, variants: dict[str, Variant], settings: dict) -> None:
+    for name, raw in (data.get("variants") or {}).items():
+        if not re.match(r"^[a-z0-9][a-z0-9_.-]*$", name):
+            raise ConfigError(f"{path}: variant name '{name}' must be lower-case letters, digits, '-', '_' or '.'")
+        variants[name] = _variant(name, raw, path)
+    if "default" in data:
+        settings["default"] = data["default"]
+    if "web_ui" in data:
+        web = data["web_ui"]
+        if not isinstance(web, dict) or not isinstance(web.get("repo"), str) or not isinstance(web.get("file"), str):
+            raise ConfigError(f"{path}: [web_ui] needs 'repo' and 'file'")
+        settings["web_ui"] = WebUI(web["repo"], web["file"], str(web.get("revision", "main")))
+
+
+def load_catalogue() -> Catalogue:
+    variants: dict[str, Variant] = {}
+    settings: dict = {}
+    sources = [builtin_path()]
+    extra = user_path()
+    if extra is not None:
+        sources.append(extra)
+    for path in sources:
+        _merge(_read(path), path, variants, settings)
+    default = settings.get("default", "ext")
+    if default not in variants:
+        raise ConfigError(f"default variant '{default}' is not defined", f"defined: {', '.join(sorted(variants))}")
+    if "web_ui" not in settings:
+        raise ConfigError(f"{sources[0]}: missing [web_ui]")
+    return Catalogue(variants, default, settings["web_ui"], tuple(sources))
