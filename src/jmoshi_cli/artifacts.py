@@ -311,13 +311,18 @@ def download(plan: Plan, on_progress: Progress | None = None, on_retry: Retry | 
     if plan.missing:
         check_writable(hub.cache_dir())
         check_disk(plan)
+    elif not plan.offline:
+        check_writable(hub.cache_dir())
+    _remember_refs(plan)
     entries = []
     for entry in plan.entries:
-        if entry.status != "complete":
+        if entry.status == "complete" and not is_stamped(entry.path):
+            # Put there by another tool, or changed since we hashed it: trust only its content.
+            entry = verify(entry)
+        if entry.status not in ("complete", "unverified"):
             entry = _fetch_verified(entry, on_progress, on_retry, attempts_on_corruption)
-        entries.append(entry)
+        entries.append(replace(entry, status="complete"))
     done = replace(plan, entries=entries)
-    _remember_refs(done)
     if done.entry("web_ui") is not None:
         unpack_web_ui(done.entry("web_ui"))
     return done

@@ -185,9 +185,9 @@ def verify(
 
 def main() -> None:
     """Console entry point: run the app, turn expected failures into one line and an exit code."""
-    debug = os.environ.get("JMOSHI_DEBUG", "") not in ("", "0")
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns typer.Exit's code instead of exiting.
+        code = app(standalone_mode=False)
     except JMoshiError as exc:
         _fail(exc.message, exc.hint, exc.exit_code, exc)
     except KeyboardInterrupt:
@@ -202,8 +202,8 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, never a bare traceback
         _fail(f"unexpected error: {type(exc).__name__}: {exc}",
-              "please report it with the output of JMOSHI_DEBUG=1", 1, exc, debug_always=False)
-    sys.exit(0)
+              "please report it with the output of JMOSHI_DEBUG=1", 1, exc)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _click_exception():
@@ -212,7 +212,7 @@ def _click_exception():
     return click.ClickException
 
 
-def _fail(message: str, hint: str, code: int, exc: BaseException, debug_always: bool = False) -> None:
+def _fail(message: str, hint: str, code: int, exc: BaseException) -> None:
     if os.environ.get("JMOSHI_DEBUG", "") not in ("", "0"):
         console.print_exception() if not plain() else __import__("traceback").print_exception(exc)
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)

@@ -1,0 +1,84 @@
+"""Shared fixtures: a loopback hub with J-Moshi-shaped repos, and a fresh cache per test."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from jmoshi_cli.testing.hub_server import LocalHub
+
+SHARED_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "audio"
+MIB = 1024 * 1024
+
+
+def _random_file(path: Path, size: int, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    block = hashlib.sha256(str(seed).encode()).digest() * (MIB // 32)
+    with path.open("wb") as out:
+        left = size
+        while left:
+            out.write(block[: min(left, len(block))])
+            left -= min(left, len(block))
+            block = hashlib.sha256(block[:64]).digest() * (MIB // 32)
+
+
+def _web_ui(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in (("dist/index.html", "<html><title>test UI</title></html>"),
+                           ("dist/assets/app.js", "console.log('ui')")):
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="session")
+def hub_root(tmp_path_factory) -> Path:
+    """J-Moshi-shaped repos with made-up content: 25 MiB weights so resuming crosses 10 MiB chunks."""
+    root = tmp_path_factory.mktemp("hub")
+    for repo, seed in (("nu-dialogue/j-moshi-ext", 1), ("nu-dialogue/j-moshi", 2)):
+        _random_file(root / repo / "model.safetensors", 25 * MIB + 123, seed)
+        _random_file(root / repo / "tokenizer_spm_32k_3.model", 300_000, seed + 10)
+        _random_file(root / repo / "tokenizer-e351c8d8-checkpoint125.safetensors", 3 * MIB, seed + 20)
+        (root / repo / "README.md").write_text("---\nlicense: cc-by-nc-4.0\n---\n")
+    _web_ui(root / "kyutai" / "moshi-artifacts" / "dist.tgz")
+    custom = root / "lab" / "custom-moshi"
+    _random_file(custom / "lm.safetensors", 2 * MIB, 7)
+    _random_file(custom / "tok.model", 10_000, 8)
+    _random_file(custom / "mimi.safetensors", MIB, 9)
+    (custom / "config.json").write_text('{"dim": 64}')
+    return root
+
+
+@pytest.fixture
+def hub(hub_root):
+    with LocalHub(hub_root) as server:
+        yield server
+
+
+@pytest.fixture
+def env(tmp_path, hub) -> dict:
+    """Environment for a jmoshi child process: loopback hub, empty cache, fast retries."""
+    out = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "JMOSHI_"))}
+    out.update(HF_ENDPOINT=hub.endpoint, HF_HUB_CACHE=str(tmp_path / "cache"), JMOSHI_HOME=str(tmp_path / "home"),
+               HF_HUB_DISABLE_TELEMETRY="1", JMOSHI_RETRY_BASE_S="0.05", NO_COLOR="1",
+               XDG_CONFIG_HOME=str(tmp_path / "config"))
+    return out
+
+
+def jmoshi(*args: str, env: dict, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """Run the real CLI in a child process (huggingface_hub reads its settings at import)."""
+    return subprocess.run([sys.executable, "-m", "jmoshi_cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -1,0 +1,258 @@
+"""`jmoshi download` and `jmoshi verify` against the loopback hub, with the real huggingface_hub client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import jmoshi, sha256
+
+FILES = ("model.safetensors", "tokenizer_spm_32k_3.model", "tokenizer-e351c8d8-checkpoint125.safetensors")
+EXT = "nu-dialogue/j-moshi-ext"
+
+
+def resolve_gets(hub) -> list[tuple[str, str, dict]]:
+    return [r for r in hub.requests if r[0] == "GET" and "/resolve/" in r[1]]
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    error = [line for line in lines if line.startswith("error:")]
+    assert len(error) == 1, result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def test_download_fetches_every_file_verified_and_prints_paths(env, hub, hub_root):
+    result = jmoshi("download", "--variant", "ext", env=env)
+    assert result.returncode == 0, result.stderr
+    paths = [Path(p) for p in result.stdout.split()]
+    by_name = {p.name: p for p in paths}
+    for name in FILES:
+        assert sha256(by_name[name]) == sha256(hub_root / EXT / name)
+    assert sha256(by_name["dist.tgz"]) == sha256(hub_root / "kyutai/moshi-artifacts/dist.tgz")
+    # Standard cache layout, so moshi and huggingface_hub find the files themselves.
+    cache = Path(env["HF_HUB_CACHE"])
+    commit = (cache / "models--nu-dialogue--j-moshi-ext" / "refs" / "main").read_text()
+    assert commit == hub.commit_sha(EXT)
+    assert by_name["model.safetensors"].parent.name == commit
+    assert (by_name["dist.tgz"].parent / "dist" / "index.html").is_file()
+    assert "sha256 verified" in result.stderr
+
+
+def test_second_download_fetches_nothing(env, hub):
+    assert jmoshi("download", env=env).returncode == 0
+    hub.clear_log()
+    again = jmoshi("download", env=env)
+    assert again.returncode == 0, again.stderr
+    assert resolve_gets(hub) == []
+    assert "already cached" in again.stderr
+
+
+def test_cached_files_resolve_offline_with_huggingface_hub_itself(env, hub):
+    assert jmoshi("download", env=env).returncode == 0
+    offline = dict(env, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
+    script = (f"from huggingface_hub import hf_hub_download as d; print(d('{EXT}', 'model.safetensors'));"
+              "print(d('kyutai/moshi-artifacts', 'dist.tgz'))")
+    done = subprocess.run([sys.executable, "-c", script], env=offline, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert all(Path(p).is_file() for p in done.stdout.split())
+
+
+def test_dry_run_lists_missing_bytes_and_downloads_nothing(env, hub, hub_root):
+    result = jmoshi("download", "--dry-run", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)[0]
+    expected = sum((hub_root / EXT / n).stat().st_size for n in FILES)
+    expected += (hub_root / "kyutai/moshi-artifacts/dist.tgz").stat().st_size
+    assert report["missing_bytes"] == expected
+    assert {f["status"] for f in report["files"]} == {"missing"}
+    assert resolve_gets(hub) == []
+
+
+def test_cut_connection_is_resumed_within_the_same_run(env, hub, hub_root):
+    hub.add_fault(EXT, "model.safetensors", "cut")
+    result = jmoshi("download", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "retrying model.safetensors" in result.stderr
+    ranged = [r for r in resolve_gets(hub) if r[1].endswith("model.safetensors") and "Range" in r[2]]
+    assert ranged and ranged[-1][2]["Range"].startswith("bytes=10485760-")
+    path = Path(json.loads(jmoshi("download", "--json", env=env).stdout)[0]["files"][0]["path"])
+    assert sha256(path) == sha256(hub_root / EXT / "model.safetensors")
+
+
+def test_server_errors_are_retried_with_backoff(env, hub):
+    hub.add_fault(EXT, "tokenizer_spm_32k_3.model", "500", times=2)
+    result = jmoshi("download", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("retrying tokenizer_spm_32k_3.model") == 2
+
+
+def test_persistent_server_error_fails_cleanly_and_leaves_nothing_complete(env, hub):
+    hub.add_fault(EXT, "model.safetensors", "500", times=50)
+    result = jmoshi("download", env=env)
+    assert result.returncode == 3
+    assert_one_line_error(result, "HTTP 500", "model.safetensors")
+    assert not list(Path(env["HF_HUB_CACHE"]).glob("models--nu-dialogue--j-moshi-ext/snapshots/*/model.safetensors"))
+    hub.clear_faults()
+    assert jmoshi("download", env=env).returncode == 0
+
+
+def test_corrupt_body_is_detected_removed_and_fetched_again(env, hub, hub_root):
+    hub.add_fault(EXT, "tokenizer-e351c8d8-checkpoint125.safetensors", "corrupt")
+    result = jmoshi("download", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    mimi = next(f for f in json.loads(result.stdout)[0]["files"] if f["role"] == "mimi")
+    assert sha256(mimi["path"]) == sha256(hub_root / EXT / "tokenizer-e351c8d8-checkpoint125.safetensors")
+
+
+def test_always_corrupt_file_fails_and_is_not_left_in_the_cache(env, hub):
+    hub.add_fault(EXT, "tokenizer-e351c8d8-checkpoint125.safetensors", "corrupt", times=10)
+    result = jmoshi("download", env=env)
+    assert result.returncode == 4
+    assert_one_line_error(result, "corrupt", "removed")
+    cache = Path(env["HF_HUB_CACHE"]) / "models--nu-dialogue--j-moshi-ext"
+    assert not list(cache.glob("snapshots/*/tokenizer-e351c8d8-checkpoint125.safetensors"))
+    verify = jmoshi("verify", env=env)
+    assert verify.returncode == 1 and "missing" in verify.stderr
+
+
+def test_verify_reports_corruption_and_download_repairs_it(env, hub, hub_root):
+    assert jmoshi("download", env=env).returncode == 0
+    assert jmoshi("verify", env=env).returncode == 0
+    blob = next(Path(env["HF_HUB_CACHE"]).glob("models--nu-dialogue--j-moshi-ext/snapshots/*/model.safetensors"))
+    real = Path(os.path.realpath(blob))
+    with real.open("r+b") as stream:
+        stream.seek(1000)
+        stream.write(b"\xff" * 16)
+    result = jmoshi("verify", "--json", env=env)
+    assert result.returncode == 1
+    statuses = {f["file"]: f["status"] for f in json.loads(result.stdout)[0]["files"]}
+    assert statuses["model.safetensors"] == "corrupt"
+    assert statuses["tokenizer_spm_32k_3.model"] == "complete"
+    repaired = jmoshi("download", env=env)
+    assert repaired.returncode == 0, repaired.stderr
+    assert sha256(blob) == sha256(hub_root / EXT / "model.safetensors")
+
+
+def test_interrupted_download_exits_130_and_the_next_run_resumes(env, hub, hub_root):
+    hub.add_fault(EXT, "model.safetensors", "slow")
+    child = subprocess.Popen([sys.executable, "-m", "jmoshi_cli", "download"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cache = Path(env["HF_HUB_CACHE"]) / "models--nu-dialogue--j-moshi-ext" / "blobs"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(p.stat().st_size > 0 for p in cache.glob("*.incomplete")):
+        time.sleep(0.1)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=30)
+    assert child.returncode == 130, err
+    assert "Traceback" not in err
+    assert not list(cache.parent.glob("snapshots/*/model.safetensors"))
+    hub.clear_faults()
+    assert jmoshi("download", env=env).returncode == 0
+    assert jmoshi("verify", env=env).returncode == 0
+
+
+def test_all_downloads_every_variant(env, hub):
+    result = jmoshi("download", "--variant", "all", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert [r["repo"] for r in json.loads(result.stdout)] == ["nu-dialogue/j-moshi", EXT]
+
+
+def test_user_variant_with_config_json(env, hub, hub_root, tmp_path):
+    variants = tmp_path / "variants.toml"
+    variants.write_text('[variants.lab]\nrepo = "lab/custom-moshi"\nmoshi = "lm.safetensors"\n'
+                        'tokenizer = "tok.model"\nmimi = "mimi.safetensors"\nvram_gb = 8\n')
+    env["JMOSHI_VARIANTS"] = str(variants)
+    result = jmoshi("download", "--variant", "lab", "--no-web-ui", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    roles = {f["role"]: f for f in json.loads(result.stdout)[0]["files"]}
+    assert set(roles) == {"moshi", "tokenizer", "mimi", "config"}
+    assert Path(roles["config"]["path"]).read_text() == '{"dim": 64}'
+    listed = jmoshi("variants", "--json", env=env)
+    assert "lab" in [v["name"] for v in json.loads(listed.stdout)]
+
+
+# --- bad input: one line, the right exit code, nothing lost -----------------------------------------
+
+
+def test_unknown_variant_lists_choices(env):
+    result = jmoshi("download", "--variant", "exd", env=env)
+    assert result.returncode == 2
+    assert_one_line_error(result, "unknown variant 'exd'", "did you mean 'ext'", "base, ext")
+
+
+def test_unknown_revision(env, hub):
+    result = jmoshi("download", "--revision", "v9-nope", env=env)
+    assert result.returncode == 2
+    assert_one_line_error(result, "revision not found")
+
+
+def test_malformed_revision(env):
+    result = jmoshi("download", "--revision", "../../etc", env=env)
+    assert result.returncode == 2
+    assert_one_line_error(result, "bad revision")
+
+
+def test_unwritable_cache(env, hub, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    env["HF_HUB_CACHE"] = str(blocker / "cache")
+    result = jmoshi("download", env=env)
+    assert result.returncode == 4
+    assert_one_line_error(result, "cannot write to the cache", "HF_HUB_CACHE")
+
+
+def test_hub_unreachable_and_nothing_cached(env):
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    result = jmoshi("download", env=env)
+    assert result.returncode == 3
+    assert_one_line_error(result, "cannot be reached", "127.0.0.1:9")
+
+
+def test_offline_with_files_missing(env):
+    env["HF_HUB_OFFLINE"] = "1"
+    result = jmoshi("download", env=env)
+    assert result.returncode == 4
+    assert_one_line_error(result, "offline", "jmoshi download")
+
+
+def test_offline_with_everything_cached_succeeds(env, hub):
+    assert jmoshi("download", env=env).returncode == 0
+    env.update(HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
+    result = jmoshi("download", env=env)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split()) == 4
+
+
+def test_gated_repo_needs_a_token(env, hub):
+    hub.set_gated(EXT, "hf_granted")
+    result = jmoshi("download", env=env)
+    assert result.returncode == 3
+    assert_one_line_error(result, "gated", "HF_TOKEN")
+    env["HF_TOKEN"] = "hf_granted"
+    assert jmoshi("download", env=env).returncode == 0
+
+
+def test_not_enough_disk_is_refused_before_downloading(tmp_path, monkeypatch):
+    from jmoshi_cli import artifacts
+    from jmoshi_cli.errors import CacheError
+    from jmoshi_cli.hub import Artifact
+    from jmoshi_cli.variants import load_catalogue
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    huge = Artifact("moshi", EXT, "model.safetensors", "main", "0" * 40, size=10**18)
+    plan = artifacts.Plan(load_catalogue().get("ext"), [artifacts.Entry(huge)], offline=False)
+    try:
+        artifacts.download(plan)
+    except CacheError as exc:
+        assert "not enough disk space" in exc.message and "HF_HUB_CACHE" in exc.hint
+    else:
+        raise AssertionError("a download larger than the disk was not refused")
+    assert list(tmp_path.iterdir()) == []
