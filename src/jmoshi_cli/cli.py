@@ -5,16 +5,16 @@ Heavy modules (torch, moshi, huggingface_hub) are imported inside commands so `-
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
 from . import __version__
-from .console import console, plain
+from .console import console
 from .errors import JMoshiError
 
 app = typer.Typer(
@@ -27,6 +27,42 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+
+def _debug() -> bool:
+    return os.environ.get("JMOSHI_DEBUG", "") not in ("", "0")
+
+
+def _fail(message: str, hint: str, code: int, exc: BaseException) -> typer.Exit:
+    if _debug():
+        import traceback
+
+        traceback.print_exception(exc)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    if hint:
+        console.print(f"[dim]hint:[/] {hint}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def handled(command: Callable) -> Callable:
+    """Turn expected failures into one line + hint and an exit code; Ctrl-C into 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except JMoshiError as exc:
+            raise _fail(exc.message, exc.hint, exc.exit_code, exc) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no bare traceback
+            raise _fail(f"unexpected error: {type(exc).__name__}: {exc}",
+                        "please report it with the output of JMOSHI_DEBUG=1", 1, exc) from None
+
+    return wrapper
+
 
 # Shared option aliases, so every command spells a flag the same way.
 VariantOpt = Annotated[Optional[str], typer.Option(
@@ -67,6 +103,7 @@ def _catalogue_and_variant(name: str | None):
 
 
 @app.command()
+@handled
 def doctor(
     variant: VariantOpt = None,
     port: Annotated[int, typer.Option("--port", help="Port to check.")] = 8998,
@@ -89,6 +126,7 @@ def doctor(
 
 
 @app.command()
+@handled
 def variants(as_json: JsonOpt = False) -> None:
     """List the model variants jmoshi knows (built-in and from your variants.toml)."""
     from dataclasses import asdict
@@ -106,6 +144,7 @@ def variants(as_json: JsonOpt = False) -> None:
 
 
 @app.command()
+@handled
 def download(
     variant: Annotated[Optional[str], typer.Option(
         "--variant", "-v", help="ext (default), base, all, or one from your variants.toml.",
@@ -152,6 +191,7 @@ def _print_paths(plans, as_json: bool, dry_run: bool) -> None:
 
 
 @app.command()
+@handled
 def verify(
     variant: Annotated[Optional[str], typer.Option(
         "--variant", "-v", help="ext (default), base, all, or one from your variants.toml.",
@@ -184,38 +224,7 @@ def verify(
 
 
 def main() -> None:
-    """Console entry point: run the app, turn expected failures into one line and an exit code."""
-    try:
-        # Without standalone mode click returns typer.Exit's code instead of exiting.
-        code = app(standalone_mode=False)
-    except JMoshiError as exc:
-        _fail(exc.message, exc.hint, exc.exit_code, exc)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(130)
-    except _click_exception() as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, never a bare traceback
-        _fail(f"unexpected error: {type(exc).__name__}: {exc}",
-              "please report it with the output of JMOSHI_DEBUG=1", 1, exc)
-    sys.exit(code if isinstance(code, int) else 0)
+    """Console entry point."""
+    app(prog_name="jmoshi")
 
 
-def _click_exception():
-    import click
-
-    return click.ClickException
-
-
-def _fail(message: str, hint: str, code: int, exc: BaseException) -> None:
-    if os.environ.get("JMOSHI_DEBUG", "") not in ("", "0"):
-        console.print_exception() if not plain() else __import__("traceback").print_exception(exc)
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    if hint:
-        console.print(f"[dim]hint:[/] {hint}", highlight=False, soft_wrap=True)
-    sys.exit(code)

@@ -432,6 +432,18 @@ class Session:
         self.mimi.streaming_forever(1)
         self.lm_gen.streaming_forever(1)
 
+    _PER_FILE_OPTIONS = ("channel", "seed")
+
+    def configure(self, **changes: Any) -> None:
+        """Change the per-file options (``channel``, ``seed``) for the next files. Device, dtype
+        and sampling are fixed when the model is loaded: they need a new Session."""
+        import dataclasses
+
+        fixed = sorted(set(changes) - set(self._PER_FILE_OPTIONS))
+        if fixed:
+            raise ValueError(f"cannot change {', '.join(fixed)} on a loaded Session")
+        self.options = dataclasses.replace(self.options, **changes)
+
     # -- description ------------------------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:

@@ -1,0 +1,140 @@
+"""doctor: real probes on this machine (no GPU), and the judging rules on made-up facts for GPUs."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from conftest import jmoshi
+from jmoshi_cli import doctor, hardware
+from jmoshi_cli.hardware import GPU, NvidiaFacts, Probe
+from jmoshi_cli.variants import load_catalogue
+
+EXT = load_catalogue().get("ext")
+GOOD_TORCH = Probe(True, {"version": "2.6.0+cu124", "cuda": "12.4", "available": True, "bf16": True,
+                          "arch_list": ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]})
+
+
+def facts(gpus=(), torch=GOOD_TORCH, packages=None, system="Linux", nvidia_ok=True, **kw) -> doctor.Facts:
+    base = dict(
+        os={"system": system, "machine": "x86_64"}, python=(3, 11, 7),
+        packages=packages or {"moshi": "0.2.2", "sphn": "0.1.12", "torch": "2.6.0", "huggingface_hub": "0.28.1"},
+        nvidia=Probe(True, NvidiaFacts("550.54", "12.4", list(gpus))) if nvidia_ok else Probe(False, error="no driver"),
+        torch=torch, disk=Probe(True, 100 * 10**9), cache=Probe(True, [("model.safetensors", "missing")]),
+        missing_bytes=16 * 10**9, hub=Probe(True, 200), endpoint="https://huggingface.co", port=Probe(True, True),
+        host="127.0.0.1", port_number=8998, extra={"cache_dir": "/c"})
+    base.update(kw)
+    return doctor.Facts(**base)
+
+
+def by_name(checks) -> dict[str, doctor.Check]:
+    return {c.name: c for c in checks}
+
+
+def gpu(name, total_gb, free_gb, cc) -> GPU:
+    return GPU(0, name, int(total_gb * 1e9), int(free_gb * 1e9), cc)
+
+
+def test_rtx_4090_is_all_green():
+    checks = by_name(doctor.evaluate(facts([gpu("NVIDIA GeForce RTX 4090", 25.4, 24.9, (8, 9))]), EXT))
+    assert {checks[n].status for n in ("gpu", "torch-cuda", "bf16", "vram")} == {"OK"}
+    assert "RTX 4090" in checks["gpu"].detail and "cc 8.9" in checks["gpu"].detail
+
+
+def test_new_gpu_with_old_torch_is_explained():
+    checks = by_name(doctor.evaluate(facts([gpu("NVIDIA GeForce RTX 5090", 34, 33, (12, 0))]), EXT))
+    assert checks["torch-cuda"].status == "FAIL"
+    assert "sm_120" in checks["torch-cuda"].detail and "torch<2.7" in checks["torch-cuda"].hint
+
+
+def test_pre_ampere_small_gpu_gets_half_and_vram_advice():
+    checks = by_name(doctor.evaluate(facts([gpu("Tesla T4", 16, 15, (7, 5))]), EXT))
+    assert checks["bf16"].status == "WARN" and "--half" in checks["bf16"].hint
+    assert checks["vram"].status == "FAIL" and "18.7" in checks["vram"].detail
+
+
+def test_busy_gpu_warns_about_free_vram():
+    checks = by_name(doctor.evaluate(facts([gpu("NVIDIA A100-SXM4-40GB", 42, 10, (8, 0))]), EXT))
+    assert checks["vram"].status == "WARN" and "nvidia-smi" in checks["vram"].hint
+
+
+def test_sphn_02_with_moshi_022_fails():
+    packages = {"moshi": "0.2.2", "sphn": "0.2.1", "torch": "2.6.0", "huggingface_hub": "0.28.1"}
+    check = by_name(doctor.evaluate(facts(packages=packages), EXT))["sphn"]
+    assert check.status == "FAIL" and "first audio frame" in check.detail and "sphn>=0.1.4,<0.2" in check.hint
+
+
+def test_macos_fails_with_why():
+    check = by_name(doctor.evaluate(facts(system="Darwin", nvidia_ok=False), EXT))["os"]
+    assert check.status == "FAIL" and "CUDA" in check.detail
+
+
+def test_not_enough_disk_fails():
+    check = by_name(doctor.evaluate(facts(disk=Probe(True, 5 * 10**9)), EXT))["disk"]
+    assert check.status == "FAIL" and "HF_HUB_CACHE" in check.hint
+
+
+def test_offline_mode_is_a_state_not_an_error():
+    assert by_name(doctor.evaluate(facts(hub=None), EXT))["hub"].status == "OK"
+
+
+def test_bounded_probe_gives_up_instead_of_hanging():
+    started = time.monotonic()
+    probe = hardware.bounded(lambda: time.sleep(30), timeout_s=0.2)
+    assert not probe.ok and "no answer within" in probe.error
+    assert time.monotonic() - started < 5
+
+
+def test_port_in_use_is_reported():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        probe = hardware.port_free("127.0.0.1", sock.getsockname()[1])
+    assert probe.ok and probe.value is False
+
+
+def test_doctor_on_this_machine_says_no_gpu_and_exits_1(env, hub):
+    result = jmoshi("doctor", "--json", env=env, timeout=60)
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["gpu"]["status"] == "FAIL" and "NVIDIA" in checks["gpu"]["detail"]
+    assert checks["hub"]["status"] == "OK" and hub.endpoint in checks["hub"]["detail"]
+    assert checks["cache"]["status"] == "WARN"
+    assert "Traceback" not in result.stderr
+
+
+def test_doctor_sees_a_complete_cache(env, hub):
+    assert jmoshi("download", env=env).returncode == 0
+    result = jmoshi("doctor", "--json", env=env, timeout=60)
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["cache"]["status"] == "OK" and "verified" in checks["cache"]["detail"]
+    assert "0.0 GB still to download" in checks["disk"]["detail"]
+
+
+def test_doctor_text_output_has_hints_and_mentions_selftest(env):
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    result = jmoshi("doctor", env=env, timeout=60)
+    assert result.returncode == 1
+    assert "FAIL gpu" in result.stderr and "hint:" in result.stderr and "jmoshi selftest" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["doctor", "--help"], ["download", "--help"], ["serve", "--help"],
+                                  ["infer", "--help"], ["selftest", "--help"], ["verify", "--help"]])
+def test_help_imports_no_heavy_module(args):
+    import subprocess
+    import sys
+
+    script = ("import sys, atexit\n"
+              "atexit.register(lambda: print('HEAVY=' + ','.join(m for m in ('torch', 'moshi', 'huggingface_hub',"
+              " 'numpy') if m in sys.modules)))\n"
+              f"sys.argv = ['jmoshi'] + {args!r}\n"
+              "from jmoshi_cli.cli import main\nmain()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "Usage" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "HEAVY="
