@@ -366,20 +366,25 @@ def web_ui_dir(entry: Entry) -> Path:
 
 
 def unpack_web_ui(entry: Entry) -> Path:
-    target = web_ui_dir(entry)
+    assert entry.path is not None
+    return unpack_bundle(entry.path, web_ui_dir(entry))
+
+
+def unpack_bundle(tgz: Path, target: Path) -> Path:
+    """Unpack a dist.tgz (top-level dist/ with index.html) into target, atomically."""
     if (target / "index.html").is_file():
         return target
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".dist-") as tmp:
         try:
-            with tarfile.open(entry.path, "r:gz") as tar:
+            with tarfile.open(tgz, "r:gz") as tar:
                 members = [m for m in tar.getmembers() if _safe_member(m)]
                 tar.extractall(tmp, members=members)  # noqa: S202 - members filtered above
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise CacheError(f"cannot unpack the web UI bundle {entry.path}: {exc}",
+            raise CacheError(f"cannot unpack the web UI bundle {tgz}: {exc}",
                              "remove it and run `jmoshi download` again") from None
         unpacked = Path(tmp) / "dist"
         if not (unpacked / "index.html").is_file():
-            raise CacheError(f"{entry.path} has no dist/index.html", "check [web_ui] in the variant catalogue")
+            raise CacheError(f"{tgz} has no dist/index.html", "check [web_ui] in the variant catalogue")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(unpacked, target)
     return target
@@ -388,6 +393,14 @@ def unpack_web_ui(entry: Entry) -> Path:
 def _safe_member(member: tarfile.TarInfo) -> bool:
     name = member.name
     return (member.isfile() or member.isdir()) and not name.startswith("/") and ".." not in Path(name).parts
+
+
+def model_files_with(plan: Plan, moshi_weight: Path | None) -> ModelFiles:
+    """The plan's files, with a user's checkpoint in place of the variant's weights when given."""
+    if moshi_weight is None:
+        return model_files(plan)
+    plan = replace(plan, entries=plan.entries + [Entry(Artifact("moshi", "", "", ""), moshi_weight, "complete")])
+    return model_files(plan)
 
 
 def model_files(plan: Plan) -> ModelFiles:

@@ -59,7 +59,7 @@ def _clean_sphn_message(exc: BaseException, path: Path) -> str:
         return "not a supported audio file (wav, flac, mp3, ogg)"
     if "No such file" in msg:
         return "no such file"
-    return msg or type(exc).__name__
+    return f"not a readable audio file ({msg or type(exc).__name__})"
 
 
 def read_audio(path: Path) -> Audio:

@@ -79,6 +79,11 @@ MoshiWeightOpt = Annotated[Optional[Path], typer.Option(
     show_default=False)]
 
 
+HostOpt = Annotated[str, typer.Option(
+    "--host", help="Address to listen on. 127.0.0.1 keeps it on this machine; 0.0.0.0 opens it to the network.")]
+PortOpt = Annotated[int, typer.Option("--port", help="Port to listen on.")]
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"jmoshi {__version__}")
@@ -221,6 +226,113 @@ def verify(
         show_verify(report)
     if bad:
         raise typer.Exit(1)
+
+
+@app.command()
+@handled
+def serve(
+    variant: VariantOpt = None,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8998,
+    device: DeviceOpt = "cuda",
+    half: HalfOpt = False,
+    offline: OfflineOpt = False,
+    https: Annotated[bool, typer.Option("--https", help="Serve HTTPS with a self-signed certificate (made once, "
+                                        "kept in jmoshi's data folder): browsers give the microphone to "
+                                        "other machines only over HTTPS.")] = False,
+    ssl: Annotated[Optional[Path], typer.Option("--ssl", help="Folder with your own cert.pem and key.pem.",
+                                                show_default=False)] = None,
+    revision: RevisionOpt = None,
+    moshi_weight: MoshiWeightOpt = None,
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the browser when the server is ready.")] = False,
+) -> None:
+    """Talk to J-Moshi in the browser: check, fetch what is missing, then run moshi.server."""
+    from .serve import ServeOptions
+
+    options = ServeOptions(variant, host, port, device, half, offline, https, ssl, revision, moshi_weight)
+    raise typer.Exit(_run_serve(options, open_browser))
+
+
+def _run_serve(options, open_browser: bool) -> int:
+    """Preflight (seconds), artifacts (cache or download), then supervise moshi.server."""
+    import dataclasses
+
+    from . import artifacts, serve, tls
+    from .errors import UsageError
+    from .render import DownloadView
+
+    catalogue, chosen = _catalogue_and_variant(options.variant)
+    if options.https and options.ssl_dir:
+        raise UsageError("--https and --ssl both given", "--https makes a certificate; --ssl DIR uses yours")
+    serve.check_address(options.host, options.port)
+    ssl_dir = tls.check_ssl_dir(options.ssl_dir) if options.ssl_dir else None
+    weight = serve.check_moshi_weight(options.moshi_weight)
+    notes = serve.check_gpu(options.device, chosen.vram_min_gb, chosen.name)
+    plan = artifacts.resolve(catalogue, chosen, options.revision, offline=options.offline)
+    if weight is not None:
+        plan = dataclasses.replace(plan, entries=[e for e in plan.entries if e.artifact.role != "moshi"])
+    if plan.missing and not plan.offline:
+        with DownloadView(plan) as view:
+            plan = artifacts.download(plan, on_progress=view.progress, on_retry=view.retry)
+    else:
+        plan = artifacts.download(plan)
+    files = artifacts.model_files_with(plan, weight)
+    static = artifacts.unpack_web_ui(plan.entry("web_ui"))
+    if options.https:
+        ssl_dir = tls.ensure_certificate(artifacts.data_dir() / "tls", serve.certificate_names(options.host))
+    launch = serve.build_launch(files, static, chosen.repo, options, ssl_dir,
+                                half=options.half or serve.needs_half(notes), notes=tuple(notes))
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+    console.print(f"starting moshi.server ({chosen.name}: {chosen.repo}, {options.device}); "
+                  f"license {chosen.license}", soft_wrap=True)
+
+    def on_ready(seconds: float) -> None:
+        _announce_ready(launch, seconds, open_browser)
+
+    return serve.supervise(serve.Server(launch), on_ready)
+
+
+def _announce_ready(launch, seconds: float, open_browser: bool) -> None:
+    import socket
+
+    from .serve import is_loopback, lan_addresses
+
+    console.print(f"[bold green]ready[/] at {launch.url} (took {seconds:.1f} s). One conversation at a time: "
+                  "a second browser waits until the first one hangs up. Ctrl-C stops the server.", soft_wrap=True)
+    if not is_loopback(launch.host):
+        hosts = lan_addresses() if launch.host in ("0.0.0.0", "::") else [launch.host]
+        for address in hosts:
+            console.print(f"  on the network: {launch.scheme}://{address}:{launch.port}/", soft_wrap=True)
+        if launch.scheme == "http":
+            console.print("  browsers give the microphone only to https:// pages or localhost: use --https, or "
+                          f"tunnel: ssh -L {launch.port}:localhost:{launch.port} {socket.gethostname()} and open "
+                          f"http://localhost:{launch.port}/", soft_wrap=True)
+    typer.echo(launch.url)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(launch.url)
+
+
+@app.command()
+@handled
+def selftest(as_json: JsonOpt = False) -> None:
+    """Prove the installed stack works, before downloading 16 GB: a tiny model on the CPU (about a minute)."""
+    from . import selftest as st
+
+    with console.status("selftest") as status:
+        result = st.run(on_step=lambda step: status.update(f"selftest: {step}"))
+    figures = {"ready_s": round(result.ready_s, 2), "handshake_s": round(result.handshake_s, 3),
+               "audio_samples": result.audio_samples, "audio_s": round(result.audio_samples / 24000, 2),
+               "text_pieces": len(result.text_pieces), "frames_sent": result.sent_frames,
+               "ms_per_frame": round(result.mean_frame_ms, 1)}
+    if as_json:
+        typer.echo(json.dumps({"ok": True, **figures}, ensure_ascii=False))
+    console.print(f"[green]OK[/] moshi.server ready in {figures['ready_s']} s; handshake {figures['handshake_s']} s; "
+                  f"{figures['audio_samples']} audio samples ({figures['audio_s']} s) and {figures['text_pieces']} "
+                  f"text pieces back for {figures['frames_sent']} frames sent; {figures['ms_per_frame']} ms per frame "
+                  "on this CPU (80 ms is real time)", soft_wrap=True)
 
 
 def main() -> None:

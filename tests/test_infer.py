@@ -1,0 +1,467 @@
+"""`jmoshi infer`'s library on CPU with the tiny random model (real moshi loaders, Mimi, LMGen)."""
+
+from __future__ import annotations
+
+import json
+import math
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jmoshi_cli import audio_io
+from jmoshi_cli.artifacts import ModelFiles
+from jmoshi_cli.errors import UsageError
+from jmoshi_cli.infer import (
+    FRAME_SIZE,
+    SAMPLE_RATE,
+    InferOptions,
+    Session,
+    collect_inputs,
+    expected_frames,
+    join_pieces,
+    output_names,
+    prepare_out_dir,
+    run,
+    summarize,
+)
+
+SHARED_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "audio"
+PROMPT = SHARED_AUDIO / "prompt-62.wav"
+SEED = 1234
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures and helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _model_files(folder: Path, config: Path | None = None) -> ModelFiles:
+    return ModelFiles(
+        moshi_weight=folder / "model.safetensors",
+        mimi_weight=folder / "tokenizer-e351c8d8-checkpoint125.safetensors",
+        tokenizer=folder / "tokenizer_spm_32k_3.model",
+        config=config if config is not None else folder / "config.json",
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_files() -> ModelFiles:
+    from jmoshi_cli.testing.tiny import cached_tiny_repo
+
+    return _model_files(cached_tiny_repo())
+
+
+@pytest.fixture(scope="module")
+def session(tiny_files) -> Session:
+    return Session(tiny_files, InferOptions(device="cpu", seed=SEED))
+
+
+@pytest.fixture
+def fresh(session):
+    """The shared session with the default per-file options back after the test."""
+    yield session
+    session.configure(channel="left", seed=SEED)
+
+
+@pytest.fixture(scope="module")
+def prompt() -> audio_io.Audio:
+    if not PROMPT.is_file():
+        pytest.skip(f"shared audio not found at {PROMPT} (the repository's ../shared/audio)")
+    return audio_io.read_audio(PROMPT)
+
+
+def write_clip(path: Path, pcm: np.ndarray, sample_rate: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    audio_io.write_wav(path, pcm, sample_rate)
+    return path
+
+
+def synthetic(seconds: float, sample_rate: int = 24000, channels: int = 1, seed: int = 0) -> np.ndarray:
+    """Speech-band noise bursts with a different signal on each channel."""
+    rng = np.random.default_rng(seed)
+    n = int(round(seconds * sample_rate))
+    t = np.arange(n) / sample_rate
+    chans = []
+    for c in range(channels):
+        env = (np.sin(2 * np.pi * (1.3 + c) * t) > 0).astype(np.float32)
+        chans.append((0.2 * env * rng.standard_normal(n) + 0.1 * np.sin(2 * np.pi * (220 * (c + 1)) * t))
+                     .astype(np.float32))
+    return np.stack(chans)
+
+
+def wav_info(path: Path) -> tuple[int, int, int]:
+    with wave.open(str(path), "rb") as w:
+        return w.getframerate(), w.getnchannels(), w.getnframes()
+
+
+def check_outputs(result, samples: int, sample_rate: int) -> None:
+    """Lengths, rates, channels, alignment and transcript of one good result."""
+    assert result.ok, result.error
+    frames = expected_frames(samples, sample_rate)
+    assert result.frames == frames
+    assert frames == math.ceil(math.ceil(samples * SAMPLE_RATE / sample_rate) / FRAME_SIZE)
+    length = frames * FRAME_SIZE
+    assert wav_info(result.outputs["jmoshi"]) == (SAMPLE_RATE, 1, length)
+    assert wav_info(result.outputs["dialogue"]) == (SAMPLE_RATE, 2, length)
+    mono, _ = audio_io.read_wav_pcm16(result.outputs["jmoshi"])
+    dialogue, _ = audio_io.read_wav_pcm16(result.outputs["dialogue"])
+    # J-Moshi on the right, sample for sample the mono file; the user on the left.
+    np.testing.assert_array_equal(dialogue[1], mono[0])
+    assert np.abs(mono).max() > 0  # the random model does make sound
+    transcript = json.loads(result.outputs["transcript"].read_text(encoding="utf-8"))
+    assert transcript["frames"] == frames and transcript["sample_rate"] == SAMPLE_RATE
+    frames_seen = [p["frame"] for p in transcript["pieces"]]
+    times = [p["time_s"] for p in transcript["pieces"]]
+    assert frames_seen == sorted(frames_seen) and len(set(frames_seen)) == len(frames_seen)
+    assert all(0 <= t < samples / sample_rate for t in times)
+    assert all(abs(p["time_s"] - p["frame"] * 0.08) < 1e-9 for p in transcript["pieces"])
+    assert transcript["text"] == join_pieces(p["piece"] for p in transcript["pieces"])
+    assert transcript["text"] == result.text
+    assert "\u2581" not in transcript["text"]
+
+
+# --------------------------------------------------------------------------------------------
+# pure helpers: joining, naming, inputs, audio
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pieces", "text"),
+    [
+        (["▁こんにちは", "、", "▁今日", "は", "▁いい", "天気"], "こんにちは、今日はいい天気"),
+        (["▁Hello", ",", "▁world", "."], "Hello, world."),
+        (["▁3", "▁時", "に", "▁Python", "▁を"], "3時にPythonを"),
+        (["▁I", "▁like", "▁寿司", "▁very", "▁much"], "I like寿司very much"),
+        (["▁", "うん", "▁", "▁", "そう"], "うんそう"),
+        (["▁ＡＢＣ", "▁です"], "ＡＢＣです"),
+        (["▁version", "▁2", "▁ok", "▁"], "version 2 ok"),
+        (["<0xE3>", "<0x81>", "<0x82>", "▁", "い"], "あい"),
+        ([], ""),
+    ],
+)
+def test_join_pieces(pieces, text):
+    assert join_pieces(pieces) == text
+
+
+def test_output_names_avoid_collisions(tmp_path):
+    a, b = tmp_path / "day1" / "talk.wav", tmp_path / "day2" / "talk.wav"
+    c, d = tmp_path / "x" / "clip.wav", tmp_path / "x" / "clip.flac"
+    e = tmp_path / "solo.mp3"
+    names = output_names([a, b, c, d, e])
+    assert names == {a: "day1__talk", b: "day2__talk", c: "clip.wav", d: "clip.flac", e: "solo"}
+    f = tmp_path / "day1__talk.wav"  # a literal name equal to a made-up one
+    names = output_names([a, b, f])
+    assert len({n.lower() for n in names.values()}) == 3
+
+
+def test_collect_inputs(tmp_path):
+    root = tmp_path / "in"
+    for rel in ("b/2.wav", "a/1.FLAC", "a/notes.txt", ".hidden/3.wav", "a/.4.wav", "c.mp3",
+                "old.jmoshi.wav", "old.dialogue.wav", "d/5.ogg", "d/6.opus"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    explicit = tmp_path / "explicit.txt"
+    explicit.write_text("not audio, but asked for")
+    found = collect_inputs([root, explicit, root / "c.mp3"])
+    rel = [str(p.relative_to(tmp_path)) for p in found]
+    assert rel == ["in/a/1.FLAC", "in/b/2.wav", "in/c.mp3", "in/d/5.ogg", "in/d/6.opus", "explicit.txt"]
+
+
+def test_collect_inputs_errors(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "readme.txt").write_text("no audio here")
+    with pytest.raises(UsageError, match="no audio files") as err:
+        collect_inputs([empty])
+    assert err.value.exit_code == 2
+    with pytest.raises(UsageError, match="no such file"):
+        collect_inputs([tmp_path / "missing.wav"])
+    with pytest.raises(UsageError):
+        collect_inputs([])
+    good = tmp_path / "good.wav"
+    good.write_bytes(b"x")
+    warnings: list[str] = []
+    assert collect_inputs([empty, good], on_warning=warnings.append) == [good]
+    assert warnings == [f"no audio files in {empty}"]
+
+
+def test_out_dir_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(UsageError, match="cannot create the output folder"):
+        prepare_out_dir(blocker / "out")
+    with pytest.raises(UsageError, match="cannot create the output folder"):
+        prepare_out_dir(blocker)
+    assert prepare_out_dir(tmp_path / "new" / "out").is_dir()
+
+
+def test_run_checks_inputs_and_out_dir_before_loading(tmp_path):
+    missing_model = _model_files(tmp_path / "no-model")  # loading it would raise CacheError
+    clip = write_clip(tmp_path / "clip.wav", synthetic(0.2)[0], 24000)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(UsageError, match="output folder"):
+        run(missing_model, [clip], blocker / "out", InferOptions(device="cpu"))
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    with pytest.raises(UsageError, match="no audio files"):
+        run(missing_model, [empty], tmp_path / "out", InferOptions(device="cpu"))
+
+
+def test_bad_options():
+    with pytest.raises(UsageError, match="channel"):
+        InferOptions(channel="center")
+    with pytest.raises(UsageError, match="device"):
+        InferOptions(device="tpu")
+    with pytest.raises(UsageError, match="temp"):
+        InferOptions(temp=-1.0)
+    with pytest.raises(UsageError, match="top_k"):
+        InferOptions(top_k=2.5)
+
+
+def test_resample_has_no_delay_and_exact_length():
+    for rate in (8000, 16000, 22050, 32000, 44100, 48000):
+        x = np.zeros(rate, dtype=np.float32)
+        x[rate // 2] = 1.0
+        y = audio_io.resample(x, rate, SAMPLE_RATE)
+        assert len(y) == audio_io.resampled_length(rate, rate, SAMPLE_RATE) == SAMPLE_RATE
+        assert int(np.argmax(y)) == SAMPLE_RATE // 2
+        t = np.arange(rate * 2) / rate
+        tone = np.sin(2 * np.pi * 440 * t).astype(np.float32)
+        y = audio_io.resample(tone, rate, SAMPLE_RATE)
+        ref = np.sin(2 * np.pi * 440 * np.arange(len(y)) / SAMPLE_RATE)
+        assert np.abs(y - ref)[2000:-2000].max() < 1e-3
+    assert audio_io.resampled_length(32001, 32000, 24000) == 24001  # rounded up
+
+
+def test_pick_channel():
+    pcm = np.stack([np.full(4, 0.5, np.float32), np.full(4, -0.25, np.float32)])
+    assert audio_io.pick_channel(pcm, "left")[0].tolist() == [0.5] * 4
+    assert audio_io.pick_channel(pcm, "right")[0].tolist() == [-0.25] * 4
+    assert audio_io.pick_channel(pcm, "mix")[0].tolist() == [0.125] * 4
+    assert audio_io.pick_channel(pcm[:1], "right")[1] == "mono"
+
+
+def test_read_audio_formats_and_failures(tmp_path):
+    import sphn
+
+    tone = synthetic(0.5, 24000, channels=2)
+    ogg = tmp_path / "voice.ogg"  # Ogg Opus: sphn.read refuses it, read_opus takes over
+    sphn.write_opus(str(ogg), tone[:1], 24000)
+    audio = audio_io.read_audio(ogg)
+    assert audio.sample_rate == 48000 and audio.channels == 1 and audio.duration_s > 0.4
+    stereo = write_clip(tmp_path / "st.wav", tone, 22050)
+    audio = audio_io.read_audio(stereo)
+    assert (audio.channels, audio.sample_rate, audio.samples) == (2, 22050, tone.shape[1])
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    junk = tmp_path / "junk.mp3"
+    junk.write_text("this is not audio at all")
+    header_only = write_clip(tmp_path / "header.wav", np.zeros((1, 0), np.float32), 16000)
+    for path, message in ((empty, "empty file"), (junk, "not a supported audio file"),
+                          (header_only, "no audio samples"), (tmp_path / "nope.wav", "no such file")):
+        with pytest.raises(audio_io.AudioReadError, match=message):
+            audio_io.read_audio(path)
+
+
+# --------------------------------------------------------------------------------------------
+# with the tiny model
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_run_many_inputs_one_model(tiny_files, prompt, tmp_path):
+    """The whole 10 s 32 kHz stereo prompt, a 16 kHz mono clip, a second 'prompt-62' stem in
+    another folder, and bad files in between: one model load, every good file's outputs."""
+    inputs = tmp_path / "inputs"
+    full = inputs / "prompt-62.wav"
+    full.parent.mkdir(parents=True)
+    full.write_bytes(PROMPT.read_bytes())
+    mono16 = audio_io.resample(prompt.pcm[1, 32000:32000 + 48000], 32000, 16000)  # 1.5 s
+    write_clip(inputs / "b" / "mono16k.wav", mono16, 16000)
+    write_clip(inputs / "c" / "prompt-62.wav", prompt.pcm[:, :16000], 32000)  # 0.5 s
+    (inputs / "b" / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    (inputs / "b" / "empty.flac").write_bytes(b"")
+
+    events: list[tuple] = []
+    frames_seen: dict[int, list[tuple[int, int]]] = {}
+
+    def on_file(i, n, src):
+        events.append(("file", i, n, src.name))
+        frames_seen[i] = []
+
+    def on_frame(done, total):
+        frames_seen[len(frames_seen) - 1].append((done, total))
+
+    out = tmp_path / "out"
+    results = run(tiny_files, [inputs], out, InferOptions(device="cpu", seed=SEED),
+                  on_file=on_file, on_frame=on_frame, on_result=lambda r: events.append(("result", r.ok)))
+    by_rel = {str(r.source.relative_to(inputs)): r for r in results}
+    assert list(by_rel) == ["b/broken.wav", "b/empty.flac", "b/mono16k.wav", "c/prompt-62.wav", "prompt-62.wav"]
+    assert [e for e in events if e[0] == "file"] == [
+        ("file", i, 5, Path(k).name) for i, k in enumerate(by_rel)]
+
+    assert not by_rel["b/broken.wav"].ok and "broken.wav" in by_rel["b/broken.wav"].error
+    assert not by_rel["b/empty.flac"].ok and "empty file" in by_rel["b/empty.flac"].error
+    assert by_rel["b/broken.wav"].outputs == {}
+
+    check_outputs(by_rel["prompt-62.wav"], 320000, 32000)
+    assert by_rel["prompt-62.wav"].frames == 125  # 10 s = 125 frames of 80 ms, exactly
+    assert by_rel["prompt-62.wav"].channel == "left" and by_rel["prompt-62.wav"].audio_s == 10.0
+    check_outputs(by_rel["b/mono16k.wav"], 24000, 16000)
+    assert by_rel["b/mono16k.wav"].channel == "mono"
+    check_outputs(by_rel["c/prompt-62.wav"], 16000, 32000)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"{stem}{suffix}" for stem in ("mono16k", "prompt-62", "c__prompt-62")
+                           for suffix in (".jmoshi.wav", ".dialogue.wav", ".transcript.json"))
+
+    # Progress: 0 then every frame, for each good file.
+    assert frames_seen[4] == [(k, 125) for k in range(126)]
+    assert frames_seen[0] == []
+
+    # The user's side of the dialogue is the left channel, resampled to 24 kHz, padded.
+    dialogue, _ = audio_io.read_wav_pcm16(by_rel["prompt-62.wav"].outputs["dialogue"])
+    left = audio_io.resample(prompt.pcm[0], 32000, SAMPLE_RATE)
+    np.testing.assert_allclose(dialogue[0], np.clip(left, -1, 1), atol=1.5 / 32767)
+
+    summary = summarize(results)
+    assert summary["files"] == 5 and summary["ok"] == 3 and summary["failed"] == 2
+    assert summary["audio_s"] == pytest.approx(12.0)
+    for r in results:
+        if r.ok:
+            assert r.rtf == pytest.approx(r.compute_s / r.audio_s)
+
+
+def test_channels_differ(fresh, prompt, tmp_path):
+    src = write_clip(tmp_path / "two.wav", prompt.pcm[:, 64000:96000], 32000)  # 1 s, both speakers
+    left_user = {}
+    for channel in ("left", "right", "mix"):
+        fresh.configure(channel=channel)
+        result = fresh.run_file(src, prepare_out_dir(tmp_path / channel))
+        check_outputs(result, 32000, 32000)
+        assert result.channel == channel and channel in result.note
+        dialogue, _ = audio_io.read_wav_pcm16(result.outputs["dialogue"])
+        left_user[channel] = dialogue[0]
+    expected = {
+        "left": prompt.pcm[0, 64000:96000],
+        "right": prompt.pcm[1, 64000:96000],
+        "mix": prompt.pcm[:, 64000:96000].mean(axis=0),
+    }
+    for channel, pcm in expected.items():
+        ref = np.zeros(expected_frames(32000, 32000) * FRAME_SIZE, np.float32)
+        ref[:24000] = audio_io.resample(pcm, 32000, SAMPLE_RATE)
+        np.testing.assert_allclose(left_user[channel], ref, atol=1.5 / 32767)
+    assert not np.allclose(left_user["left"], left_user["right"], atol=0.01)
+    assert not np.allclose(left_user["mix"], left_user["left"], atol=0.01)
+    # What J-Moshi says is not compared: the tiny model's random Mimi encoder gives nearly the same
+    # codes for any input (its first codebook does not change at all), so outputs may coincide.
+
+
+def test_same_seed_same_bytes_other_seed_differs(fresh, tmp_path):
+    src = write_clip(tmp_path / "in.wav", synthetic(0.6, 44100), 44100)
+    outputs = {}
+    for tag, seed in (("a", 7), ("b", 7), ("c", 8)):
+        fresh.configure(seed=seed)
+        result = fresh.run_file(src, prepare_out_dir(tmp_path / tag))
+        check_outputs(result, 26460, 44100)
+        outputs[tag] = {k: p.read_bytes() for k, p in result.outputs.items()}
+    assert outputs["a"]["jmoshi"] == outputs["b"]["jmoshi"]
+    assert outputs["a"]["dialogue"] == outputs["b"]["dialogue"]
+    assert outputs["a"]["transcript"] == outputs["b"]["transcript"]
+    assert outputs["a"]["jmoshi"] != outputs["c"]["jmoshi"]
+    # Seeding does not leak: the caller's torch generator is left as it was.
+    import torch
+
+    torch.manual_seed(99)
+    before = torch.rand(3)
+    torch.manual_seed(99)
+    fresh.run_file(src, tmp_path / "a", name="again")
+    assert torch.equal(torch.rand(3), before)
+
+
+def test_every_frame_is_fed_once_and_output_is_aligned(fresh, tmp_path):
+    """Step accounting: Mimi encodes each input frame once, LMGen gets frame 0 twice (the first
+    step only fills the initial position) and one step per further frame; output == input frames."""
+    src = write_clip(tmp_path / "in.wav", synthetic(0.5, 24000), 24000)  # 12000 samples: 6.25 frames
+    encoded: list[int] = []
+    stepped: list[object] = []
+    mimi_encode, lm_step = fresh.mimi.encode, fresh.lm_gen.step
+
+    def encode(x):
+        encoded.append(int(x.shape[-1]))
+        return mimi_encode(x)
+
+    def step(codes):
+        stepped.append(codes)
+        return lm_step(codes)
+
+    fresh.mimi.encode, fresh.lm_gen.step = encode, step
+    try:
+        result = fresh.run_file(src, tmp_path)
+    finally:
+        del fresh.mimi.encode, fresh.lm_gen.step
+    check_outputs(result, 12000, 24000)
+    assert result.frames == 7 and fresh.max_delay == 1
+    assert encoded == [FRAME_SIZE] * 7
+    assert len(stepped) == 8 and stepped[0] is stepped[1]
+    user, _ = audio_io.read_wav_pcm16(result.outputs["dialogue"])
+    assert np.all(user[0, 12000:] == 0)  # padding to whole frames is silence on the user's side
+
+
+def test_bad_file_among_good_ones_and_unwritable_outputs(fresh, tmp_path):
+    inputs = tmp_path / "in"
+    good1 = write_clip(inputs / "good1.wav", synthetic(0.3, 24000), 24000)
+    bad = inputs / "bad.wav"
+    bad.write_text("definitely not RIFF")
+    header_only = write_clip(inputs / "silent-header.wav", np.zeros((1, 0), np.float32), 24000)
+    good2 = write_clip(inputs / "good2.wav", synthetic(0.3, 48000, seed=3), 48000)
+    blocked = write_clip(inputs / "blocked.wav", synthetic(0.3, 24000, seed=4), 24000)
+    out = tmp_path / "out"
+    (out / "blocked.jmoshi.wav").mkdir(parents=True)  # the output cannot be written there
+    results = fresh.run_many([good1, bad, header_only, blocked, good2], out)
+    assert [r.ok for r in results] == [True, False, False, False, True]
+    check_outputs(results[0], 7200, 24000)
+    check_outputs(results[4], 14400, 48000)
+    assert "bad.wav" in results[1].error and "not a readable audio file" in results[1].error
+    assert "no audio samples" in results[2].error
+    assert "cannot write the outputs" in results[3].error
+    assert not (out / "blocked.dialogue.wav").exists() and not (out / "blocked.transcript.json").exists()
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_long_input_is_split_at_the_context(tiny_files, tmp_path):
+    """An LM whose context is 8 frames (the same tiny weights: context only sizes the KV cache and
+    the attention mask) makes a 1.5 s input (19 frames) go through as 8 + 8 + 3 frames."""
+    config = json.loads(Path(tiny_files.config).read_text())
+    config["context"] = 8
+    config["lm_gen_config"] = {"temp_text": 0.5, "top_k": 100}  # popped like moshi's loaders do
+    small = tmp_path / "config.json"
+    small.write_text(json.dumps(config))
+    session = Session(_model_files(Path(tiny_files.config).parent, config=small),
+                      InferOptions(device="cpu", seed=SEED))
+    assert session.max_frames == 8
+    assert session.sampling == {"temp": 0.8, "temp_text": 0.5, "top_k": 100, "top_k_text": 25}
+    assert (session.lm_gen.temp_text, session.lm_gen.top_k) == (0.5, 100)
+    src = write_clip(tmp_path / "long.wav", synthetic(1.5, 24000), 24000)
+    result = session.run_file(src, tmp_path)
+    check_outputs(result, 36000, 24000)
+    assert result.frames == 19 and result.segments == 3
+    assert "split into 3 segments" in result.note
+    transcript = json.loads(result.outputs["transcript"].read_text())
+    assert transcript["segments"] == [{"start_frame": 0, "frames": 8}, {"start_frame": 8, "frames": 8},
+                                      {"start_frame": 16, "frames": 3}]
+    # Exactly the context: one segment.
+    src = write_clip(tmp_path / "fits.wav", synthetic(8 * 0.08, 24000), 24000)
+    result = session.run_file(src, tmp_path)
+    assert result.ok and result.frames == 8 and result.segments == 1 and result.note is None
+
+
+def test_sampling_comes_from_options_then_config_then_defaults():
+    from jmoshi_cli.infer import resolve_sampling
+
+    assert resolve_sampling(InferOptions(), {}) == {"temp": 0.8, "temp_text": 0.7, "top_k": 250, "top_k_text": 25}
+    cfg = {"temp": 0.6, "top_k_text": 10}
+    assert resolve_sampling(InferOptions(top_k_text=5), cfg) == {
+        "temp": 0.6, "temp_text": 0.7, "top_k": 250, "top_k_text": 5}
