@@ -82,3 +82,39 @@ def jmoshi(*args: str, env: dict, timeout: float = 120, **kw) -> subprocess.Comp
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+TINY_VARIANTS = ('[variants.tiny]\nrepo = "jmoshi-test/tiny"\ndescription = "tiny random Moshi for tests"\n'
+                 'vram_gb = 0\nvram_min_gb = 0\nlicense = "test"\n')
+
+
+@pytest.fixture(scope="session")
+def tiny_hub_root(tmp_path_factory) -> Path:
+    """A hub holding the tiny generated model (with config.json) and a small web UI bundle."""
+    from jmoshi_cli.testing.tiny import TINY_FILES, build_web_ui_bundle, cached_tiny_repo
+
+    repo = cached_tiny_repo()
+    root = tmp_path_factory.mktemp("tiny-hub")
+    (root / "jmoshi-test" / "tiny").mkdir(parents=True)
+    for name in TINY_FILES:
+        (root / "jmoshi-test" / "tiny" / name).symlink_to(repo / name)
+    build_web_ui_bundle(root / "kyutai" / "moshi-artifacts" / "dist.tgz")
+    return root
+
+
+@pytest.fixture
+def tiny_env(tmp_path, tiny_hub_root):
+    """Environment for jmoshi with the tiny variant on a loopback hub and an empty cache."""
+    with LocalHub(tiny_hub_root) as server:
+        variants = tmp_path / "variants.toml"
+        variants.write_text(TINY_VARIANTS)
+        out = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "JMOSHI_"))}
+        out.update(HF_ENDPOINT=server.endpoint, HF_HUB_CACHE=str(tmp_path / "cache"),
+                   JMOSHI_HOME=str(tmp_path / "home"), JMOSHI_VARIANTS=str(variants), HF_HUB_DISABLE_TELEMETRY="1",
+                   JMOSHI_RETRY_BASE_S="0.05", NO_COLOR="1")
+        out["hub"] = server  # removed before use; lets tests reach the server
+        yield out
+
+
+def child_env(env: dict) -> dict:
+    return {k: v for k, v in env.items() if isinstance(v, str)}

@@ -12,7 +12,7 @@ import pytest
 
 from jmoshi_cli import audio_io
 from jmoshi_cli.artifacts import ModelFiles
-from jmoshi_cli.errors import UsageError
+from jmoshi_cli.errors import CacheError, PreflightError, UsageError
 from jmoshi_cli.infer import (
     FRAME_SIZE,
     SAMPLE_RATE,
@@ -208,6 +208,28 @@ def test_run_checks_inputs_and_out_dir_before_loading(tmp_path):
     empty.mkdir()
     with pytest.raises(UsageError, match="no audio files"):
         run(missing_model, [empty], tmp_path / "out", InferOptions(device="cpu"))
+
+
+def test_model_problems_raise_before_any_file(tiny_files, tmp_path):
+    import torch
+
+    with pytest.raises(CacheError, match="not found"):
+        Session(_model_files(tmp_path / "nowhere"), InferOptions(device="cpu"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("tokenizer-e351c8d8-checkpoint125.safetensors", "tokenizer_spm_32k_3.model", "config.json"):
+        (broken / name).symlink_to(Path(tiny_files.config).parent / name)
+    (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    with pytest.raises(CacheError, match="cannot load the model") as err:
+        Session(_model_files(broken), InferOptions(device="cpu"))
+    assert err.value.exit_code == 4
+    (broken / "config.json").unlink()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(CacheError, match="config"):
+        Session(_model_files(broken), InferOptions(device="cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(PreflightError, match="CUDA"):
+            Session(tiny_files, InferOptions(device="cuda"))
 
 
 def test_bad_options():

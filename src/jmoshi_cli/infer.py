@@ -24,12 +24,16 @@ returns position ``p`` once its delayed codebooks are generated, ``max_delay`` s
 (returns None before); steps with silence are added after the input so that all ``frames``
 positions come out (none for J-Moshi, whose ``max_delay`` is 1). Output frame ``t`` is therefore
 what J-Moshi says while the user's frame ``t`` plays, exactly as the two streams line up in the
-model; it was generated from the user's audio up to frame ``t - 1`` (the model is causal). A live
-client (``moshi.server``) hears that frame at least one frame (80 ms) later, plus compute and
-network time. Nothing is padded in front: output frame 0 comes from the initial tokens.
+model. It is causal: the frame's text and semantic tokens were sampled from the user's audio up to
+frame ``t - 1``, its delayed acoustic tokens also saw frame ``t``, as in a live session where that
+frame is produced once the user's frame ``t`` has arrived; so a live client (``moshi.server``)
+hears it at least one frame (80 ms) later than here, plus compute and network time. Nothing is
+padded in front: output frame 0 is sampled from the initial tokens (and, for its acoustic
+tokens, the user's frame 0).
 
 Long inputs. The LM attends to ``context`` frames (3000 = 240 s for J-Moshi); past it moshi's
-ring KV cache slides and the model runs on positions it never saw in training. An input longer
+ring KV cache slides and the model goes on with a window it was not built for (quality unknown,
+never promised upstream). An input longer
 than ``context`` frames is split (warn-and-split): it is processed as consecutive segments of at
 most ``context`` frames, J-Moshi's state reset at each boundary (it forgets what was said before),
 and the outputs are concatenated, so the lengths stay as above. ``FileResult.note`` and
@@ -46,7 +50,7 @@ Sampling. ``temp`` / ``temp_text`` / ``top_k`` / ``top_k_text`` left as None tak
 upstream. With ``seed`` set, torch's generator is seeded at the start of each file (the state of
 the caller's generator is restored afterwards), so a file's output depends only on the file, the
 model, the options and the seed: same input and seed give byte-identical files on the same
-machine and torch build.
+machine and torch build. Without ``seed`` every run samples afresh (upstream seeds a constant).
 
 Errors. A file that cannot be read, holds no samples, or whose outputs cannot be written gives a
 ``FileResult`` with ``ok=False`` and the next file is processed; callers exit non-zero at the end
@@ -239,7 +243,7 @@ def output_names(sources: list[Path]) -> dict[Path, str]:
         stems = ["__".join([*r.parent.parts, r.stem]) for r in rel]
         if len({s.lower() for s in stems}) < len(stems):
             stems = ["__".join([*r.parent.parts, r.name]) for r in rel]
-        for src, stem in zip(group, stems):
+        for src, stem in zip(group, stems, strict=True):
             names[src] = stem
     used: set[str] = set()
     for src in sources:  # settle collisions with other stems (e.g. a literal "a__x.wav"), in order
@@ -412,7 +416,7 @@ class Session:
         except torch.cuda.OutOfMemoryError as exc:
             raise PreflightError("not enough GPU memory to load the model",
                                  hint="close other GPU programs or use a smaller variant") from exc
-        except (OSError, RuntimeError, ValueError, TypeError, KeyError) as exc:
+        except Exception as exc:  # noqa: BLE001 - safetensors, torch and sentencepiece raise their own
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CacheError(f"cannot load the model: {msg[:300]}",
                              hint="the model files may be incomplete or corrupt: download them again") from exc

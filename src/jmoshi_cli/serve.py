@@ -91,12 +91,12 @@ def check_gpu(device: str, vram_min_gb: float, variant_name: str) -> list[str]:
     """Refuse a GPU run that cannot work; return notes (e.g. fp16 chosen for a pre-Ampere GPU)."""
     if device == "cpu":
         return ["--device cpu: a 7B model on a CPU is far slower than real time (for tests and development)"]
+    index = _device_index(device)
     probe = hardware.nvidia()
     if not probe.ok or not probe.value.gpus:
         why = probe.error if not probe.ok else "the NVIDIA driver sees no GPU"
         raise PreflightError(f"no usable NVIDIA GPU: {why}",
                              "run `jmoshi doctor`; `--device cpu` starts anyway, far slower than real time")
-    index = _device_index(device)
     gpus = probe.value.gpus
     if index is not None and index >= len(gpus):
         raise UsageError(f"--device {device}: this machine has {len(gpus)} GPU(s)", "use cuda:0 .. cuda:N-1")
