@@ -135,12 +135,14 @@ def test_sigterm_leaves_no_process_behind_and_offline_restart_works(tiny_env):
     time.sleep(0.5)
     assert not [k for k in kids if Path(f"/proc/{k}").exists()]
     assert listening(port) == set()
-    # Everything is cached now: --offline starts with the hub gone.
+    # Everything is cached now: it starts with the hub gone, with --offline or without.
     env = dict(tiny_env, HF_ENDPOINT="http://127.0.0.1:9")
-    again = Served(["--variant", "tiny", "--device", "cpu", "--port", str(port), "--offline"], env)
-    again.wait_ready()
-    code, _ = again.stop(signal.SIGINT)
-    assert code == 130
+    for extra in (["--offline"], []):
+        again = Served(["--variant", "tiny", "--device", "cpu", "--port", str(port), *extra], env)
+        again.wait_ready()
+        code, err = again.stop(signal.SIGINT)
+        assert code == 130
+    assert "the hub cannot be reached; using the cached jmoshi-test/tiny@main" in err
 
 
 @pytest.mark.slow

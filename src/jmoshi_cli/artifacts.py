@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import hub
-from .errors import CacheError, UsageError
+from .errors import CacheError, HubError, UsageError
 from .hub import Artifact
 from .variants import Catalogue, Variant
 
@@ -135,6 +135,24 @@ def resolve(catalogue: Catalogue, variant: Variant, revision: str | None = None,
         ui = catalogue.web_ui
         artifacts += lookup(ui.repo, ui.revision, [("web_ui", ui.file)])
     return Plan(variant, [inspect(a) for a in artifacts], offline)
+
+
+def resolve_or_cached(catalogue: Catalogue, variant: Variant, revision: str | None = None,
+                      offline: bool = False) -> Plan:
+    """resolve(), falling back to the cache when the hub cannot be reached (serving needs no network)."""
+    try:
+        return resolve(catalogue, variant, revision, offline)
+    except HubError as online_error:
+        if "cannot be reached" not in online_error.message:
+            raise
+        try:
+            plan = resolve(catalogue, variant, revision, offline=True)
+        except CacheError:
+            raise online_error from None
+        if plan.missing:
+            raise online_error
+        plan.notes.append(f"the hub cannot be reached; using the cached {variant.repo}@{revision or variant.revision}")
+        return plan
 
 
 def _check_revision(revision: str) -> None:

@@ -268,7 +268,9 @@ def _run_serve(options, open_browser: bool) -> int:
     ssl_dir = tls.check_ssl_dir(options.ssl_dir) if options.ssl_dir else None
     weight = serve.check_moshi_weight(options.moshi_weight)
     notes = serve.check_gpu(options.device, chosen.vram_min_gb, chosen.name)
-    plan = artifacts.resolve(catalogue, chosen, options.revision, offline=options.offline)
+    plan = artifacts.resolve_or_cached(catalogue, chosen, options.revision, offline=options.offline)
+    for note in plan.notes:
+        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
     if weight is not None:
         plan = dataclasses.replace(plan, entries=[e for e in plan.entries if e.artifact.role != "moshi"])
     if plan.missing and not plan.offline:
