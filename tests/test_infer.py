@@ -72,6 +72,88 @@ def prompt() -> audio_io.Audio:
     return audio_io.read_audio(PROMPT)
 
 
+# 0.1 s of stereo at 8 kHz (440 Hz at 0.3 on the left, 660 Hz at 0.5 on the right), encoded by
+# libsndfile 1.2.2 as FLAC, MP3 and Ogg Vorbis; zlib + base64.
+ENCODED = {
+    "flac": (
+        "eNoBNwTI+2ZMYUMAAAAiEAAQAAAD4QAD4QH0AvAAAAMgsFlwwSVNCTtbUMSM7MW26oQAACggAAAAcmVmZXJlbmNlIGxpYkZMQUMg"
+        "MS40LjMgMjAyMzA2MjMAAAAA//h0GAADH5BIAAANAhh6IQ0luLSvVXx1IgNzOAKSe82tIQiBJC4/b0kIggoFJPbO5CEQhChOg9/I"
+        "RCIESWjcP6QSEEJS3tuoRCIIUVN46ZIIiEIqnmaGqEQhBIlN7bTEkBEIiU94+ighIERJR7NyiEQhCST3m1pCEQJIXH7ekhEEFApJ"
+        "7Z3IQiEIUJ0Hv5CIRAiS0bh/SCQghKW9t1CIRBCipvHTJBEQhFU8zQ1QiEIJEpvbaYkgIhESnvH0UEJAiJKPZuUQiEISSe82tIQi"
+        "BJC4/b0kIggoFJPbO5CEQhChOg9/IRCIESWjcP6QSEEJS3tuoRCIIUVN46ZIIiEIqnmaGqEQhBIlN7bTEkBEIiU94+ighIERJR7N"
+        "yiEQhCST3m1pCEQJIXH7ekhEEFApJ7Z3IQiEIUJ0Hv5CIRAiS0bh/SCQghKW9t1CIRBCipvHTJBEQhFU8zQ1QiEIJEpvbaYkgIhE"
+        "SnvH0UEJAiJKPZuUSYAAA/bG4sf/xwKkLiBAdpXLp6BAGhFJ2cDVARNsuz2yxIkU5FF8i2jRQkUcWii++6nRAgUILQ6yVdRgg8UK"
+        "LS2yRfXj54kSY59l0mvDDRgotzK5MivOzhIsx6q5N1vNnCRJ7k0yL7e5MEijik0SLr/aMPFnkoJvukUbJOGnkqbIkX+xQeLFFJdZ"
+        "JkUZpNEiy1stvk068cKFlOXZIkVb4aLEHsXVIk1e8WJGGvXTdKs90s8acQmm++RzRQkUeUii+RZTooSJEFo9dIupyQcMEFJdbIkU"
+        "4ecKEmqbbffVyk4QLNSquVIp540WKNWmy+TV3hosQe5Nl99vNlihJ70FXyLKNlChAkhFVsm3+SxIgUUn9ku3+PihQkhTrZMijBBw"
+        "sUUt9d8mnPjxIstjLJEmjnThQoxqq5N1uumChZhDab5VfeliBhxC6bZdntliRIpyKL5FtGihIo4tFF991OiBAoQWh1kq6jBB4oUW"
+        "ltki+vHzxIkxz7LpNeGGjBRbmVyZFednCRZj1VybrebOEiT3JpkX29yYJFHFJokXX+0YeLPJQTfdIo2ScNPJU2RIv9ig8WKKS6yT"
+        "IozSaJFlrZbfJp144ULKcuyRIq3w0WIPYuqRJq94sSMNeum6VZ7pZ404hNN98jmihIo8pFF8iynRQkSILR66RdTkg4YIKS62RIpw"
+        "84UJNU22++rlJwgWalVcqRTzxosUatNl8mrvDRYg9ybL77ebLFCT3oKvkWUbKFCBJCKrZNv8liRAopP7Jdv8fFChJCnWyZFGCDhY"
+        "opb675NOfHiRZbGWSJNHOnChRjVVybrddMFCzCG03yq+wN+Daw3UeA=="
+    ),
+    "mp3": (
+        "eNq9lXs01GkYx9+5Gozm5zKMS86Q+5k00xCKGjEZt9NgUlk5k0vRluRWVmUYMsacjGuIDOHQjaLsUoxLLpHYrM2y2zCozpYotUrb"
+        "b8du9cee9c/+0eec932e8/zxPs/z/eP7wnJWKPg3eyIiDyoCQXHQACixgc8qnFuNxdWAV0PRy9HL2ZtJt6ZRqWiLz6PY4kxQkvUA"
+        "MbAyR2LL7d3g6wLLT4QCaCmCu60SgKqo0WvwToBA9EWO81AtLS1tLIEgf27u5enzmencCf3MNlgisUFE6QASQhqofwGWot7ASwR4"
+        "vifpadKHKClBBk7ABDyIB4jJj4YkIANgXoF0pdF/Jos8AJCozs7HEqCU+MHRiawo8+bnF94DoP7R0OnCAEBON0UCrSpLD98yuA3u"
+        "eXfno+2zAnpJae6N+LiG36UnXpnUvvb6Bj1kiyRZY9qdNT84KrRuf7ykBC9SHywh4D/xdHi13lguMFRAWil8TsiOjl/GgEcVETE5"
+        "OflMEfEEAmHbPKDDtmoyTwBKVWXXGFQLFQ6Pa6Gszy5OLo8yOlX/6x3tPClj6HucVPb80ty5hBlOp3wdwDxAF9PH/Dxk8zWMDvPW"
+        "2VDK5Xm82J69kT2dMpkylG5xy6HSptGb2O/ti8yGOFvV7+lQrwrCZ8VTY0SznTqirB+da2zC3CsoDKEJR1ikk1HpE5rPjNs0Hh0a"
+        "42ZTyRRczyAaVzOn/oDhdxlE6yKdzN5z3pwcTzeFFGPu5sy9Qj8TH7PtZw32SSEAOFVPFpPaYXm4610d5Xw/0SBL3JRoVaebVe9+"
+        "2lDSan4xL1YwP1sdIpsxNV+I3OCCvpAT2NOlMXG6YNg0LXzo6KEeLXGYhGqI4UnFYSg1Lg4wwAyQVWO1QL3uRJT0qIEtBp2hge1m"
+        "ZO9C6epD+BCRTBs1la0hkLCinqw55iosMhNSckrpZ0Q5+KkZs3T7mE9rlQecdWcna7r11maU24QPhg/yN6P7iGRTYwpTxKqN7b0d"
+        "5FfRHOBUio3VHSsVeVY9NF5ICBv5e9G38QcPjH9rafL0Ms0jVGhmxLGzVbvvEmPly8MBMc4lbkcjywQt5WPSpS6xlrTrlfc6GjDn"
+        "8Sdjwnxv5t3LLU2UksXKmYhqZXOS5FIod+DUxpx3XB+DdjL9+JiIDdGaH/30s6bs8GDeC9UzyeQKHpWMHDcOXhTQBdCEzLjrQFlh"
+        "Q6rLAG2kNlp3mU9J4UhvqSzs11Bv3C8U37+B23qwrDAXU7dRyDDOnvNLUwu0lncP+1q5Zcdb96rH0zMQhQEIKIVuknqT1RqiWvXK"
+        "sDB5+fHLpDY4WC36WMmWAr1phwRYLnDtMxu+wxQNhkMcze+ydItl5GsuJWwjyM/AuxSHLCy/zq2n4w1LLPAdiH8sJ920bM2epeie"
+        "bsrJ4DcqJAl2c0bNMqg4FNtsqXJzn1baJ2d63lDU71CiuGiDuQmPxk0jLFV+a8y7e3ggjRa0Y7ukrhPB3r3Au+KLIyvE5CnR4vn7"
+        "pSOQds5Ry5yA8DS+v67pCyv/1iKfyOG1b5B8G+cBVT514iEm/0r1Ls2gl3vjHj7vGbDxuS+m73zmkt+sRkRny8hFQGv0uFxISEFh"
+        "tzudWa92scIu3vGJqqYrrZ9DRqZ17UCoaqL6O6owlf5YUu1aN6MS0siVYEhZpGJGgJC8A9raPGfW26t18pBTEetunFcdJqr7NHox"
+        "0cnEdZCYxPXHoMhjfH7YqEcMGs3ps/PCKRddTvvldkvWpha9aTl0nEJPj34dmG5f38HTRKMCK94XQqrWGyx5wGbmBeXB37IsBwqP"
+        "TRQk/uDQFB1j96pLD4fgJW/AkbFrQBPEQDdTUhtqpho9t3wSscQh0T76bdSsQz+tidI90RDM0DpChYhkdjGXrJcqMZEyiIVBfgD4"
+        "lycwGERBEJuK/fIbXPoKwHJS6BGFm1WumDIAKBZC4YP/452/ADFTMWQ="
+    ),
+    "ogg": (
+        "eNrtVn1QU1cWPwlfj/DRBwYmoNgESZuXTTShWA3F3RCJkIeR+GIQ4jCDhggByochjmydbqjBQWQcS5MsZW1moSQjWZe1tnQWdtYi"
+        "C7ErEvlm2K8BW0FEZzrL7s7u9A/3viTS/rd/tPtf79x37zv3/O45955z7rm3qLJSC0wIlay0o0V0f+vjkzmMnYyz9WdOmcz0AFP+"
+        "chAhuRLs32cU0TPh2zMZqP/j9CFVrP75VikLCwrJQrwSU0PV7qIzldxa06niwChXxc2UZEok+yRZXAFlrLAYTHWVXGXdWdOZ+ro3"
+        "jXVNBC0zEX3KIweL8pTUATTVXFdx2lRrZEQEJScoDhYjFANiKTaPn6IlDZiDooiINIPmRH6aYU52iFeBa9tUKe63ioSOEvLzBKqE"
+        "UKZpD2tVDsqJ/gxsbQFPuyA19pjZhRdV0fxa9UBTcuHj9w1O6aE0g19PfmBYkCIcRal6zJzs0/wKdvah8cenzkuyHb0Kwe27f6PW"
+        "xa3tJ9p/v5iq3RDbOIWmO9hJ87PB+b+Q1eMcQ4fUN/5QK3hn6qqOXifIwxmBNbMARjWxyqNWmiGPBCuwlY3su4078jszJpgBiBxo"
+        "5wiurAg6d6k6K0qdxlKnp9l5fci75+uB3RsDz54Mx9su3giHzwE4/J2WeIWpowAnVvs4BhuuwOJalEnmKT02YNaQ9/ESP/dRn6Jc"
+        "VoFf6GiJSlLck0WlW0gikv/bYoVvB556SwHYJEgKErmmVFRDni1wRVa5MFRDdOcqo/sxXeG7F27zzuVL6aiG6Kpe7Jwrus0THaK7"
+        "BUwXwew1Mf8/upCic73f0oUUuda/j339UH4o/6Og44Q1oO8mzoorTYCxaNiPzj3ASOOOCRTudxtFMQCiiRmUOG+KCme/s75wgNj9"
+        "qOvSRCKF0ZDHAE6schacETdFVg8jK265GabDul4BHECzDICXX/CMPYRWOrn0orntDwucj5q/ylFvU55zeS6l581u5iV41pt7sfl/"
+        "5MzavD91mUYtyumsFkG3B8DKjELpbHsWPzlKkFXBBzwRyjVs1d9zHmxTzh7T6VrXml2C9l6T17sxuplTxEYTdfMWXrurstvT7x3Y"
+        "GMaVD15TI+SipazLg0TSyHuZh7Vs9SyNNKZ4he0eU7f3yfCt2LzpLLVWV3bcSev2Dg8gIE5rOW4pK41E4mjQjyZgHklzGEsjr3s3"
+        "hgdEE6/LdWWLFuOSk4HU3RJNfBo3YkHZ9c0TyActYSC3JjR1HjUmvN7dsMJAe1ACHoFy7If2U2SKL8OWqBjrsmkU1/vs6K5JsiWS"
+        "Qvc7GkVBTwVFkf12loLgt2pyBW47jpL8G8jPbwT8HA1fMgC3ccfQpaCKTjHcl61xbR3S1WtmivRxzH4ZwTd0yNau2WdQYz5Crl9D"
+        "Y6+6m/yIfI8KkCoiQCK92QjCBCtrB7ojatlL18ozrk9ddYBcCNY7jaIJ2qxq7XsZ6k1kdLVuPkM1GxjRNbvWLvUK2j3egDeOZql1"
+        "j4ZpusrrJc8qA5CyJHoAOSJmlk1bcrFV9AtkWe/T0U/V2r3I/i0bAX80lM036ZaSAFwoYo6V/+EJ9qrS0BKImUwU2wqcInl9dkUB"
+        "0XqVYvFQZg2LRzfgK/YWdLkxoR+FJY8iCbedSnejDaG/Y/dVNEl+z40C6wH5U1aU9QNse3H+fiI1RhSISrQazgXcgFPVYh+L5+ba"
+        "Z/SXh4oxaWSPfUF/Q1p1X0YQg8hXuQa/SkX4ODVxQrSTGrGv29Agttn1l6W+P13AvYPJhhtDqztsDWI3p2ZyL/KpX7rQXeM/EMVr"
+        "uoL+zP4DGO/85OCq3uzPxXi1z/Yi18Ur0NiD3LXUpq9ysRXzJHJxDEiaG8BK3my86Oj7eHR6OWCmIQbYpCQdJFNosg0tlg4cjBfY"
+        "W58909cVZFCkqt/ipyNKQ2+6k7rXRavroXF89xzNwBUBk5D9gXXYAsaZo7C0FwwCtdlRIQZFFYpbcYXAHVKEPBhikKZ+N/sFwz5D"
+        "ty+MTbidVGGI0UnS7ZYX7PpqwrGFG5yjD0pIUTUxaNcT/S8UfSPPJEaMmtC0OX01IilhUB7AL8PoJLNLKB478tpADjOfnXlYjmKM"
+        "C9yRcJzDFXBauXIOI3ifM6wvgbUPsLa20/5l4OWebOm5s8JIR5kWl2/lyOCbNpwb9s2bln55ONzJ4giZSJgt7pzUlP518y3HQTYG"
+        "DUkBkHVzaB988a/1aOjK/rGzQdT58u5Ln9iPPH1XyLL2VWP76l/KLWOxuqc0/6xIvW3PZzNgIPiaWT4PI//+FYB9NHxp87PpZwDU"
+        "4kfjyXuYCGsxpt7+clc7wPHg6pfXQPJcCLidOfN2/IcMoDaurNzdDk6/pnRp2/nxHuMWcv/XX4Dk9t56Bv5r2ZPxY5ePG1L9lY+q"
+        "F2X1u1lADK75zx3GtBo406Yrc++pKvnZQvnKnyciRtZ/8/b600/Qvq/+POWjifx82XPf73aB5LP/rP3EFvNfmDI17A=="
+    ),
+}
+
+
+def encoded_file(folder: Path, ext: str) -> Path:
+    import base64
+    import zlib
+
+    path = folder / f"tone.{ext}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(zlib.decompress(base64.b64decode("".join(ENCODED[ext]))))
+    return path
+
+
 def write_clip(path: Path, pcm: np.ndarray, sample_rate: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     audio_io.write_wav(path, pcm, sample_rate)
@@ -266,6 +348,16 @@ def test_pick_channel():
     assert audio_io.pick_channel(pcm[:1], "right")[1] == "mono"
 
 
+@pytest.mark.parametrize("ext", ["flac", "mp3", "ogg"])
+def test_read_compressed_formats(tmp_path, ext):
+    audio = audio_io.read_audio(encoded_file(tmp_path, ext))
+    assert (audio.channels, audio.sample_rate) == (2, 8000)
+    assert audio.samples >= 800  # MP3 and Vorbis decoders may add their codec's padding
+    peaks = np.abs(audio.pcm).max(axis=1)
+    assert peaks[0] == pytest.approx(0.3, abs=0.03) and peaks[1] == pytest.approx(0.5, abs=0.03)
+    assert audio_io.pick_channel(audio.pcm, "right")[0].max() == pytest.approx(0.5, abs=0.03)
+
+
 def test_read_audio_formats_and_failures(tmp_path):
     import sphn
 
@@ -440,12 +532,15 @@ def test_bad_file_among_good_ones_and_unwritable_outputs(fresh, tmp_path):
     header_only = write_clip(inputs / "silent-header.wav", np.zeros((1, 0), np.float32), 24000)
     good2 = write_clip(inputs / "good2.wav", synthetic(0.3, 48000, seed=3), 48000)
     blocked = write_clip(inputs / "blocked.wav", synthetic(0.3, 24000, seed=4), 24000)
+    flac = encoded_file(inputs, "flac")
     out = tmp_path / "out"
     (out / "blocked.jmoshi.wav").mkdir(parents=True)  # the output cannot be written there
-    results = fresh.run_many([good1, bad, header_only, blocked, good2], out)
-    assert [r.ok for r in results] == [True, False, False, False, True]
+    results = fresh.run_many([good1, bad, header_only, blocked, good2, flac], out)
+    assert [r.ok for r in results] == [True, False, False, False, True, True]
     check_outputs(results[0], 7200, 24000)
     check_outputs(results[4], 14400, 48000)
+    check_outputs(results[5], 800, 8000)
+    assert results[5].frames == 2
     assert "bad.wav" in results[1].error and "not a readable audio file" in results[1].error
     assert "no audio samples" in results[2].error
     assert "cannot write the outputs" in results[3].error
@@ -487,3 +582,32 @@ def test_sampling_comes_from_options_then_config_then_defaults():
     cfg = {"temp": 0.6, "top_k_text": 10}
     assert resolve_sampling(InferOptions(top_k_text=5), cfg) == {
         "temp": 0.6, "temp_text": 0.7, "top_k": 250, "top_k_text": 5}
+
+
+def test_same_tokens_and_samples_as_moshi_run_inference(fresh, tiny_files, tmp_path):
+    """On whole frames at 24 kHz, with the same seed, the output equals moshi.run_inference's
+    InferenceState (batch 1): same first-frame handling, same alignment, same sampling order."""
+    import torch
+    from moshi.models import loaders
+    from moshi.run_inference import InferenceState
+
+    src = write_clip(tmp_path / "in.wav", synthetic(10 * 0.08, 24000, seed=5), 24000)
+    fresh.configure(seed=11)
+    ours = fresh.run_file(src, tmp_path)
+    check_outputs(ours, 19200, 24000)
+    transcript = json.loads(ours.outputs["transcript"].read_text())
+
+    cfg = json.loads(Path(tiny_files.config).read_text())
+    info = loaders.CheckpointInfo(tiny_files.moshi_weight, tiny_files.mimi_weight, tiny_files.tokenizer,
+                                  dict(cfg), cfg, "moshi", {})
+    with torch.no_grad():
+        state = InferenceState("moshi", info.get_mimi("cpu"), info.get_text_tokenizer(),
+                               info.get_moshi(device="cpu"), 1, 1.0, "cpu")
+        pcm = torch.from_numpy(audio_io.read_audio(src).pcm)[None]
+        torch.manual_seed(11)
+        (text_tokens, out_pcm), = state.run(pcm)
+    mono, _ = audio_io.read_wav_pcm16(ours.outputs["jmoshi"])
+    np.testing.assert_array_equal(audio_io.to_pcm16(mono[0]), audio_io.to_pcm16(out_pcm[0].numpy()))
+    # ids 0 and 3 are skipped as upstream does; 1 and 2 are control pieces of the toy tokenizer.
+    theirs = [(f, t) for f, t in enumerate(text_tokens.tolist()) if t > 3]
+    assert [(p["frame"], p["id"]) for p in transcript["pieces"]] == theirs

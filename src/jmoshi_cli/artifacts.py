@@ -138,15 +138,15 @@ def resolve(catalogue: Catalogue, variant: Variant, revision: str | None = None,
 
 
 def resolve_or_cached(catalogue: Catalogue, variant: Variant, revision: str | None = None,
-                      offline: bool = False) -> Plan:
+                      offline: bool = False, web_ui: bool = True) -> Plan:
     """resolve(), falling back to the cache when the hub cannot be reached (serving needs no network)."""
     try:
-        return resolve(catalogue, variant, revision, offline)
+        return resolve(catalogue, variant, revision, offline, web_ui)
     except HubError as online_error:
         if "cannot be reached" not in online_error.message:
             raise
         try:
-            plan = resolve(catalogue, variant, revision, offline=True)
+            plan = resolve(catalogue, variant, revision, offline=True, web_ui=web_ui)
         except CacheError:
             raise online_error from None
         if plan.missing:

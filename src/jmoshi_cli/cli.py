@@ -5,6 +5,7 @@ Heavy modules (torch, moshi, huggingface_hub) are imported inside commands so `-
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -255,8 +256,6 @@ def serve(
 
 def _run_serve(options, open_browser: bool) -> int:
     """Preflight (seconds), artifacts (cache or download), then supervise moshi.server."""
-    import dataclasses
-
     from . import artifacts, serve, tls
     from .errors import UsageError
     from .render import DownloadView
@@ -335,6 +334,81 @@ def selftest(as_json: JsonOpt = False) -> None:
                   f"{figures['audio_samples']} audio samples ({figures['audio_s']} s) and {figures['text_pieces']} "
                   f"text pieces back for {figures['frames_sent']} frames sent; {figures['ms_per_frame']} ms per frame "
                   "on this CPU (80 ms is real time)", soft_wrap=True)
+
+
+@app.command()
+@handled
+def infer(
+    inputs: Annotated[list[Path], typer.Argument(help="Audio files or folders (wav, flac, mp3, ogg; any rate).",
+                                                 show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the results.")] = Path("jmoshi-out"),
+    channel: Annotated[str, typer.Option("--channel", help="The user's side of a stereo file: left, right or mix.")]
+    = "left",
+    variant: VariantOpt = None,
+    revision: RevisionOpt = None,
+    device: DeviceOpt = "cuda",
+    half: HalfOpt = False,
+    offline: OfflineOpt = False,
+    moshi_weight: MoshiWeightOpt = None,
+    temp: Annotated[Optional[float], typer.Option("--temp", help="Audio sampling temperature [default: 0.8]",
+                                                  show_default=False)] = None,
+    temp_text: Annotated[Optional[float], typer.Option("--temp-text", help="Text temperature [default: 0.7]",
+                                                       show_default=False)] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Audio top-k [default: 250]",
+                                                 show_default=False)] = None,
+    top_k_text: Annotated[Optional[int], typer.Option("--top-k-text", help="Text top-k [default: 25]",
+                                                      show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Make the run reproducible.",
+                                                show_default=False)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Talk to J-Moshi from audio files: its voice, a stereo dialogue wav and a timed transcript per file."""
+    from . import artifacts, serve
+    from . import infer as inf
+    from .render import DownloadView, InferView, show_infer_summary
+
+    options = inf.InferOptions(device=device, half=half, channel=channel, temp=temp, temp_text=temp_text,
+                               top_k=top_k, top_k_text=top_k_text, seed=seed)
+    sources = inf.collect_inputs(inputs, on_warning=lambda text: console.print(f"[yellow]note:[/] {text}"))
+    inf.prepare_out_dir(out)
+    catalogue, chosen = _catalogue_and_variant(variant)
+    weight = serve.check_moshi_weight(moshi_weight)
+    notes = serve.check_gpu(device, chosen.vram_min_gb, chosen.name)
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+    if serve.needs_half(notes):
+        options = dataclasses.replace(options, half=True)
+    plan = artifacts.resolve_or_cached(catalogue, chosen, revision, offline=offline, web_ui=False)
+    if weight is not None:
+        plan = dataclasses.replace(plan, entries=[e for e in plan.entries if e.artifact.role != "moshi"])
+    if plan.missing and not plan.offline:
+        with DownloadView(plan) as view:
+            plan = artifacts.download(plan, on_progress=view.progress, on_retry=view.retry)
+    else:
+        plan = artifacts.download(plan)
+    files = artifacts.model_files_with(plan, weight)
+    if channel == "left":
+        console.print("the user is the left channel of stereo inputs (--channel right|mix to change)")
+    with console.status(f"loading {chosen.name} on {device}"):
+        session = inf.Session(files, options)
+    with InferView(len(sources)) as view:
+        results = session.run_many(sources, out, on_file=view.file, on_frame=view.frame, on_result=view.result)
+    show_infer_summary(results, inf.summarize(results))
+    if as_json:
+        typer.echo(json.dumps([_result_json(r) for r in results], ensure_ascii=False, indent=2))
+    else:
+        for result in results:
+            for path in result.outputs.values():
+                typer.echo(str(path))
+    if any(not r.ok for r in results):
+        raise typer.Exit(1)
+
+
+def _result_json(result) -> dict:
+    return {"source": str(result.source), "ok": result.ok, "error": result.error, "audio_s": result.audio_s,
+            "compute_s": result.compute_s, "rtf": result.rtf, "note": result.note, "channel": result.channel,
+            "frames": result.frames, "segments": result.segments, "text": result.text,
+            "outputs": {k: str(v) for k, v in result.outputs.items()}}
 
 
 def main() -> None:

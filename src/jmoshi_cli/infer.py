@@ -371,7 +371,7 @@ def _read_config(files: ModelFiles) -> tuple[dict | None, dict | None, str, dict
 def resolve_sampling(options: InferOptions, lm_gen_config: dict) -> dict[str, Any]:
     """Sampling parameters for LMGen: options, else config.json's lm_gen_config, else LMGen defaults."""
     sampling = dict(LMGEN_DEFAULTS)
-    sampling.update({k: v for k, v in lm_gen_config.items()})
+    sampling.update(lm_gen_config)
     for key in LMGEN_DEFAULTS:
         value = getattr(options, key)
         if value is not None:

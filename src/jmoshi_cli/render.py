@@ -111,3 +111,59 @@ class DownloadView:
         if self.progress_bar is not None:
             self.progress_bar.__exit__(*exc)
         return False
+
+
+class InferView:
+    """A bar over files and one over the current file's frames; plain lines off a terminal."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.bar = None
+        self.files_task = self.frames_task = None
+
+    def __enter__(self):
+        if not plain():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), console=console)
+            self.bar.__enter__()
+            self.files_task = self.bar.add_task("files", total=self.count)
+            self.frames_task = self.bar.add_task("frames", total=None)
+        return self
+
+    def file(self, index: int, count: int, source) -> None:
+        if self.bar is not None:
+            self.bar.update(self.frames_task, description=f"{source.name}", completed=0, total=None)
+        else:
+            console.print(f"[{index + 1}/{count}] {source}", soft_wrap=True)
+
+    def frame(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.frames_task, completed=done, total=total)
+
+    def result(self, result) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.files_task)
+        if not result.ok:
+            console.print(f"[bold red]failed:[/] {result.error}", soft_wrap=True)
+        elif result.note:
+            console.print(f"[yellow]note:[/] {result.source.name}: {result.note}", soft_wrap=True)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
+
+
+def show_infer_summary(results, totals) -> None:
+    table = Table(title_justify="left")
+    for column in ("file", "audio (s)", "real-time factor", "result"):
+        table.add_column(column, overflow="fold")
+    for r in results:
+        table.add_row(str(r.source), f"{r.audio_s:.1f}", f"{r.rtf:.2f}" if r.ok else "-",
+                      "[green]ok[/]" if r.ok else f"[red]{r.error}[/]")
+    console.print(table)
+    console.print(f"{totals['ok']} of {totals['files']} files done, {totals['audio_s']:.1f} s of audio in "
+                  f"{totals['compute_s']:.1f} s (real-time factor {totals['rtf']:.2f}; below 1 is faster than "
+                  "real time)", soft_wrap=True)

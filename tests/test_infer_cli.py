@@ -1,0 +1,65 @@
+"""`jmoshi infer` through the CLI: tiny model downloaded from the loopback hub, CPU, real files."""
+
+from __future__ import annotations
+
+import json
+import wave
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_AUDIO, child_env, jmoshi
+from jmoshi_cli.selftest import speech_like
+
+
+def write_wav(path: Path, seconds: float, rate: int = 24000) -> Path:
+    import numpy as np
+
+    pcm = (speech_like(seconds, rate) * 32767).astype(np.int16)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(pcm.tobytes())
+    return path
+
+
+@pytest.mark.slow
+def test_infer_writes_results_and_one_bad_file_does_not_lose_the_others(tiny_env, tmp_path):
+    env = child_env(tiny_env)
+    good = write_wav(tmp_path / "hello.wav", 1.5, rate=16000)
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF not really a wave file")
+    out = tmp_path / "out"
+    result = jmoshi("infer", str(good), str(bad), "--variant", "tiny", "--device", "cpu", "--seed", "3",
+                    "--out", str(out), "--json", env=env, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    rows = {Path(r["source"]).name: r for r in json.loads(result.stdout)}
+    assert rows["broken.wav"]["ok"] is False and rows["broken.wav"]["error"]
+    ok = rows["hello.wav"]
+    assert ok["ok"] is True
+    with wave.open(ok["outputs"]["dialogue"]) as dialogue:
+        assert dialogue.getnchannels() == 2 and dialogue.getframerate() == 24000
+        assert dialogue.getnframes() == 19 * 1920  # 1.5 s -> 36000 samples -> 19 whole 80 ms frames
+    transcript = json.loads(Path(ok["outputs"]["transcript"]).read_text())
+    assert transcript  # written, with the joined text
+    assert "left channel" in result.stderr and "real-time factor" in result.stderr
+
+
+def test_infer_with_no_audio_in_a_folder_is_a_usage_error(tiny_env, tmp_path):
+    (tmp_path / "notes.txt").write_text("no audio here")
+    result = jmoshi("infer", str(tmp_path), "--device", "cpu", env=child_env(tiny_env))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "error:" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_AUDIO / "prompt-62.wav").is_file(), reason="../shared/audio is not present")
+def test_infer_stereo_32k_prompt_right_channel(tiny_env, tmp_path):
+    env = child_env(tiny_env)
+    result = jmoshi("infer", str(SHARED_AUDIO / "prompt-62.wav"), "--variant", "tiny", "--device", "cpu",
+                    "--channel", "right", "--out", str(tmp_path / "o"), "--json", env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)[0]
+    assert row["channel"] == "right" and row["audio_s"] == pytest.approx(10.0, abs=0.05)
