@@ -254,20 +254,12 @@ def serve(
     raise typer.Exit(_run_serve(options, open_browser))
 
 
-def _run_serve(options, open_browser: bool) -> int:
-    """Preflight (seconds), artifacts (cache or download), then supervise moshi.server."""
-    from . import artifacts, serve, tls
-    from .errors import UsageError
+def _local_files(catalogue, chosen, revision, offline: bool, weight, web_ui: bool):
+    """Every file the model needs, in the cache (downloaded and verified if missing, unless offline)."""
+    from . import artifacts
     from .render import DownloadView
 
-    catalogue, chosen = _catalogue_and_variant(options.variant)
-    if options.https and options.ssl_dir:
-        raise UsageError("--https and --ssl both given", "--https makes a certificate; --ssl DIR uses yours")
-    serve.check_address(options.host, options.port)
-    ssl_dir = tls.check_ssl_dir(options.ssl_dir) if options.ssl_dir else None
-    weight = serve.check_moshi_weight(options.moshi_weight)
-    notes = serve.check_gpu(options.device, chosen.vram_min_gb, chosen.name)
-    plan = artifacts.resolve_or_cached(catalogue, chosen, options.revision, offline=options.offline)
+    plan = artifacts.resolve_or_cached(catalogue, chosen, revision, offline=offline, web_ui=web_ui)
     for note in plan.notes:
         console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
     if weight is not None:
@@ -277,7 +269,22 @@ def _run_serve(options, open_browser: bool) -> int:
             plan = artifacts.download(plan, on_progress=view.progress, on_retry=view.retry)
     else:
         plan = artifacts.download(plan)
-    files = artifacts.model_files_with(plan, weight)
+    return plan, artifacts.model_files_with(plan, weight)
+
+
+def _run_serve(options, open_browser: bool) -> int:
+    """Preflight (seconds), artifacts (cache or download), then supervise moshi.server."""
+    from . import artifacts, serve, tls
+    from .errors import UsageError
+
+    catalogue, chosen = _catalogue_and_variant(options.variant)
+    if options.https and options.ssl_dir:
+        raise UsageError("--https and --ssl both given", "--https makes a certificate; --ssl DIR uses yours")
+    serve.check_address(options.host, options.port)
+    ssl_dir = tls.check_ssl_dir(options.ssl_dir) if options.ssl_dir else None
+    weight = serve.check_moshi_weight(options.moshi_weight)
+    notes = serve.check_gpu(options.device, chosen.vram_min_gb, chosen.name)
+    plan, files = _local_files(catalogue, chosen, options.revision, options.offline, weight, web_ui=True)
     static = artifacts.unpack_web_ui(plan.entry("web_ui"))
     if options.https:
         ssl_dir = tls.ensure_certificate(artifacts.data_dir() / "tls", serve.certificate_names(options.host))
@@ -363,9 +370,9 @@ def infer(
     as_json: JsonOpt = False,
 ) -> None:
     """Talk to J-Moshi from audio files: its voice, a stereo dialogue wav and a timed transcript per file."""
-    from . import artifacts, serve
     from . import infer as inf
-    from .render import DownloadView, InferView, show_infer_summary
+    from . import serve
+    from .render import InferView, show_infer_summary
 
     options = inf.InferOptions(device=device, half=half, channel=channel, temp=temp, temp_text=temp_text,
                                top_k=top_k, top_k_text=top_k_text, seed=seed)
@@ -378,15 +385,7 @@ def infer(
         console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
     if serve.needs_half(notes):
         options = dataclasses.replace(options, half=True)
-    plan = artifacts.resolve_or_cached(catalogue, chosen, revision, offline=offline, web_ui=False)
-    if weight is not None:
-        plan = dataclasses.replace(plan, entries=[e for e in plan.entries if e.artifact.role != "moshi"])
-    if plan.missing and not plan.offline:
-        with DownloadView(plan) as view:
-            plan = artifacts.download(plan, on_progress=view.progress, on_retry=view.retry)
-    else:
-        plan = artifacts.download(plan)
-    files = artifacts.model_files_with(plan, weight)
+    _, files = _local_files(catalogue, chosen, revision, offline, weight, web_ui=False)
     if channel == "left":
         console.print("the user is the left channel of stereo inputs (--channel right|mix to change)")
     with console.status(f"loading {chosen.name} on {device}"):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -74,7 +73,6 @@ def run(on_step: Callable[[str], None] = lambda step: None, seconds: float = 3.0
         with server:
             result.ready_s = server.wait_ready(timeout_s=180)
             on_step("talking to /api/chat")
-            started = time.monotonic()
             try:
                 chat = chat_sync(f"ws://127.0.0.1:{options.port}/api/chat", speech_like(seconds), tail_s=3.0,
                                  timeout_s=30)
@@ -90,7 +88,6 @@ def run(on_step: Callable[[str], None] = lambda step: None, seconds: float = 3.0
             result.text_pieces = chat.text_pieces
             result.sent_frames = chat.sent_frames
             result.frame_ms = list(server.frame_ms)
-            _ = time.monotonic() - started
     if result.audio_samples == 0:
         raise SelftestError("moshi.server answered the handshake but sent no audio",
                             "run `jmoshi doctor` (a sphn 0.2 install breaks audio at the first frame)")
