@@ -69,6 +69,8 @@ def handled(command: Callable) -> Callable:
 VariantOpt = Annotated[Optional[str], typer.Option(
     "--variant", "-v", help="Which model: ext (default), base, or one from your variants.toml.",
     show_default=False)]
+VariantOrAllOpt = Annotated[Optional[str], typer.Option(
+    "--variant", "-v", help="ext (default), base, all, or one from your variants.toml.", show_default=False)]
 RevisionOpt = Annotated[Optional[str], typer.Option(
     "--revision", help="Branch, tag or commit of the model repo (default: the catalogue's).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
@@ -99,6 +101,14 @@ def root(
 ) -> None:
     if verbose:
         os.environ["JMOSHI_DEBUG"] = os.environ.get("JMOSHI_DEBUG") or "1"
+
+
+def _variant_names(name: str | None):
+    """The catalogue and the variant names that `--variant` (which may be `all`) stands for."""
+    from .variants import load_catalogue
+
+    catalogue = load_catalogue()
+    return catalogue, sorted(catalogue.variants) if name == "all" else [catalogue.get(name).name]
 
 
 def _catalogue_and_variant(name: str | None):
@@ -152,9 +162,7 @@ def variants(as_json: JsonOpt = False) -> None:
 @app.command()
 @handled
 def download(
-    variant: Annotated[Optional[str], typer.Option(
-        "--variant", "-v", help="ext (default), base, all, or one from your variants.toml.",
-        show_default=False)] = None,
+    variant: VariantOrAllOpt = None,
     revision: RevisionOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what is missing and its size; fetch nothing.")] = False,
     no_web_ui: Annotated[bool, typer.Option("--no-web-ui", help="Skip the browser UI bundle.")] = False,
@@ -164,8 +172,7 @@ def download(
     from . import artifacts
     from .render import DownloadView, show_plan
 
-    catalogue, _ = _catalogue_and_variant(None)
-    names = sorted(catalogue.variants) if variant == "all" else [catalogue.get(variant).name]
+    catalogue, names = _variant_names(variant)
     results = []
     for name in names:
         plan = artifacts.resolve(catalogue, catalogue.get(name), revision, web_ui=not no_web_ui)
@@ -199,9 +206,7 @@ def _print_paths(plans, as_json: bool, dry_run: bool) -> None:
 @app.command()
 @handled
 def verify(
-    variant: Annotated[Optional[str], typer.Option(
-        "--variant", "-v", help="ext (default), base, all, or one from your variants.toml.",
-        show_default=False)] = None,
+    variant: VariantOrAllOpt = None,
     revision: RevisionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -209,8 +214,7 @@ def verify(
     from . import artifacts
     from .render import show_verify
 
-    catalogue, _ = _catalogue_and_variant(None)
-    names = sorted(catalogue.variants) if variant == "all" else [catalogue.get(variant).name]
+    catalogue, names = _variant_names(variant)
     bad = False
     report = []
     for name in names:
