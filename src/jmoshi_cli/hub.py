@@ -18,7 +18,6 @@ from typing import Callable, TypeVar
 from .errors import CacheError, HubError, JMoshiError, UsageError
 
 T = TypeVar("T")
-ROLES = ("moshi", "tokenizer", "mimi", "config", "web_ui")
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
 

@@ -262,10 +262,11 @@ class Server:
 
 @dataclass
 class Stop:
-    """Which signal asked us to stop (SIGINT -> 130, SIGTERM -> 143)."""
+    """Which signal asked us to stop (SIGINT -> 130, SIGTERM -> 143), or why the child never got ready."""
 
     signum: int | None = None
     event: threading.Event = field(default_factory=threading.Event)
+    error: ServerError | None = None
 
 
 def supervise(server: Server, on_ready: Callable[[float], None]) -> int:
@@ -289,7 +290,7 @@ def supervise(server: Server, on_ready: Callable[[float], None]) -> int:
             return 128 + stop.signum
         ready.join(timeout=6)
         server.drain()
-        if isinstance(getattr(stop, "error", None), ServerError):
+        if stop.error is not None:
             raise stop.error
         raise explain_exit(server.process.returncode, list(server.tail))
     finally:
