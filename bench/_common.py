@@ -12,6 +12,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# The loopback hub is test support (tests/hub_server.py); the benchmarks borrow it from there.
+sys.path.insert(0, str(ROOT / "tests"))
 
 
 def timed(argv: list[str], env: dict | None = None, repeat: int = 5) -> tuple[float, int]:
@@ -25,7 +27,7 @@ def timed(argv: list[str], env: dict | None = None, repeat: int = 5) -> tuple[fl
 
 
 def tiny_hub_root() -> Path:
-    from jmoshi_cli.testing.tiny import TINY_FILES, build_web_ui_bundle, cached_tiny_repo
+    from jmoshi_cli.tiny_model import TINY_FILES, build_web_ui_bundle, cached_tiny_repo
 
     repo = cached_tiny_repo()
     root = Path(tempfile.mkdtemp(prefix="jmoshi-bench-hub-"))

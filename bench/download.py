@@ -14,10 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import BIN, bench_env, tiny_hub_root
+from jmoshi_cli.tiny_model import TINY_FILES
 
-from jmoshi_cli.testing.hub_server import LocalHub
-from jmoshi_cli.testing.tiny import TINY_FILES
+from _common import BIN, bench_env, tiny_hub_root
+from hub_server import LocalHub
 
 
 def run_once(argv: list[str], endpoint: str) -> tuple[float, int]:

@@ -15,10 +15,10 @@ import time
 import wave
 from pathlib import Path
 
-from _common import BIN, bench_env, tiny_hub_root
-
 from jmoshi_cli.selftest import speech_like
-from jmoshi_cli.testing.hub_server import LocalHub
+
+from _common import BIN, bench_env, tiny_hub_root
+from hub_server import LocalHub
 
 
 def write_inputs(folder: Path, count: int, seconds: float) -> list[Path]:

@@ -22,11 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import BIN, bench_env, tiny_hub_root
-
 from jmoshi_cli.chat import chat_sync
 from jmoshi_cli.selftest import free_port, speech_like
-from jmoshi_cli.testing.hub_server import LocalHub
+
+from _common import BIN, bench_env, tiny_hub_root
+from hub_server import LocalHub
 
 UPSTREAM = ("import torch, runpy; torch.cuda.synchronize = lambda *a, **k: None; "
             "runpy.run_module('moshi.server', run_name='__main__')")

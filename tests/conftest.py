@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from jmoshi_cli.testing.hub_server import LocalHub
+from hub_server import LocalHub
 
 SHARED_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "audio"
 MIB = 1024 * 1024
@@ -91,7 +91,7 @@ TINY_VARIANTS = ('[variants.tiny]\nrepo = "jmoshi-test/tiny"\ndescription = "tin
 @pytest.fixture(scope="session")
 def tiny_hub_root(tmp_path_factory) -> Path:
     """A hub holding the tiny generated model (with config.json) and a small web UI bundle."""
-    from jmoshi_cli.testing.tiny import TINY_FILES, build_web_ui_bundle, cached_tiny_repo
+    from jmoshi_cli.tiny_model import TINY_FILES, build_web_ui_bundle, cached_tiny_repo
 
     repo = cached_tiny_repo()
     root = tmp_path_factory.mktemp("tiny-hub")

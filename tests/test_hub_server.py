@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from jmoshi_cli.testing.hub_server import LocalHub
+from hub_server import LocalHub
 
 MiB = 1024 * 1024
 
@@ -303,7 +303,7 @@ def test_raw_http_range_429_and_slow(hub: LocalHub, hub_root: Path) -> None:
 
 def test_module_entry_point(hub_root: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jmoshi_cli.testing.hub_server", str(hub_root), "--port", "0"],
+        [sys.executable, str(Path(__file__).with_name("hub_server.py")), str(hub_root), "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

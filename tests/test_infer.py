@@ -48,7 +48,7 @@ def _model_files(folder: Path, config: Path | None = None) -> ModelFiles:
 
 @pytest.fixture(scope="module")
 def tiny_files() -> ModelFiles:
-    from jmoshi_cli.testing.tiny import cached_tiny_repo
+    from jmoshi_cli.tiny_model import cached_tiny_repo
 
     return _model_files(cached_tiny_repo())
 

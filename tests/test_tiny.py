@@ -12,8 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("moshi")
 
-from jmoshi_cli.testing import tiny  # noqa: E402
-from jmoshi_cli.testing.tiny import (  # noqa: E402
+from jmoshi_cli import tiny_model as tiny  # noqa: E402
+from jmoshi_cli.tiny_model import (  # noqa: E402
     TINY_FILES,
     build_web_ui_bundle,
     cached_tiny_repo,

@@ -21,11 +21,13 @@ import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager, Protocol
 
 from . import hub
-from .errors import CacheError, HubError, UsageError
+from .errors import CacheError, HubUnreachable, UsageError
+from .fsutil import atomic_write
 from .hub import Artifact
 from .variants import Catalogue, Variant
 
@@ -42,6 +44,22 @@ class ModelFiles:
     tokenizer: Path
     # config.json when the repo has one; None means moshi's built-in 7B config (J-Moshi's case).
     config: Path | None = None
+    # The unpacked web UI (a folder with index.html) when it was asked for.
+    web_ui: Path | None = None
+
+
+class Status(str, Enum):
+    """What the cache holds of one file."""
+
+    COMPLETE = "complete"  # there, and its content hash matched (or it was just fetched and matched)
+    MISSING = "missing"
+    PARTIAL = "partial"  # a resumable .incomplete download
+    CORRUPT = "corrupt"  # wrong size or wrong content hash
+    UNVERIFIED = "unverified"  # there, but no content hash is known to check it against
+
+    @property
+    def usable(self) -> bool:
+        return self in (Status.COMPLETE, Status.UNVERIFIED)
 
 
 @dataclass
@@ -50,13 +68,13 @@ class Entry:
 
     artifact: Artifact
     path: Path | None = None  # the snapshot path when the file is there
-    status: str = "missing"  # complete | missing | partial | corrupt | unverified
+    status: Status = Status.MISSING
     partial_bytes: int = 0
     detail: str = ""
 
     @property
     def missing_bytes(self) -> int | None:
-        if self.status == "complete":
+        if self.status is Status.COMPLETE:
             return 0
         size = self.artifact.size
         return None if size is None else max(size - self.partial_bytes, 0)
@@ -70,10 +88,11 @@ class Plan:
     entries: list[Entry]
     offline: bool
     notes: list[str] = field(default_factory=list)
+    fetched: tuple[str, ...] = ()  # labels of the files this run downloaded
 
     @property
     def missing(self) -> list[Entry]:
-        return [e for e in self.entries if e.status != "complete"]
+        return [e for e in self.entries if e.status is not Status.COMPLETE]
 
     @property
     def missing_bytes(self) -> int:
@@ -142,9 +161,7 @@ def resolve_or_cached(catalogue: Catalogue, variant: Variant, revision: str | No
     """resolve(), falling back to the cache when the hub cannot be reached (serving needs no network)."""
     try:
         return resolve(catalogue, variant, revision, offline, web_ui)
-    except HubError as online_error:
-        if "cannot be reached" not in online_error.message:
-            raise
+    except HubUnreachable as online_error:
         try:
             plan = resolve(catalogue, variant, revision, offline=True, web_ui=web_ui)
         except CacheError:
@@ -171,12 +188,12 @@ def inspect(artifact: Artifact) -> Entry:
         if link.exists():
             size = link.stat().st_size
             if artifact.size is not None and size != artifact.size:
-                return Entry(artifact, link, "corrupt", detail=f"{size} bytes, expected {artifact.size}")
-            return Entry(artifact, link, "complete")
+                return Entry(artifact, link, Status.CORRUPT, detail=f"{size} bytes, expected {artifact.size}")
+            return Entry(artifact, link, Status.COMPLETE)
     if artifact.etag:
         partial = folder / "blobs" / f"{artifact.etag}.incomplete"
         if partial.exists():
-            return Entry(artifact, None, "partial", partial.stat().st_size)
+            return Entry(artifact, None, Status.PARTIAL, partial.stat().st_size)
     return Entry(artifact)
 
 
@@ -212,15 +229,15 @@ def expected_hash(entry: Entry) -> tuple[str, str] | None:
 
 def verify(entry: Entry, on_bytes: Callable[[int], None] | None = None) -> Entry:
     """Hash a complete entry; mark it corrupt (with why) when the content is not what the hub has."""
-    if entry.status != "complete" or entry.path is None:
+    if entry.status is not Status.COMPLETE or entry.path is None:
         return entry
     expected = expected_hash(entry)
     if expected is None:
-        return replace(entry, status="unverified", detail="no content hash known for this file")
+        return replace(entry, status=Status.UNVERIFIED, detail="no content hash known for this file")
     kind, value = expected
     actual = file_hash(entry.path, kind, on_bytes=on_bytes)
     if actual != value:
-        return replace(entry, status="corrupt", detail=f"{kind} {actual[:12]}…, expected {value[:12]}…")
+        return replace(entry, status=Status.CORRUPT, detail=f"{kind} {actual[:12]}…, expected {value[:12]}…")
     stamp_verified(entry.path)
     return entry
 
@@ -261,20 +278,9 @@ def data_dir() -> Path:
 def _write_json(path: Path, data: object) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, json.dumps(data, indent=1).encode())
+        atomic_write(path, json.dumps(data, indent=1).encode())
     except OSError:
         pass  # the stamp only saves a re-hash; losing it costs time, not correctness
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def discard(entry: Entry) -> None:
@@ -332,15 +338,16 @@ def download(plan: Plan, on_progress: Progress | None = None, on_retry: Retry | 
     elif not plan.offline:
         check_writable(hub.cache_dir())
     _remember_refs(plan)
-    entries = []
+    entries, fetched = [], []
     for entry in plan.entries:
-        if entry.status == "complete" and not is_stamped(entry.path):
+        if entry.status is Status.COMPLETE and not is_stamped(entry.path):
             # Put there by another tool, or changed since we hashed it: trust only its content.
             entry = verify(entry)
-        if entry.status not in ("complete", "unverified"):
+        if not entry.status.usable:
             entry = _fetch_verified(entry, on_progress, on_retry, attempts_on_corruption)
-        entries.append(replace(entry, status="complete"))
-    done = replace(plan, entries=entries)
+            fetched.append(entry.artifact.label)
+        entries.append(replace(entry, status=Status.COMPLETE))
+    done = replace(plan, entries=entries, fetched=tuple(fetched))
     if done.entry("web_ui") is not None:
         unpack_web_ui(done.entry("web_ui"))
     return done
@@ -349,7 +356,7 @@ def download(plan: Plan, on_progress: Progress | None = None, on_retry: Retry | 
 def _fetch_verified(entry: Entry, on_progress: Progress | None, on_retry: Retry | None, attempts: int) -> Entry:
     artifact = entry.artifact
     for attempt in range(1, attempts + 1):
-        if entry.status == "corrupt":
+        if entry.status is Status.CORRUPT:
             discard(entry)
         report = (lambda n: on_progress(entry, n)) if on_progress else None
         retry = (lambda i, exc, delay: on_retry(entry, i, exc, delay)) if on_retry else None
@@ -357,8 +364,8 @@ def _fetch_verified(entry: Entry, on_progress: Progress | None, on_retry: Retry 
         entry = verify(inspect(artifact))
         if on_progress:
             on_progress(entry, artifact.size or 0)
-        if entry.status in ("complete", "unverified"):
-            return replace(entry, status="complete")
+        if entry.status.usable:
+            return replace(entry, status=Status.COMPLETE)
     discard(entry)
     raise CacheError(f"{artifact.label} arrived corrupt {attempts} times ({entry.detail}); the bad copy was removed",
                      "run the command again; if it persists, the mirror at HF_ENDPOINT serves a bad file")
@@ -372,7 +379,7 @@ def _remember_refs(plan: Plan) -> None:
             ref = hub.repo_folder(artifact.repo) / "refs" / artifact.revision
             try:
                 ref.parent.mkdir(parents=True, exist_ok=True)
-                _atomic_write(ref, artifact.commit.encode())
+                atomic_write(ref, artifact.commit.encode())
             except OSError as exc:
                 raise CacheError(f"cannot write {ref}: {exc.strerror or exc}") from None
 
@@ -417,16 +424,58 @@ def model_files_with(plan: Plan, moshi_weight: Path | None) -> ModelFiles:
     """The plan's files, with a user's checkpoint in place of the variant's weights when given."""
     if moshi_weight is None:
         return model_files(plan)
-    plan = replace(plan, entries=plan.entries + [Entry(Artifact("moshi", "", "", ""), moshi_weight, "complete")])
-    return model_files(plan)
+    extra = Entry(Artifact("moshi", "", "", ""), moshi_weight, Status.COMPLETE)
+    return model_files(replace(plan, entries=[e for e in plan.entries if e.artifact.role != "moshi"] + [extra]))
 
 
 def model_files(plan: Plan) -> ModelFiles:
     def path(role: str) -> Path:
         entry = plan.entry(role)
-        if entry is None or entry.path is None or entry.status != "complete":
+        if entry is None or entry.path is None or entry.status is not Status.COMPLETE:
             raise CacheError(f"{role} file of {plan.variant.repo} is not in the cache", "run `jmoshi download`")
         return entry.path
 
     config = plan.entry("config")
-    return ModelFiles(path("moshi"), path("mimi"), path("tokenizer"), config.path if config else None)
+    ui = plan.entry("web_ui")
+    return ModelFiles(path("moshi"), path("mimi"), path("tokenizer"), config.path if config else None,
+                      web_ui_dir(ui) if ui is not None and ui.path is not None else None)
+
+
+# --- one way to make a variant local, for download, serve and infer -------------------------------
+
+
+class DownloadWatch(Protocol):
+    """What a progress display gets told while files arrive."""
+
+    def progress(self, entry: Entry, done: int) -> None: ...
+
+    def retry(self, entry: Entry, attempt: int, exc: BaseException, delay: float) -> None: ...
+
+
+WatchFactory = Callable[[Plan], ContextManager[DownloadWatch]]
+
+
+def fetch_missing(plan: Plan, watch: WatchFactory | None = None) -> Plan:
+    """download(), shown through `watch` when there is something to fetch."""
+    if plan.missing and not plan.offline and watch is not None:
+        with watch(plan) as view:
+            return download(plan, on_progress=view.progress, on_retry=view.retry)
+    return download(plan)
+
+
+def ensure_local(catalogue: Catalogue, variant: Variant, revision: str | None = None, *, offline: bool = False,
+                 web_ui: bool = True, moshi_weight: Path | None = None, use_cache_if_unreachable: bool = True,
+                 watch: WatchFactory | None = None,
+                 on_note: Callable[[str], None] = lambda note: None) -> tuple[Plan, ModelFiles]:
+    """Every file a variant needs, verified in the cache (fetched if missing, unless offline).
+
+    With `moshi_weight` (a local checkpoint), the variant's own weights are neither fetched nor used.
+    """
+    find = resolve_or_cached if use_cache_if_unreachable else resolve
+    plan = find(catalogue, variant, revision, offline=offline, web_ui=web_ui)
+    for note in plan.notes:
+        on_note(note)
+    if moshi_weight is not None:
+        plan = replace(plan, entries=[e for e in plan.entries if e.artifact.role != "moshi"])
+    plan = fetch_missing(plan, watch)
+    return plan, model_files_with(plan, moshi_weight)

@@ -5,18 +5,15 @@ Heavy modules (torch, moshi, huggingface_hub) are imported inside commands so `-
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
-import os
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from . import __version__
+from . import console as ui
 from .console import console
-from .errors import JMoshiError
 
 app = typer.Typer(
     name="jmoshi",
@@ -28,42 +25,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-
-def _debug() -> bool:
-    return os.environ.get("JMOSHI_DEBUG", "") not in ("", "0")
-
-
-def _fail(message: str, hint: str, code: int, exc: BaseException) -> typer.Exit:
-    if _debug():
-        import traceback
-
-        traceback.print_exception(exc)
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    if hint:
-        console.print(f"[dim]hint:[/] {hint}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
-def handled(command: Callable) -> Callable:
-    """Turn expected failures into one line + hint and an exit code; Ctrl-C into 130."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except JMoshiError as exc:
-            raise _fail(exc.message, exc.hint, exc.exit_code, exc) from None
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
-        except (typer.Exit, typer.Abort):
-            raise
-        except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no bare traceback
-            raise _fail(f"unexpected error: {type(exc).__name__}: {exc}",
-                        "please report it with the output of JMOSHI_DEBUG=1", 1, exc) from None
-
-    return wrapper
-
 
 # Shared option aliases, so every command spells a flag the same way.
 VariantOpt = Annotated[Optional[str], typer.Option(
@@ -99,8 +60,7 @@ def root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Show the version and exit.")] = False,
 ) -> None:
-    if verbose:
-        os.environ["JMOSHI_DEBUG"] = os.environ.get("JMOSHI_DEBUG") or "1"
+    ui.settings.verbose = verbose
 
 
 def _variant_names(name: str | None):
@@ -119,7 +79,6 @@ def _catalogue_and_variant(name: str | None):
 
 
 @app.command()
-@handled
 def doctor(
     variant: VariantOpt = None,
     port: Annotated[int, typer.Option("--port", help="Port to check.")] = 8998,
@@ -137,12 +96,10 @@ def doctor(
         from .render import show_checks
 
         show_checks(checks, chosen)
-    if any(c.status == doc.FAIL for c in checks):
-        raise typer.Exit(1)
+    return 1 if any(c.status is doc.Level.FAIL for c in checks) else 0
 
 
 @app.command()
-@handled
 def variants(as_json: JsonOpt = False) -> None:
     """List the model variants jmoshi knows (built-in and from your variants.toml)."""
     from dataclasses import asdict
@@ -160,7 +117,6 @@ def variants(as_json: JsonOpt = False) -> None:
 
 
 @app.command()
-@handled
 def download(
     variant: VariantOrAllOpt = None,
     revision: RevisionOpt = None,
@@ -175,15 +131,14 @@ def download(
     catalogue, names = _variant_names(variant)
     results = []
     for name in names:
-        plan = artifacts.resolve(catalogue, catalogue.get(name), revision, web_ui=not no_web_ui)
+        chosen = catalogue.get(name)
         if dry_run:
+            plan = artifacts.resolve(catalogue, chosen, revision, web_ui=not no_web_ui)
             show_plan(plan)
         else:
-            if plan.missing:
-                with DownloadView(plan) as view:
-                    plan = artifacts.download(plan, on_progress=view.progress, on_retry=view.retry)
-            else:
-                plan = artifacts.download(plan)
+            plan, _ = artifacts.ensure_local(catalogue, chosen, revision, web_ui=not no_web_ui,
+                                             use_cache_if_unreachable=False, watch=DownloadView)
+            if not plan.fetched:
                 console.print(f"[green]✓[/] {name}: everything already cached")
         results.append(plan)
     _print_paths(results, as_json, dry_run)
@@ -194,7 +149,7 @@ def _print_paths(plans, as_json: bool, dry_run: bool) -> None:
         out = [{"variant": p.variant.name, "repo": p.variant.repo, "missing_bytes": p.missing_bytes,
                 "files": [{"role": e.artifact.role, "repo": e.artifact.repo, "file": e.artifact.filename,
                            "commit": e.artifact.commit, "size": e.artifact.size, "sha256": e.artifact.sha256,
-                           "status": e.status, "path": str(e.path) if e.path else None} for e in p.entries]}
+                           "status": e.status.value, "path": str(e.path) if e.path else None} for e in p.entries]}
                for p in plans]
         typer.echo(json.dumps(out, ensure_ascii=False, indent=2))
     elif not dry_run:
@@ -204,7 +159,6 @@ def _print_paths(plans, as_json: bool, dry_run: bool) -> None:
 
 
 @app.command()
-@handled
 def verify(
     variant: VariantOrAllOpt = None,
     revision: RevisionOpt = None,
@@ -220,21 +174,19 @@ def verify(
     for name in names:
         plan = artifacts.resolve(catalogue, catalogue.get(name), revision, offline=True)
         entries = [artifacts.verify(e) for e in plan.entries]
-        bad = bad or any(e.status not in ("complete", "unverified") for e in entries)
+        bad = bad or any(not e.status.usable for e in entries)
         report.append((plan, entries))
     if as_json:
         typer.echo(json.dumps([{"variant": p.variant.name, "files": [
-            {"file": e.artifact.filename, "repo": e.artifact.repo, "status": e.status, "detail": e.detail,
+            {"file": e.artifact.filename, "repo": e.artifact.repo, "status": e.status.value, "detail": e.detail,
              "path": str(e.path) if e.path else None} for e in entries]} for p, entries in report],
             ensure_ascii=False, indent=2))
     else:
         show_verify(report)
-    if bad:
-        raise typer.Exit(1)
+    return 1 if bad else 0
 
 
 @app.command()
-@handled
 def serve(
     variant: VariantOpt = None,
     host: HostOpt = "127.0.0.1",
@@ -252,74 +204,20 @@ def serve(
     open_browser: Annotated[bool, typer.Option("--open", help="Open the browser when the server is ready.")] = False,
 ) -> None:
     """Talk to J-Moshi in the browser: check, fetch what is missing, then run moshi.server."""
-    from .serve import ServeOptions
+    from . import serve as srv
+    from .render import DownloadView, server_relay, show_note, show_starting
 
-    options = ServeOptions(variant, host, port, device, half, offline, https, ssl, revision, moshi_weight)
-    raise typer.Exit(_run_serve(options, open_browser))
-
-
-def _local_files(catalogue, chosen, revision, offline: bool, weight, web_ui: bool):
-    """Every file the model needs, in the cache (downloaded and verified if missing, unless offline)."""
-    from . import artifacts
-    from .render import DownloadView
-
-    plan = artifacts.resolve_or_cached(catalogue, chosen, revision, offline=offline, web_ui=web_ui)
-    for note in plan.notes:
-        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
-    if weight is not None:
-        plan = dataclasses.replace(plan, entries=[e for e in plan.entries if e.artifact.role != "moshi"])
-    if plan.missing and not plan.offline:
-        with DownloadView(plan) as view:
-            plan = artifacts.download(plan, on_progress=view.progress, on_retry=view.retry)
-    else:
-        plan = artifacts.download(plan)
-    return plan, artifacts.model_files_with(plan, weight)
-
-
-def _run_serve(options, open_browser: bool) -> int:
-    """Preflight (seconds), artifacts (cache or download), then supervise moshi.server."""
-    from . import artifacts, serve, tls
-    from .errors import UsageError
-
-    catalogue, chosen = _catalogue_and_variant(options.variant)
-    if options.https and options.ssl_dir:
-        raise UsageError("--https and --ssl both given", "--https makes a certificate; --ssl DIR uses yours")
-    serve.check_address(options.host, options.port)
-    ssl_dir = tls.check_ssl_dir(options.ssl_dir) if options.ssl_dir else None
-    weight = serve.check_moshi_weight(options.moshi_weight)
-    notes = serve.check_gpu(options.device, chosen.vram_min_gb, chosen.name)
-    plan, files = _local_files(catalogue, chosen, options.revision, options.offline, weight, web_ui=True)
-    static = artifacts.unpack_web_ui(plan.entry("web_ui"))
-    if options.https:
-        ssl_dir = tls.ensure_certificate(artifacts.data_dir() / "tls", serve.certificate_names(options.host))
-    launch = serve.build_launch(files, static, chosen.repo, options, ssl_dir,
-                                half=options.half or serve.needs_half(notes), notes=tuple(notes))
-    for note in notes:
-        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
-    console.print(f"starting moshi.server ({chosen.name}: {chosen.repo}, {options.device}); "
-                  f"license {chosen.license}", soft_wrap=True)
-
-    def on_ready(seconds: float) -> None:
-        _announce_ready(launch, seconds, open_browser)
-
-    return serve.supervise(serve.Server(launch), on_ready)
+    options = srv.ServeOptions(variant, host, port, device, half, offline, https, ssl, revision, moshi_weight)
+    hooks = srv.ServeHooks(on_note=show_note, watch_download=DownloadView, on_starting=show_starting,
+                           on_ready=lambda launch, seconds: _announce_ready(launch, seconds, open_browser),
+                           relay=server_relay(ui.settings.verbose))
+    return srv.run(options, hooks)
 
 
 def _announce_ready(launch, seconds: float, open_browser: bool) -> None:
-    import socket
+    from .render import show_ready
 
-    from .serve import is_loopback, lan_addresses
-
-    console.print(f"[bold green]ready[/] at {launch.url} (took {seconds:.1f} s). One conversation at a time: "
-                  "a second browser waits until the first one hangs up. Ctrl-C stops the server.", soft_wrap=True)
-    if not is_loopback(launch.host):
-        hosts = lan_addresses() if launch.host in ("0.0.0.0", "::") else [launch.host]
-        for address in hosts:
-            console.print(f"  on the network: {launch.scheme}://{address}:{launch.port}/", soft_wrap=True)
-        if launch.scheme == "http":
-            console.print("  browsers give the microphone only to https:// pages or localhost: use --https, or "
-                          f"tunnel: ssh -L {launch.port}:localhost:{launch.port} {socket.gethostname()} and open "
-                          f"http://localhost:{launch.port}/", soft_wrap=True)
+    show_ready(launch, seconds)
     typer.echo(launch.url)
     if open_browser:
         import webbrowser
@@ -328,7 +226,6 @@ def _announce_ready(launch, seconds: float, open_browser: bool) -> None:
 
 
 @app.command()
-@handled
 def selftest(as_json: JsonOpt = False) -> None:
     """Prove the installed stack works, before downloading 16 GB: a tiny model on the CPU (about a minute)."""
     from . import selftest as st
@@ -348,7 +245,6 @@ def selftest(as_json: JsonOpt = False) -> None:
 
 
 @app.command()
-@handled
 def infer(
     inputs: Annotated[list[Path], typer.Argument(help="Audio files or folders (wav, flac, mp3, ogg; any rate).",
                                                  show_default=False)],
@@ -375,27 +271,14 @@ def infer(
 ) -> None:
     """Talk to J-Moshi from audio files: its voice, a stereo dialogue wav and a timed transcript per file."""
     from . import infer as inf
-    from . import serve
-    from .render import InferView, show_infer_summary
+    from .render import DownloadView, InferView, show_infer_summary, show_note
 
     options = inf.InferOptions(device=device, half=half, channel=channel, temp=temp, temp_text=temp_text,
                                top_k=top_k, top_k_text=top_k_text, seed=seed)
-    sources = inf.collect_inputs(inputs, on_warning=lambda text: console.print(f"[yellow]note:[/] {text}"))
-    inf.prepare_out_dir(out)
-    catalogue, chosen = _catalogue_and_variant(variant)
-    weight = serve.check_moshi_weight(moshi_weight)
-    notes = serve.check_gpu(device, chosen.vram_min_gb, chosen.name)
-    for note in notes:
-        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
-    if serve.needs_half(notes):
-        options = dataclasses.replace(options, half=True)
-    _, files = _local_files(catalogue, chosen, revision, offline, weight, web_ui=False)
-    if channel == "left":
-        console.print("the user is the left channel of stereo inputs (--channel right|mix to change)")
-    with console.status(f"loading {chosen.name} on {device}"):
-        session = inf.Session(files, options)
-    with InferView(len(sources)) as view:
-        results = session.run_many(sources, out, on_file=view.file, on_frame=view.frame, on_result=view.result)
+    request = inf.InferRequest(inputs, out, variant, revision, offline, moshi_weight, options)
+    hooks = inf.InferHooks(on_note=show_note, watch_download=DownloadView, loading=console.status,
+                           progress=InferView)
+    results = inf.run(request, hooks)
     show_infer_summary(results, inf.summarize(results))
     if as_json:
         typer.echo(json.dumps([_result_json(r) for r in results], ensure_ascii=False, indent=2))
@@ -403,8 +286,7 @@ def infer(
         for result in results:
             for path in result.outputs.values():
                 typer.echo(str(path))
-    if any(not r.ok for r in results):
-        raise typer.Exit(1)
+    return 0 if all(r.ok for r in results) else 1
 
 
 def _result_json(result) -> dict:
@@ -415,7 +297,42 @@ def _result_json(result) -> dict:
 
 
 def main() -> None:
-    """Console entry point."""
-    app(prog_name="jmoshi")
+    """Console entry point: the one place where errors become a line, a hint and an exit code."""
+    import sys
+
+    sys.exit(run(sys.argv[1:]))
 
 
+def run(argv: list[str]) -> int:
+    import click
+
+    from .errors import JMoshiError
+
+    try:
+        result = app(args=argv, prog_name="jmoshi", standalone_mode=False)
+    except JMoshiError as exc:
+        return _fail(exc.message, exc.hint, exc.exit_code, exc)
+    except click.exceptions.Abort:
+        console.print("[yellow]interrupted[/]")
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no bare traceback
+        return _fail(f"unexpected error: {type(exc).__name__}: {exc}",
+                     "please report it with the output of `jmoshi --verbose ...`", 1, exc)
+    return result if isinstance(result, int) else 0
+
+
+def _fail(message: str, hint: str, code: int, exc: BaseException) -> int:
+    if ui.settings.show_tracebacks:
+        import traceback
+
+        traceback.print_exception(exc)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    if hint:
+        console.print(f"[dim]hint:[/] {hint}", highlight=False, soft_wrap=True)
+    return code

@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 
 from . import hardware
+from .artifacts import Status
 from .hardware import GPU, Probe
 from .variants import Catalogue, Variant
 
-OK, WARN, FAIL = "OK", "WARN", "FAIL"
+
+class Level(str, Enum):
+    OK = "OK"
+    WARN = "WARN"
+    FAIL = "FAIL"
+
+
+OK, WARN, FAIL = Level.OK, Level.WARN, Level.FAIL
 # Rough download size of a Moshi 7B variant (weights, Mimi, tokenizer, web UI) when the hub cannot tell.
 ESTIMATED_7B_BYTES = 16_000_000_000
 
@@ -29,9 +38,20 @@ KNOWN_GOOD = {
 @dataclass
 class Check:
     name: str
-    status: str
+    status: Level
     detail: str
     hint: str = ""
+
+
+@dataclass(frozen=True)
+class CacheRow:
+    filename: str
+    status: "Status"
+    hashed: bool  # its content was hashed and matched by jmoshi before (else: put there by another tool)
+
+    @property
+    def label(self) -> str:
+        return "present" if self.status is Status.COMPLETE and not self.hashed else self.status.value
 
 
 @dataclass
@@ -42,7 +62,7 @@ class Facts:
     nvidia: Probe
     torch: Probe | None
     disk: Probe
-    cache: Probe  # value: list of (filename, status) for the variant, from the cache alone
+    cache: Probe  # value: list of CacheRow for the variant, from the cache alone
     missing_bytes: int | None
     hub: Probe | None  # None when offline mode is on
     endpoint: str
@@ -93,12 +113,9 @@ def _cache_facts(plan: Probe) -> tuple[Probe, int | None]:
 
     if not plan.ok:
         return Probe(False, error=plan.error), None
-    rows = []
-    for entry in plan.value.entries:
-        status = entry.status
-        if status == "complete" and not artifacts.is_stamped(entry.path):
-            status = "present"
-        rows.append((entry.artifact.filename, status))
+    rows = [CacheRow(entry.artifact.filename, entry.status,
+                     entry.status is Status.COMPLETE and artifacts.is_stamped(entry.path))
+            for entry in plan.value.entries]
     sizes_known = all(e.artifact.size is not None for e in plan.value.missing)
     missing = plan.value.missing_bytes if sizes_known else None
     return Probe(True, rows), missing
@@ -235,7 +252,7 @@ def _disk(facts: Facts) -> Check:
 
 
 def _any_missing(facts: Facts) -> bool:
-    return not facts.cache.ok or any(status not in ("complete", "present") for _, status in facts.cache.value)
+    return not facts.cache.ok or any(row.status is not Status.COMPLETE for row in facts.cache.value)
 
 
 def _cache(facts: Facts, variant: Variant) -> Check:
@@ -243,9 +260,9 @@ def _cache(facts: Facts, variant: Variant) -> Check:
         return Check("cache", WARN, f"{variant.name}: {facts.cache.error.split(': ', 1)[-1]}",
                      f"run `jmoshi download --variant {variant.name}`")
     rows = facts.cache.value
-    missing = [name for name, status in rows if status not in ("complete", "present")]
-    unverified = [name for name, status in rows if status == "present"]
-    summary = ", ".join(f"{name} {status}" for name, status in rows)
+    missing = [row.filename for row in rows if row.status is not Status.COMPLETE]
+    unverified = [row.filename for row in rows if row.status is Status.COMPLETE and not row.hashed]
+    summary = ", ".join(f"{row.filename} {row.label}" for row in rows)
     if missing:
         return Check("cache", WARN, f"{variant.name}: {summary}", f"run `jmoshi download --variant {variant.name}`")
     if unverified:
@@ -274,4 +291,4 @@ def _port(facts: Facts) -> Check:
 
 def as_json(checks: list[Check], variant: Variant) -> dict:
     return {"variant": variant.name, "repo": variant.repo, "ok": not any(c.status == FAIL for c in checks),
-            "checks": [asdict(c) for c in checks]}
+            "checks": [asdict(c) | {"status": c.status.value} for c in checks]}

@@ -34,6 +34,10 @@ class HubError(JMoshiError):
     exit_code = 3
 
 
+class HubUnreachable(HubError):
+    """No answer from the hub at all (network, DNS, refused connection): the cache may still serve."""
+
+
 class CacheError(JMoshiError):
     """The cache is missing files, is corrupt, cannot be written, or the disk is full."""
 

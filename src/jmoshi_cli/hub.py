@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from .errors import CacheError, HubError, JMoshiError, UsageError
+from .errors import CacheError, HubError, HubUnreachable, JMoshiError, UsageError
 
 T = TypeVar("T")
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -94,7 +94,7 @@ def _explain(exc: BaseException, what: str) -> JMoshiError | None:
         (RevisionNotFoundError, lambda: UsageError(
             f"{what}: revision not found",
             "use a branch, tag or full commit sha that exists on the hub (`--revision main`)")),
-        (LocalEntryNotFoundError, lambda: HubError(
+        (LocalEntryNotFoundError, lambda: HubUnreachable(
             f"{what}: the hub at {endpoint()} cannot be reached and the file is not cached",
             "check the network or HF_ENDPOINT, or copy the Hugging Face cache from a machine that has it")),
         (EntryNotFoundError, lambda: HubError(
@@ -106,7 +106,7 @@ def _explain(exc: BaseException, what: str) -> JMoshiError | None:
             f"{what}: the hub answered HTTP {_status(exc)}", "try again later; JMOSHI_DEBUG=1 shows the details")),
         (requests.exceptions.SSLError, lambda: HubError(
             f"{what}: TLS error talking to {endpoint()}", "check HF_ENDPOINT and REQUESTS_CA_BUNDLE for a mirror")),
-        (requests.exceptions.RequestException, lambda: HubError(
+        (requests.exceptions.RequestException, lambda: HubUnreachable(
             f"{what}: the hub at {endpoint()} cannot be reached ({type(exc).__name__})",
             "check the network or HF_ENDPOINT (a mirror), or work offline with files already cached")),
     ]

@@ -68,9 +68,9 @@ import os
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ContextManager, Iterable
 
 import numpy as np
 
@@ -673,20 +673,60 @@ def expected_frames(samples: int, sample_rate: int) -> int:
     return -(-audio_io.resampled_length(samples, sample_rate, SAMPLE_RATE) // FRAME_SIZE)
 
 
-def run(files: ModelFiles, inputs: list[Path], out_dir: Path, options: InferOptions | None = None,
-        on_file: Callable[[int, int, Path], None] | None = None,
-        on_frame: OnFrame | None = None,
-        on_result: Callable[[FileResult], None] | None = None,
-        on_warning: Callable[[str], None] | None = None) -> list[FileResult]:
-    """Collect the inputs, check the output folder, load the model once, process every input.
+@dataclass(frozen=True)
+class InferRequest:
+    """One `jmoshi infer` run: what to read, where to write, which model, how to sample."""
 
-    Raises JMoshiError for problems of the whole run (before loading the model when it can);
-    per-file problems are in the returned results.
+    inputs: list[Path]
+    out_dir: Path
+    variant: str | None = None
+    revision: str | None = None
+    offline: bool = False
+    moshi_weight: Path | None = None
+    options: InferOptions = field(default_factory=InferOptions)
+
+
+@dataclass
+class InferHooks:
+    """How the caller shows what happens; the defaults show nothing."""
+
+    on_note: Callable[[str], None] = lambda note: None
+    watch_download: Any = None  # artifacts.WatchFactory
+    loading: Callable[[str], ContextManager[Any]] = lambda what: contextlib.nullcontext()
+    # progress(count) -> a context manager with file(index, count, source), frame(done, total), result(r)
+    progress: Callable[[int], ContextManager[Any]] | None = None
+
+
+def run(request: InferRequest, hooks: InferHooks | None = None) -> list[FileResult]:
+    """Check inputs, output folder and device (seconds), make the model local, load it once, process
+    every input. Raises JMoshiError for problems of the whole run; per-file problems are in the results.
     """
-    sources = collect_inputs(inputs, on_warning=on_warning)
-    prepare_out_dir(out_dir)
-    session = Session(files, options or InferOptions())
-    return session.run_many(sources, out_dir, on_file=on_file, on_frame=on_frame, on_result=on_result)
+    from . import artifacts, preflight
+    from .variants import load_catalogue
+
+    hooks = hooks or InferHooks()
+    options = request.options
+    sources = collect_inputs(request.inputs, on_warning=hooks.on_note)
+    prepare_out_dir(request.out_dir)
+    catalogue = load_catalogue()
+    chosen = catalogue.get(request.variant)
+    weight = preflight.check_moshi_weight(request.moshi_weight)
+    device = preflight.check_device(options.device, chosen.vram_min_gb, chosen.name)
+    for note in device.notes:
+        hooks.on_note(note)
+    if device.half:
+        options = replace(options, half=True)
+    _, files = artifacts.ensure_local(catalogue, chosen, request.revision, offline=request.offline, web_ui=False,
+                                      moshi_weight=weight, watch=hooks.watch_download, on_note=hooks.on_note)
+    if options.channel == "left":
+        hooks.on_note("the user is the left channel of stereo inputs (--channel right|mix to change)")
+    with hooks.loading(f"loading {chosen.name} on {options.device}"):
+        session = Session(files, options)
+    if hooks.progress is None:
+        return session.run_many(sources, request.out_dir)
+    with hooks.progress(len(sources)) as view:
+        return session.run_many(sources, request.out_dir, on_file=view.file, on_frame=view.frame,
+                                on_result=view.result)
 
 
 def summarize(results: list[FileResult]) -> dict[str, Any]:

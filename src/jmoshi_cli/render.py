@@ -6,9 +6,10 @@ import time
 
 from rich.table import Table
 
+from .artifacts import Status
 from .console import console, plain
 
-STYLE = {"OK": "green", "WARN": "yellow", "FAIL": "bold red"}
+STYLE = {"OK": "green", "WARN": "yellow", "FAIL": "bold red"}  # by doctor.Level value
 
 
 def show_checks(checks, variant) -> None:
@@ -18,15 +19,17 @@ def show_checks(checks, variant) -> None:
         table.add_column(column, overflow="fold")
     for check in checks:
         detail = check.detail + (f"\n[dim]→ {check.hint}[/]" if check.hint else "")
-        table.add_row(f"[{STYLE[check.status]}]{check.status}[/]", check.name, detail)
+        table.add_row(f"[{STYLE[check.status.value]}]{check.status.value}[/]", check.name, detail)
     if plain():
         for check in checks:
             hint = f"  (hint: {check.hint})" if check.hint else ""
-            console.print(f"{check.status:<4} {check.name}: {check.detail}{hint}", soft_wrap=True)
+            console.print(f"{check.status.value:<4} {check.name}: {check.detail}{hint}", soft_wrap=True)
     else:
         console.print(table)
-    fails = sum(c.status == "FAIL" for c in checks)
-    warns = sum(c.status == "WARN" for c in checks)
+    from .doctor import Level
+
+    fails = sum(c.status is Level.FAIL for c in checks)
+    warns = sum(c.status is Level.WARN for c in checks)
     console.print(f"{fails} failed, {warns} warnings. `jmoshi selftest` proves the installed stack end to end "
                   "with a tiny model on the CPU (about a minute, no download).", soft_wrap=True)
 
@@ -51,7 +54,7 @@ def _size(n: int | None) -> str:
 def show_plan(plan) -> None:
     console.print(f"{plan.variant.name} ({plan.variant.repo}):", soft_wrap=True)
     for e in plan.entries:
-        state = e.status if e.status != "partial" else f"partial, {_size(e.partial_bytes)} already here"
+        state = e.status.value if e.status is not Status.PARTIAL else f"partial, {_size(e.partial_bytes)} already here"
         console.print(f"  {e.artifact.repo}/{e.artifact.filename}  {_size(e.artifact.size)}  {state}", soft_wrap=True)
     console.print(f"  to download: {len(plan.missing)} file(s), {_size(plan.missing_bytes)}", soft_wrap=True)
 
@@ -60,8 +63,8 @@ def show_verify(report) -> None:
     for plan, entries in report:
         console.print(f"{plan.variant.name} ({plan.variant.repo}):", soft_wrap=True)
         for e in entries:
-            mark = {"complete": "[green]ok[/]", "unverified": "[yellow]unverified[/]"}.get(
-                e.status, f"[bold red]{e.status}[/]")
+            mark = {Status.COMPLETE: "[green]ok[/]", Status.UNVERIFIED: "[yellow]unverified[/]"}.get(
+                e.status, f"[bold red]{e.status.value}[/]")
             detail = f" ({e.detail})" if e.detail else ""
             console.print(f"  {mark} {e.artifact.repo}/{e.artifact.filename}{detail}", soft_wrap=True)
 
@@ -77,8 +80,14 @@ class DownloadView:
 
     def __enter__(self):
         if not plain():
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                       TransferSpeedColumn)
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
 
             self.progress_bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                                          TransferSpeedColumn(), TimeRemainingColumn(), console=console)
@@ -98,7 +107,7 @@ class DownloadView:
         key = entry.artifact.label
         if self.progress_bar is not None and key in self.tasks:
             self.progress_bar.update(self.tasks[key], completed=done)
-        elif self.progress_bar is None and entry.status == "complete":
+        elif self.progress_bar is None and entry.status is Status.COMPLETE:
             seconds = max(time.monotonic() - self.started.get(key, time.monotonic()), 1e-6)
             console.print(f"done {key}: {_size(done)} in {seconds:.1f} s ({done / seconds / 1e6:.1f} MB/s), "
                           "sha256 verified", soft_wrap=True)
@@ -167,3 +176,42 @@ def show_infer_summary(results, totals) -> None:
     console.print(f"{totals['ok']} of {totals['files']} files done, {totals['audio_s']:.1f} s of audio in "
                   f"{totals['compute_s']:.1f} s (real-time factor {totals['rtf']:.2f}; below 1 is faster than "
                   "real time)", soft_wrap=True)
+
+
+def show_note(text: str) -> None:
+    console.print(f"[yellow]note:[/] {text}", soft_wrap=True)
+
+
+def show_starting(variant, launch) -> None:
+    device = launch.argv[launch.argv.index("--device") + 1] if "--device" in launch.argv else "?"
+    console.print(f"starting moshi.server ({variant.name}: {variant.repo}, {device}); license {variant.license}",
+                  soft_wrap=True)
+
+
+def show_ready(launch, seconds: float) -> None:
+    import socket
+
+    from .serve import is_loopback, lan_addresses
+
+    console.print(f"[bold green]ready[/] at {launch.url} (took {seconds:.1f} s). One conversation at a time: "
+                  "a second browser waits until the first one hangs up. Ctrl-C stops the server.", soft_wrap=True)
+    if is_loopback(launch.host):
+        return
+    hosts = lan_addresses() if launch.host in ("0.0.0.0", "::") else [launch.host]
+    for address in hosts:
+        console.print(f"  on the network: {launch.scheme}://{address}:{launch.port}/", soft_wrap=True)
+    if launch.scheme == "http":
+        console.print("  browsers give the microphone only to https:// pages or localhost: use --https, or "
+                      f"tunnel: ssh -L {launch.port}:localhost:{launch.port} {socket.gethostname()} and open "
+                      f"http://localhost:{launch.port}/", soft_wrap=True)
+
+
+def server_relay(verbose: bool):
+    """How the child's output reaches the person: every line as it comes."""
+    import sys
+
+    def relay(line: str) -> None:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+    return relay

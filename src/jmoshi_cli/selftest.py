@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Callable
 
 from .artifacts import ModelFiles, unpack_bundle
+from .child import Server, explain_exit
 from .errors import JMoshiError
-from .serve import Server, ServeOptions, build_launch, explain_exit
+from .serve import ServeOptions, build_launch
 
 SELFTEST_REPO = "jmoshi/selftest-tiny"
 
@@ -57,17 +58,17 @@ def speech_like(seconds: float = 3.0, sample_rate: int = 24000):
 
 def run(on_step: Callable[[str], None] = lambda step: None, seconds: float = 3.0) -> SelftestResult:
     from .chat import ChatError, chat_sync
-    from .testing.tiny import build_web_ui_bundle, cached_tiny_repo
+    from .tiny_model import build_web_ui_bundle, cached_tiny_repo
 
     result = SelftestResult()
     on_step("building the tiny model (cached after the first run)")
     repo = cached_tiny_repo()
-    files = ModelFiles(repo / "model.safetensors", repo / "tokenizer-e351c8d8-checkpoint125.safetensors",
-                       repo / "tokenizer_spm_32k_3.model", repo / "config.json")
     with tempfile.TemporaryDirectory(prefix="jmoshi-selftest-") as tmp:
         static = unpack_bundle(build_web_ui_bundle(Path(tmp) / "dist.tgz"), Path(tmp) / "dist")
+        files = ModelFiles(repo / "model.safetensors", repo / "tokenizer-e351c8d8-checkpoint125.safetensors",
+                           repo / "tokenizer_spm_32k_3.model", repo / "config.json", static)
         options = ServeOptions(host="127.0.0.1", port=free_port(), device="cpu")
-        launch = build_launch(files, static, SELFTEST_REPO, options, None, half=False)
+        launch = build_launch(files, SELFTEST_REPO, options, None, half=False)
         server = Server(launch, relay=lambda line: None)
         on_step("starting moshi.server on the CPU")
         with server:

@@ -186,7 +186,6 @@ def _build_mimi_module(device: tp.Any = "cpu"):
 def _randomize_codebooks(mimi, generator) -> int:
     """Give every codebook random, distinct entries (the defaults are all zeros)."""
     import torch
-
     from moshi.quantization.core_vq import EuclideanCodebook
 
     count = 0
@@ -235,7 +234,6 @@ def build_tiny_repo(dest: Path, seed: int = 0) -> dict[str, Path]:
     """Write the four files into dest (created), return name->path. Deterministic for a seed."""
     import sentencepiece as spm
     import torch
-
     from moshi.models.lm import LMModel
 
     dest = Path(dest)

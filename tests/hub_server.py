@@ -28,7 +28,7 @@ revisions (an alias of ``main`` or another folder).
 Faults can be injected per file with :meth:`LocalHub.add_fault` so download
 error handling can be exercised against real sockets.
 
-Run ``python -m jmoshi_cli.testing.hub_server ROOT --port N`` to serve a folder
+Run ``python tests/hub_server.py ROOT --port N`` to serve a folder
 by hand.
 """
 
@@ -639,7 +639,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m jmoshi_cli.testing.hub_server",
+        prog="python tests/hub_server.py",
         description="Serve folders ROOT/<org>/<name>/ as Hugging Face Hub model repos.",
     )
     parser.add_argument("root", type=Path, help="folder holding <org>/<name>/ repos")

@@ -1,0 +1,77 @@
+"""Checks shared by serve and infer that run in seconds, before any download or model load.
+
+Each failure is a JMoshiError with one line and a hint. What the checks decide (fp16 for an old GPU)
+comes back as data, with the note a person should read kept beside it, never parsed from it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import hardware
+from .errors import PreflightError, UsageError
+
+
+@dataclass(frozen=True)
+class DeviceCheck:
+    """What the device check decided, and what to tell the user about it."""
+
+    half: bool = False
+    notes: tuple[str, ...] = ()
+
+
+def check_address(host: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise UsageError(f"--port {port} is out of range", "use a port between 1024 and 65535, e.g. 8998")
+    probe = hardware.port_free(host, port)
+    if not probe.ok:
+        raise UsageError(f"cannot listen on {host}:{port}: {probe.error}",
+                         "use 127.0.0.1 (this machine), 0.0.0.0 (every interface) or one of this machine's addresses")
+    if probe.value is False:
+        raise PreflightError(f"port {port} on {host} is already in use",
+                             f"stop the other server (`ss -ltnp | grep :{port}`) or pass --port {port + 1}")
+
+
+def check_device(device: str, vram_min_gb: float, variant_name: str) -> DeviceCheck:
+    """Refuse a GPU run that cannot work; choose fp16 for a pre-Ampere GPU."""
+    if device == "cpu":
+        return DeviceCheck(notes=("--device cpu: a 7B model on a CPU is far slower than real time "
+                                  "(for tests and development)",))
+    index = device_index(device)
+    probe = hardware.nvidia()
+    if not probe.ok or not probe.value.gpus:
+        why = probe.error if not probe.ok else "the NVIDIA driver sees no GPU"
+        raise PreflightError(f"no usable NVIDIA GPU: {why}",
+                             "run `jmoshi doctor`; `--device cpu` starts anyway, far slower than real time")
+    gpus = probe.value.gpus
+    if index is not None and index >= len(gpus):
+        raise UsageError(f"--device {device}: this machine has {len(gpus)} GPU(s)", "use cuda:0 .. cuda:N-1")
+    gpu = gpus[index] if index is not None else gpus[0]
+    if gpu.free_bytes < vram_min_gb * 1e9:
+        raise PreflightError(
+            f"{gpu.name} has {gpu.free_bytes / 1e9:.1f} GB free; {variant_name} needs about {vram_min_gb:g} GB",
+            "stop other GPU processes (`nvidia-smi`), or pick another GPU with --device cuda:N")
+    if gpu.capability and gpu.capability < (8, 0):
+        return DeviceCheck(half=True, notes=(
+            f"{gpu.name} (cc {gpu.capability[0]}.{gpu.capability[1]}) lacks fast bfloat16: using --half",))
+    return DeviceCheck()
+
+
+def device_index(device: str) -> int | None:
+    if device == "cuda":
+        return None
+    match = re.fullmatch(r"cuda:(\d+)", device)
+    if not match:
+        raise UsageError(f"--device {device!r} is not cuda, cuda:N or cpu", "use --device cuda or --device cpu")
+    return int(match.group(1))
+
+
+def check_moshi_weight(path: Path | None) -> Path | None:
+    if path is None:
+        return None
+    path = path.expanduser()
+    if not path.is_file():
+        raise UsageError(f"--moshi-weight {path}: no such file", "give the path of a .safetensors checkpoint")
+    return path.resolve()
