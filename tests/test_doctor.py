@@ -8,7 +8,8 @@ import time
 import pytest
 
 from conftest import jmoshi
-from jmoshi_cli import doctor, hardware
+from jmoshi_cli import cli, doctor, hardware
+from jmoshi_cli.artifacts import Status
 from jmoshi_cli.hardware import GPU, NvidiaFacts, Probe
 from jmoshi_cli.variants import load_catalogue
 
@@ -22,7 +23,7 @@ def facts(gpus=(), torch=GOOD_TORCH, packages=None, system="Linux", nvidia_ok=Tr
         os={"system": system, "machine": "x86_64"}, python=(3, 11, 7),
         packages=packages or {"moshi": "0.2.2", "sphn": "0.1.12", "torch": "2.6.0", "huggingface_hub": "0.28.1"},
         nvidia=Probe(True, NvidiaFacts("550.54", "12.4", list(gpus))) if nvidia_ok else Probe(False, error="no driver"),
-        torch=torch, disk=Probe(True, 100 * 10**9), cache=Probe(True, [("model.safetensors", "missing")]),
+        torch=torch, disk=Probe(True, 100 * 10**9), cache=Probe(True, [doctor.CacheRow("model.safetensors", Status.MISSING, False)]),
         missing_bytes=16 * 10**9, hub=Probe(True, 200), endpoint="https://huggingface.co", port=Probe(True, True),
         host="127.0.0.1", port_number=8998, extra={"cache_dir": "/c"})
     base.update(kw)
@@ -97,15 +98,27 @@ def test_port_in_use_is_reported():
     assert probe.ok and probe.value is False
 
 
-def test_doctor_on_this_machine_says_no_gpu_and_exits_1(env, hub):
-    result = jmoshi("doctor", "--json", env=env, timeout=60)
-    assert result.returncode == 1
-    report = json.loads(result.stdout)
+NO_DRIVER = Probe(False, error="no NVIDIA driver found (libnvidia-ml.so is not installed)")
+
+
+@pytest.fixture
+def no_gpu(monkeypatch, env):
+    """This process as a machine without an NVIDIA driver, whatever the real machine has."""
+    monkeypatch.setattr(hardware, "nvidia", lambda: NO_DRIVER)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_doctor_without_gpu_says_so_and_exits_1(no_gpu, hub, capsys):
+    code = cli.run(["doctor", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    report = json.loads(out)
     checks = {c["name"]: c for c in report["checks"]}
     assert checks["gpu"]["status"] == "FAIL" and "NVIDIA" in checks["gpu"]["detail"]
     assert checks["hub"]["status"] == "OK" and hub.endpoint in checks["hub"]["detail"]
     assert checks["cache"]["status"] == "WARN"
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in err
 
 
 def test_doctor_sees_a_complete_cache(env, hub):
@@ -116,11 +129,11 @@ def test_doctor_sees_a_complete_cache(env, hub):
     assert "0.0 GB still to download" in checks["disk"]["detail"]
 
 
-def test_doctor_text_output_has_hints_and_mentions_selftest(env):
-    env["HF_ENDPOINT"] = "http://127.0.0.1:9"
-    result = jmoshi("doctor", env=env, timeout=60)
-    assert result.returncode == 1
-    assert "FAIL gpu" in result.stderr and "hint:" in result.stderr and "jmoshi selftest" in result.stderr
+def test_doctor_text_output_has_hints_and_mentions_selftest(no_gpu, monkeypatch, capsys):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert cli.run(["doctor"]) == 1
+    err = capsys.readouterr().err
+    assert "FAIL gpu" in err and "hint:" in err and "jmoshi selftest" in err
 
 
 @pytest.mark.parametrize("args", [["--help"], ["doctor", "--help"], ["download", "--help"], ["serve", "--help"],

@@ -1,0 +1,300 @@
+"""HAProxy in front of moshi.server replicas: one URL, one conversation per replica, a fair queue.
+
+moshi.server holds one conversation per process. HAProxy gives each replica `maxconn 1` on the
+`/api/chat` websocket and queues the rest in arrival order (`balance leastconn`, `timeout queue`);
+a request still queued when that timeout ends gets our 503 page ("all replicas are busy"). The
+static web UI goes to any healthy replica without a limit. Health checks use `GET /`, which does not
+take the conversation lock. The runtime API (a unix socket) reports active and queued conversations
+and drains replicas before they stop.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PreflightError
+
+MIN_VERSION = (2, 4)
+CHAT_BACKEND = "chat"
+UI_BACKEND = "ui"
+INSTALL_HINT = "install it: `sudo apt-get install haproxy` (Debian/Ubuntu) or `sudo dnf install haproxy`"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One moshi.server (or one `jmoshi serve` on another machine) behind the front."""
+
+    name: str
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class FrontConfig:
+    host: str
+    port: int
+    backends: tuple[Backend, ...]
+    runtime_socket: Path
+    busy_page: Path
+    queue_timeout_s: float = 180.0
+    pem: Path | None = None  # certificate and key in one file: TLS ends at the front
+    check_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class Version:
+    path: str
+    version: tuple[int, ...]
+    text: str
+
+
+def find() -> Version:
+    """The haproxy binary and its version; PreflightError with the fix when missing or too old."""
+    path = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy")
+                                           if Path(p).is_file()), None)
+    if path is None:
+        raise PreflightError("HAProxy is not installed (needed for --replicas and `jmoshi front`)", INSTALL_HINT)
+    try:
+        out = subprocess.run([path, "-v"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise PreflightError(f"cannot run {path}: {exc}", INSTALL_HINT) from None
+    match = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", out)
+    if not match:
+        raise PreflightError(f"cannot tell the version of {path}", INSTALL_HINT)
+    version = tuple(int(part) for part in match.groups() if part is not None)
+    if version[:2] < MIN_VERSION:
+        raise PreflightError(f"HAProxy {'.'.join(map(str, version))} is too old; jmoshi needs 2.4 or newer",
+                             INSTALL_HINT)
+    return Version(path, version, out.splitlines()[0] if out else "")
+
+
+def _seconds(value: float) -> str:
+    return f"{max(int(value * 1000), 1)}ms"
+
+
+def render_config(cfg: FrontConfig) -> str:
+    """The whole haproxy.cfg, as text, from data (a pure function: tested without HAProxy)."""
+    bind = f"{cfg.host}:{cfg.port}" if ":" not in cfg.host else f"[{cfg.host}]:{cfg.port}"
+    tls = f" ssl crt {cfg.pem}" if cfg.pem else ""
+    check = f"check inter {_seconds(cfg.check_interval_s)} fall 2 rise 1"
+    chat = "\n".join(f"    server {b.name} {b.address} {check} maxconn 1" for b in cfg.backends)
+    ui = "\n".join(f"    server {b.name} {b.address} {check}" for b in cfg.backends)
+    return f"""# Made by jmoshi for one run; edits are lost when it stops.
+global
+    stats socket {cfg.runtime_socket} mode 600 level admin
+    maxconn 2000
+
+defaults
+    mode http
+    option dontlognull
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    # A conversation is a websocket that lives as long as people talk.
+    timeout tunnel 12h
+    timeout queue {_seconds(cfg.queue_timeout_s)}
+    timeout http-request 30s
+
+frontend jmoshi
+    bind {bind}{tls}
+    http-request use-service prometheus-exporter if {{ path /metrics }}
+    stats enable
+    stats uri /stats
+    stats refresh 5s
+    use_backend {CHAT_BACKEND} if {{ path_beg /api/chat }}
+    default_backend {UI_BACKEND}
+
+backend {CHAT_BACKEND}
+    balance leastconn
+    option httpchk GET /
+    http-check expect status 200
+    errorfile 503 {cfg.busy_page}
+{chat}
+
+backend {UI_BACKEND}
+    balance roundrobin
+    option httpchk GET /
+    http-check expect status 200
+{ui}
+"""
+
+
+BUSY_BODY = ("All J-Moshi replicas are busy: every one is in a conversation and the queue wait ran out. "
+             "Please try again in a minute.\n"
+             "J-Moshi はすべて会話中です。しばらくしてからもう一度お試しください。\n")
+
+
+def busy_page() -> str:
+    """HAProxy's errorfile format: a whole raw HTTP response."""
+    body = BUSY_BODY.encode("utf-8")
+    return ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Cache-Control: no-store\r\nRetry-After: 30\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n") + BUSY_BODY
+
+
+def check_config(binary: str, path: Path) -> None:
+    done = subprocess.run([binary, "-c", "-q", "-f", str(path)], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        lines = [line for line in (done.stderr + done.stdout).splitlines() if "ALERT" in line] or [done.stderr]
+        raise PreflightError(f"HAProxy refused the generated configuration: {lines[0].strip()[:300]}",
+                             f"the file is {path}; please report it")
+
+
+# --- the runtime API -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerState:
+    backend: str
+    name: str
+    status: str  # HAProxy's own word: UP, DOWN, MAINT, DRAIN, "UP 1/2"...
+    active: int  # current sessions (a conversation on the chat backend)
+    queued: int
+
+    @property
+    def up(self) -> bool:
+        return self.status.startswith("UP")
+
+
+@dataclass(frozen=True)
+class Load:
+    """Conversations now: in progress, and waiting in the queue."""
+
+    active: int
+    queued: int
+    servers: tuple[ServerState, ...]
+
+    @property
+    def healthy(self) -> int:
+        return sum(s.up for s in self.servers)
+
+
+def command(runtime_socket: Path, line: str, timeout_s: float = 3.0) -> str:
+    """Send one command to HAProxy's runtime API and return its answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(str(runtime_socket))
+        sock.sendall(line.encode() + b"\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def parse_stat(text: str) -> Load:
+    """`show stat` CSV -> the chat backend's load and each replica's state."""
+    rows = list(csv.DictReader(io.StringIO(text.lstrip("# "))))
+    servers, active, queued = [], 0, 0
+    for row in rows:
+        if row.get("pxname") != CHAT_BACKEND:
+            continue
+        if row.get("svname") == "BACKEND":
+            active, queued = int(row.get("scur") or 0), int(row.get("qcur") or 0)
+        elif row.get("svname") != "FRONTEND":
+            servers.append(ServerState(CHAT_BACKEND, row["svname"], row.get("status") or "",
+                                       int(row.get("scur") or 0), int(row.get("qcur") or 0)))
+    return Load(active, queued, tuple(servers))
+
+
+def load(runtime_socket: Path) -> Load:
+    return parse_stat(command(runtime_socket, "show stat"))
+
+
+def set_state(runtime_socket: Path, server: str, state: str) -> None:
+    """state: ready, drain or maint, on both backends (the UI stays served while a replica drains)."""
+    backends = (CHAT_BACKEND,) if state == "drain" else (CHAT_BACKEND, UI_BACKEND)
+    for backend in backends:
+        command(runtime_socket, f"set server {backend}/{server} state {state}")
+
+
+# --- the HAProxy process ---------------------------------------------------------------------------
+
+
+class Front:
+    """HAProxy as a child of jmoshi: its files in a private temp folder, tied to jmoshi's life."""
+
+    def __init__(self, host: str, port: int, backends: list[Backend], queue_timeout_s: float,
+                 ssl_dir: Path | None = None):
+        self.version = find()
+        self.folder = Path(tempfile.mkdtemp(prefix="jmoshi-front-"))
+        pem = _combined_pem(ssl_dir, self.folder) if ssl_dir else None
+        (self.folder / "busy.http").write_text(busy_page(), encoding="utf-8")
+        self.config = FrontConfig(host, port, tuple(backends), self.folder / "runtime.sock",
+                                  self.folder / "busy.http", queue_timeout_s, pem)
+        (self.folder / "haproxy.cfg").write_text(render_config(self.config))
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.config.pem else "http"
+
+    def start(self) -> None:
+        from .lifetime import tied_argv
+
+        check_config(self.version.path, self.folder / "haproxy.cfg")
+        argv = tied_argv([self.version.path, "-db", "-f", str(self.folder / "haproxy.cfg")])
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while not self.config.runtime_socket.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                output = self.process.stdout.read().decode("utf-8", "replace") if self.process.stdout else ""
+                self.stop()
+                alert = next((line for line in output.splitlines() if "ALERT" in line), output.strip()[-300:])
+                raise PreflightError(f"HAProxy did not start: {alert}",
+                                     f"is port {self.config.port} free on {self.config.host}? (`ss -ltnp`)")
+            time.sleep(0.05)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def load(self) -> Load | None:
+        try:
+            return load(self.config.runtime_socket)
+        except OSError:
+            return None
+
+    def set_state(self, server: str, state: str) -> None:
+        try:
+            set_state(self.config.runtime_socket, server, state)
+        except OSError:
+            pass  # HAProxy is gone: there is nothing left to route
+
+    def stop(self) -> None:
+        process = self.process
+        if process is not None and process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(5)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _combined_pem(ssl_dir: Path, folder: Path) -> Path:
+    """HAProxy wants the certificate and its key in one file; it stays private to this run."""
+    pem = folder / "front.pem"
+    fd = os.open(pem, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write((ssl_dir / "cert.pem").read_text())
+        out.write("\n")
+        out.write((ssl_dir / "key.pem").read_text())
+    return pem
