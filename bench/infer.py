@@ -12,9 +12,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
 
+from jmoshi_cli import audio_io
+from jmoshi_cli.audio_io import SAMPLE_RATE
 from jmoshi_cli.selftest import speech_like
 
 from _common import BIN, bench_env, tiny_hub_root
@@ -27,12 +28,7 @@ def write_inputs(folder: Path, count: int, seconds: float) -> list[Path]:
     paths = []
     for i in range(count):
         path = folder / f"input-{i}.wav"
-        pcm = (np.roll(speech_like(seconds), i * 1000) * 32767).astype(np.int16)
-        with wave.open(str(path), "wb") as out:
-            out.setnchannels(1)
-            out.setsampwidth(2)
-            out.setframerate(24000)
-            out.writeframes(pcm.tobytes())
+        audio_io.write_wav(path, np.roll(speech_like(seconds), i * 1000), SAMPLE_RATE)
         paths.append(path)
     return paths
 

@@ -2,7 +2,8 @@
 directly on the same local files, in one run, on this machine's CPU.
 
 Upstream 0.2.2 cannot start on a CPU as is (its warm-up calls torch.cuda.synchronize()); the direct
-run gets only that one call neutralised, nothing else.
+run gets only that one call neutralised, nothing else. jmoshi runs with --verbose, so that its log
+holds upstream's per-frame lines as they were written (without it they become periodic summaries).
 
     .venv/bin/python bench/serve.py [--repeat 3] [--seconds 4]
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import signal
 import socket
@@ -24,13 +24,13 @@ from pathlib import Path
 
 from jmoshi_cli.chat import chat_sync
 from jmoshi_cli.selftest import free_port, speech_like
+from jmoshi_cli.server_log import frame_ms
 
 from _common import BIN, bench_env, tiny_hub_root
 from hub_server import LocalHub
 
 UPSTREAM = ("import torch, runpy; torch.cuda.synchronize = lambda *a, **k: None; "
             "runpy.run_module('moshi.server', run_name='__main__')")
-FRAME = re.compile(rb"frame handled in ([0-9.]+)ms")
 
 
 def wait_port(port: int, process: subprocess.Popen, timeout: float = 300) -> float:
@@ -47,6 +47,8 @@ def wait_port(port: int, process: subprocess.Popen, timeout: float = 300) -> flo
 
 
 def measure(argv: list[str], env: dict, port: int, pcm) -> tuple[float, list[float], int]:
+    """Time to listening, per-frame times from the log, audio received. The process (jmoshi, or
+    upstream directly) leads its own group; SIGTERM lets jmoshi stop its child in order."""
     log = tempfile.TemporaryFile()
     started = time.perf_counter()
     process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -55,10 +57,15 @@ def measure(argv: list[str], env: dict, port: int, pcm) -> tuple[float, list[flo
         ready = time.perf_counter() - started
         result = chat_sync(f"ws://127.0.0.1:{port}/api/chat", pcm, tail_s=3.0)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
     log.seek(0)
-    frames = [float(x) for x in FRAME.findall(log.read())]
+    lines = log.read().decode("utf-8", "replace").splitlines()
+    frames = [ms for ms in map(frame_ms, lines) if ms is not None]
     return ready, frames, result.audio_samples
 
 
@@ -79,7 +86,8 @@ def main() -> None:
     for _ in range(args.repeat):
         port = free_port()
         results["jmoshi serve"].append(measure(
-            [str(BIN / "jmoshi"), "serve", "--variant", "tiny", "--device", "cpu", "--port", str(port), "--offline"],
+            [str(BIN / "jmoshi"), "--verbose", "serve", "--variant", "tiny", "--device", "cpu", "--port", str(port),
+             "--offline"],
             env, port, pcm))
         port = free_port()
         direct_env = dict(env, HF_HUB_OFFLINE="1")

@@ -586,10 +586,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("X-Linked-Size", str(size))
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header(
-            "Content-Disposition",
-            f"inline; filename*=UTF-8''{quote(filename.rsplit('/', 1)[-1])}; filename=\"{filename.rsplit('/', 1)[-1]}\";",
-        )
+        base = filename.rsplit("/", 1)[-1]
+        self.send_header("Content-Disposition", f"inline; filename*=UTF-8''{quote(base)}; filename=\"{base}\";")
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.send_header("Content-Length", str(length))

@@ -23,7 +23,8 @@ def facts(gpus=(), torch=GOOD_TORCH, packages=None, system="Linux", nvidia_ok=Tr
         os={"system": system, "machine": "x86_64"}, python=(3, 11, 7),
         packages=packages or {"moshi": "0.2.2", "sphn": "0.1.12", "torch": "2.6.0", "huggingface_hub": "0.28.1"},
         nvidia=Probe(True, NvidiaFacts("550.54", "12.4", list(gpus))) if nvidia_ok else Probe(False, error="no driver"),
-        torch=torch, disk=Probe(True, 100 * 10**9), cache=Probe(True, [doctor.CacheRow("model.safetensors", Status.MISSING, False)]),
+        torch=torch, disk=Probe(True, 100 * 10**9),
+        cache=Probe(True, [doctor.CacheRow("model.safetensors", Status.MISSING, False)]),
         missing_bytes=16 * 10**9, hub=Probe(True, 200), endpoint="https://huggingface.co", port=Probe(True, True),
         host="127.0.0.1", port_number=8998, extra={"cache_dir": "/c"})
     base.update(kw)
@@ -151,3 +152,16 @@ def test_help_imports_no_heavy_module(args):
     assert done.returncode == 0, done.stderr
     assert "Usage" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == "HEAVY="
+
+
+def test_haproxy_missing_is_a_warning_with_the_install_command():
+    check = by_name(doctor.evaluate(facts(haproxy=Probe(False, error="HAProxy is not installed")), EXT))["haproxy"]
+    assert check.status == "WARN" and "apt-get install haproxy" in check.hint
+
+
+def test_haproxy_on_this_machine_is_found_with_its_version():
+    probe = doctor._haproxy_probe()
+    if not probe.ok:
+        pytest.skip(f"no HAProxy here: {probe.error}")
+    check = by_name(doctor.evaluate(facts(haproxy=probe), EXT))["haproxy"]
+    assert check.status == "OK" and check.detail.startswith("HAProxy 2.")

@@ -157,7 +157,7 @@ def test_download_matches_sha256(hub: LocalHub, hub_root: Path, client) -> None:
     )
     assert all(r["ok"] for r in res), res
     sha = hub.commit_sha("acme/tiny")
-    for r, name in zip(res, ("config.json", "model.safetensors", "sub/tokenizer.model")):
+    for r, name in zip(res, ("config.json", "model.safetensors", "sub/tokenizer.model"), strict=True):
         assert r["sha256"] == _sha256(hub_root / "acme/tiny" / name)
         assert f"/snapshots/{sha}/{name}" in r["path"]
     # LFS files are stored under their sha256, regular ones under the git blob id.

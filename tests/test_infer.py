@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import wave
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,20 +15,11 @@ import pytest
 
 from jmoshi_cli import audio_io
 from jmoshi_cli.artifacts import ModelFiles
+from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE
 from jmoshi_cli.errors import CacheError, PreflightError, UsageError
-from jmoshi_cli.infer import (
-    FRAME_SIZE,
-    SAMPLE_RATE,
-    InferOptions,
-    Session,
-    collect_inputs,
-    expected_frames,
-    join_pieces,
-    output_names,
-    prepare_out_dir,
-    run,
-    summarize,
-)
+from jmoshi_cli.infer import InferOptions, InferRequest, Session, run, summarize
+from jmoshi_cli.infer_inputs import collect_inputs, expected_frames, output_names, prepare_out_dir
+from jmoshi_cli.transcript import join_pieces
 
 SHARED_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "audio"
 PROMPT = SHARED_AUDIO / "prompt-62.wav"
@@ -55,14 +49,12 @@ def tiny_files() -> ModelFiles:
 
 @pytest.fixture(scope="module")
 def session(tiny_files) -> Session:
-    return Session(tiny_files, InferOptions(device="cpu", seed=SEED))
+    return Session.load(tiny_files, InferOptions(device="cpu", seed=SEED))
 
 
-@pytest.fixture
-def fresh(session):
-    """The shared session with the default per-file options back after the test."""
-    yield session
-    session.configure(channel="left", seed=SEED)
+def with_options(session: Session, **changes) -> Session:
+    """The same loaded model with other per-file options (channel, seed)."""
+    return Session(session.model, replace(session.options, **changes))
 
 
 @pytest.fixture(scope="module")
@@ -209,24 +201,6 @@ def check_outputs(result, samples: int, sample_rate: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("pieces", "text"),
-    [
-        (["▁こんにちは", "、", "▁今日", "は", "▁いい", "天気"], "こんにちは、今日はいい天気"),
-        (["▁Hello", ",", "▁world", "."], "Hello, world."),
-        (["▁3", "▁時", "に", "▁Python", "▁を"], "3時にPythonを"),
-        (["▁I", "▁like", "▁寿司", "▁very", "▁much"], "I like寿司very much"),
-        (["▁", "うん", "▁", "▁", "そう"], "うんそう"),
-        (["▁ＡＢＣ", "▁です"], "ＡＢＣです"),
-        (["▁version", "▁2", "▁ok", "▁"], "version 2 ok"),
-        (["<0xE3>", "<0x81>", "<0x82>", "▁", "い"], "あい"),
-        ([], ""),
-    ],
-)
-def test_join_pieces(pieces, text):
-    assert join_pieces(pieces) == text
-
-
 def test_output_names_avoid_collisions(tmp_path):
     a, b = tmp_path / "day1" / "talk.wav", tmp_path / "day2" / "talk.wav"
     c, d = tmp_path / "x" / "clip.wav", tmp_path / "x" / "clip.flac"
@@ -280,38 +254,64 @@ def test_out_dir_that_cannot_be_written(tmp_path):
 
 
 def test_run_checks_inputs_and_out_dir_before_loading(tmp_path):
-    missing_model = _model_files(tmp_path / "no-model")  # loading it would raise CacheError
+    """Before the catalogue is read (the variant does not exist) or any model is looked for."""
     clip = write_clip(tmp_path / "clip.wav", synthetic(0.2)[0], 24000)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with pytest.raises(UsageError, match="output folder"):
-        run(missing_model, [clip], blocker / "out", InferOptions(device="cpu"))
+        run(InferRequest([clip], blocker / "out", variant="no-such-variant", options=InferOptions(device="cpu")))
     empty = tmp_path / "nothing"
     empty.mkdir()
     with pytest.raises(UsageError, match="no audio files"):
-        run(missing_model, [empty], tmp_path / "out", InferOptions(device="cpu"))
+        run(InferRequest([empty], tmp_path / "out", variant="no-such-variant", options=InferOptions(device="cpu")))
 
 
 def test_model_problems_raise_before_any_file(tiny_files, tmp_path):
     import torch
 
     with pytest.raises(CacheError, match="not found"):
-        Session(_model_files(tmp_path / "nowhere"), InferOptions(device="cpu"))
+        Session.load(_model_files(tmp_path / "nowhere"), InferOptions(device="cpu"))
     broken = tmp_path / "broken"
     broken.mkdir()
     for name in ("tokenizer-e351c8d8-checkpoint125.safetensors", "tokenizer_spm_32k_3.model", "config.json"):
         (broken / name).symlink_to(Path(tiny_files.config).parent / name)
     (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     with pytest.raises(CacheError, match="cannot load the model") as err:
-        Session(_model_files(broken), InferOptions(device="cpu"))
+        Session.load(_model_files(broken), InferOptions(device="cpu"))
     assert err.value.exit_code == 4
     (broken / "config.json").unlink()
     (broken / "config.json").write_text("{not json")
     with pytest.raises(CacheError, match="config"):
-        Session(_model_files(broken), InferOptions(device="cpu"))
+        Session.load(_model_files(broken), InferOptions(device="cpu"))
     if not torch.cuda.is_available():
         with pytest.raises(PreflightError, match="CUDA"):
-            Session(tiny_files, InferOptions(device="cuda"))
+            Session.load(tiny_files, InferOptions(device="cuda"))
+
+
+def _load_and_step(files: ModelFiles, quiet: bool) -> subprocess.CompletedProcess:
+    """A fresh process (nothing imported yet) loads the tiny model and makes one frame."""
+    paths = [str(p) for p in (files.moshi_weight, files.mimi_weight, files.tokenizer, files.config)]
+    script = (
+        "from pathlib import Path\nimport numpy as np\n"
+        "from jmoshi_cli.artifacts import ModelFiles\nfrom jmoshi_cli.infer import InferOptions, Session\n"
+        f"files = ModelFiles(*map(Path, {paths!r}))\n"
+        f"model = Session.load(files, InferOptions(device='cpu'), quiet={quiet}).model\n"
+        "model.generate(np.zeros(1920, np.float32), [(0, 1)], seed=1)\n"
+    )
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+
+
+def test_loading_keeps_moshi_noise_off_the_console_unless_asked(tiny_files):
+    """bitsandbytes, imported by moshi at the first LM step, logs a warning on CPU-only builds: not
+    on the console of a quiet load (the progress display), but there when details are asked for."""
+    said_on_import = subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True,
+                                    text=True, timeout=120).stderr.strip()
+    quiet = _load_and_step(tiny_files, quiet=True)
+    assert quiet.returncode == 0, quiet.stderr
+    assert (quiet.stdout, quiet.stderr) == ("", "")
+    loud = _load_and_step(tiny_files, quiet=False)
+    assert loud.returncode == 0, loud.stderr
+    assert said_on_import in loud.stderr
 
 
 def test_bad_options():
@@ -323,29 +323,6 @@ def test_bad_options():
         InferOptions(temp=-1.0)
     with pytest.raises(UsageError, match="top_k"):
         InferOptions(top_k=2.5)
-
-
-def test_resample_has_no_delay_and_exact_length():
-    for rate in (8000, 16000, 22050, 32000, 44100, 48000):
-        x = np.zeros(rate, dtype=np.float32)
-        x[rate // 2] = 1.0
-        y = audio_io.resample(x, rate, SAMPLE_RATE)
-        assert len(y) == audio_io.resampled_length(rate, rate, SAMPLE_RATE) == SAMPLE_RATE
-        assert int(np.argmax(y)) == SAMPLE_RATE // 2
-        t = np.arange(rate * 2) / rate
-        tone = np.sin(2 * np.pi * 440 * t).astype(np.float32)
-        y = audio_io.resample(tone, rate, SAMPLE_RATE)
-        ref = np.sin(2 * np.pi * 440 * np.arange(len(y)) / SAMPLE_RATE)
-        assert np.abs(y - ref)[2000:-2000].max() < 1e-3
-    assert audio_io.resampled_length(32001, 32000, 24000) == 24001  # rounded up
-
-
-def test_pick_channel():
-    pcm = np.stack([np.full(4, 0.5, np.float32), np.full(4, -0.25, np.float32)])
-    assert audio_io.pick_channel(pcm, "left")[0].tolist() == [0.5] * 4
-    assert audio_io.pick_channel(pcm, "right")[0].tolist() == [-0.25] * 4
-    assert audio_io.pick_channel(pcm, "mix")[0].tolist() == [0.125] * 4
-    assert audio_io.pick_channel(pcm[:1], "right")[1] == "mono"
 
 
 @pytest.mark.parametrize("ext", ["flac", "mp3", "ogg"])
@@ -410,8 +387,9 @@ def test_run_many_inputs_one_model(tiny_files, prompt, tmp_path):
         frames_seen[len(frames_seen) - 1].append((done, total))
 
     out = tmp_path / "out"
-    results = run(tiny_files, [inputs], out, InferOptions(device="cpu", seed=SEED),
-                  on_file=on_file, on_frame=on_frame, on_result=lambda r: events.append(("result", r.ok)))
+    session = Session.load(tiny_files, InferOptions(device="cpu", seed=SEED))
+    results = session.run_many(collect_inputs([inputs]), out, on_file=on_file, on_frame=on_frame,
+                               on_result=lambda r: events.append(("result", r.ok)))
     by_rel = {str(r.source.relative_to(inputs)): r for r in results}
     assert list(by_rel) == ["b/broken.wav", "b/empty.flac", "b/mono16k.wav", "c/prompt-62.wav", "prompt-62.wav"]
     assert [e for e in events if e[0] == "file"] == [
@@ -448,12 +426,11 @@ def test_run_many_inputs_one_model(tiny_files, prompt, tmp_path):
             assert r.rtf == pytest.approx(r.compute_s / r.audio_s)
 
 
-def test_channels_differ(fresh, prompt, tmp_path):
+def test_channels_differ(session, prompt, tmp_path):
     src = write_clip(tmp_path / "two.wav", prompt.pcm[:, 64000:96000], 32000)  # 1 s, both speakers
     left_user = {}
     for channel in ("left", "right", "mix"):
-        fresh.configure(channel=channel)
-        result = fresh.run_file(src, prepare_out_dir(tmp_path / channel))
+        result = with_options(session, channel=channel).run_file(src, prepare_out_dir(tmp_path / channel))
         check_outputs(result, 32000, 32000)
         assert result.channel == channel and channel in result.note
         dialogue, _ = audio_io.read_wav_pcm16(result.outputs["dialogue"])
@@ -473,12 +450,11 @@ def test_channels_differ(fresh, prompt, tmp_path):
     # codes for any input (its first codebook does not change at all), so outputs may coincide.
 
 
-def test_same_seed_same_bytes_other_seed_differs(fresh, tmp_path):
+def test_same_seed_same_bytes_other_seed_differs(session, tmp_path):
     src = write_clip(tmp_path / "in.wav", synthetic(0.6, 44100), 44100)
     outputs = {}
     for tag, seed in (("a", 7), ("b", 7), ("c", 8)):
-        fresh.configure(seed=seed)
-        result = fresh.run_file(src, prepare_out_dir(tmp_path / tag))
+        result = with_options(session, seed=seed).run_file(src, prepare_out_dir(tmp_path / tag))
         check_outputs(result, 26460, 44100)
         outputs[tag] = {k: p.read_bytes() for k, p in result.outputs.items()}
     assert outputs["a"]["jmoshi"] == outputs["b"]["jmoshi"]
@@ -491,17 +467,18 @@ def test_same_seed_same_bytes_other_seed_differs(fresh, tmp_path):
     torch.manual_seed(99)
     before = torch.rand(3)
     torch.manual_seed(99)
-    fresh.run_file(src, tmp_path / "a", name="again")
+    with_options(session, seed=7).run_file(src, tmp_path / "a", name="again")
     assert torch.equal(torch.rand(3), before)
 
 
-def test_every_frame_is_fed_once_and_output_is_aligned(fresh, tmp_path):
+def test_every_frame_is_fed_once_and_output_is_aligned(session, tmp_path):
     """Step accounting: Mimi encodes each input frame once, LMGen gets frame 0 twice (the first
     step only fills the initial position) and one step per further frame; output == input frames."""
     src = write_clip(tmp_path / "in.wav", synthetic(0.5, 24000), 24000)  # 12000 samples: 6.25 frames
     encoded: list[int] = []
     stepped: list[object] = []
-    mimi_encode, lm_step = fresh.mimi.encode, fresh.lm_gen.step
+    model = session.model
+    mimi_encode, lm_step = model.mimi.encode, model.lm_gen.step
 
     def encode(x):
         encoded.append(int(x.shape[-1]))
@@ -511,20 +488,20 @@ def test_every_frame_is_fed_once_and_output_is_aligned(fresh, tmp_path):
         stepped.append(codes)
         return lm_step(codes)
 
-    fresh.mimi.encode, fresh.lm_gen.step = encode, step
+    model.mimi.encode, model.lm_gen.step = encode, step
     try:
-        result = fresh.run_file(src, tmp_path)
+        result = session.run_file(src, tmp_path)
     finally:
-        del fresh.mimi.encode, fresh.lm_gen.step
+        del model.mimi.encode, model.lm_gen.step
     check_outputs(result, 12000, 24000)
-    assert result.frames == 7 and fresh.max_delay == 1
+    assert result.frames == 7 and model.max_delay == 1
     assert encoded == [FRAME_SIZE] * 7
     assert len(stepped) == 8 and stepped[0] is stepped[1]
     user, _ = audio_io.read_wav_pcm16(result.outputs["dialogue"])
     assert np.all(user[0, 12000:] == 0)  # padding to whole frames is silence on the user's side
 
 
-def test_bad_file_among_good_ones_and_unwritable_outputs(fresh, tmp_path):
+def test_bad_file_among_good_ones_and_unwritable_outputs(session, tmp_path):
     inputs = tmp_path / "in"
     good1 = write_clip(inputs / "good1.wav", synthetic(0.3, 24000), 24000)
     bad = inputs / "bad.wav"
@@ -535,7 +512,7 @@ def test_bad_file_among_good_ones_and_unwritable_outputs(fresh, tmp_path):
     flac = encoded_file(inputs, "flac")
     out = tmp_path / "out"
     (out / "blocked.jmoshi.wav").mkdir(parents=True)  # the output cannot be written there
-    results = fresh.run_many([good1, bad, header_only, blocked, good2, flac], out)
+    results = session.run_many([good1, bad, header_only, blocked, good2, flac], out)
     assert [r.ok for r in results] == [True, False, False, False, True, True]
     check_outputs(results[0], 7200, 24000)
     check_outputs(results[4], 14400, 48000)
@@ -545,7 +522,7 @@ def test_bad_file_among_good_ones_and_unwritable_outputs(fresh, tmp_path):
     assert "no audio samples" in results[2].error
     assert "cannot write the outputs" in results[3].error
     assert not (out / "blocked.dialogue.wav").exists() and not (out / "blocked.transcript.json").exists()
-    assert not list(out.glob(".*.tmp"))
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
 def test_long_input_is_split_at_the_context(tiny_files, tmp_path):
@@ -556,11 +533,12 @@ def test_long_input_is_split_at_the_context(tiny_files, tmp_path):
     config["lm_gen_config"] = {"temp_text": 0.5, "top_k": 100}  # popped like moshi's loaders do
     small = tmp_path / "config.json"
     small.write_text(json.dumps(config))
-    session = Session(_model_files(Path(tiny_files.config).parent, config=small),
-                      InferOptions(device="cpu", seed=SEED))
-    assert session.max_frames == 8
-    assert session.sampling == {"temp": 0.8, "temp_text": 0.5, "top_k": 100, "top_k_text": 25}
-    assert (session.lm_gen.temp_text, session.lm_gen.top_k) == (0.5, 100)
+    session = Session.load(_model_files(Path(tiny_files.config).parent, config=small),
+                           InferOptions(device="cpu", seed=SEED))
+    model = session.model
+    assert model.max_frames == 8
+    assert model.sampling == {"temp": 0.8, "temp_text": 0.5, "top_k": 100, "top_k_text": 25}
+    assert (model.lm_gen.temp_text, model.lm_gen.top_k) == (0.5, 100)
     src = write_clip(tmp_path / "long.wav", synthetic(1.5, 24000), 24000)
     result = session.run_file(src, tmp_path)
     check_outputs(result, 36000, 24000)
@@ -576,15 +554,16 @@ def test_long_input_is_split_at_the_context(tiny_files, tmp_path):
 
 
 def test_sampling_comes_from_options_then_config_then_defaults():
-    from jmoshi_cli.infer import resolve_sampling
+    from jmoshi_cli.generation import resolve_sampling
 
-    assert resolve_sampling(InferOptions(), {}) == {"temp": 0.8, "temp_text": 0.7, "top_k": 250, "top_k_text": 25}
+    defaults = {"temp": 0.8, "temp_text": 0.7, "top_k": 250, "top_k_text": 25}
+    assert resolve_sampling(InferOptions().sampling_overrides(), {}) == defaults
     cfg = {"temp": 0.6, "top_k_text": 10}
-    assert resolve_sampling(InferOptions(top_k_text=5), cfg) == {
+    assert resolve_sampling(InferOptions(top_k_text=5, seed=3).sampling_overrides(), cfg) == {
         "temp": 0.6, "temp_text": 0.7, "top_k": 250, "top_k_text": 5}
 
 
-def test_same_tokens_and_samples_as_moshi_run_inference(fresh, tiny_files, tmp_path):
+def test_same_tokens_and_samples_as_moshi_run_inference(session, tiny_files, tmp_path):
     """On whole frames at 24 kHz, with the same seed, the output equals moshi.run_inference's
     InferenceState (batch 1): same first-frame handling, same alignment, same sampling order."""
     import torch
@@ -592,8 +571,7 @@ def test_same_tokens_and_samples_as_moshi_run_inference(fresh, tiny_files, tmp_p
     from moshi.run_inference import InferenceState
 
     src = write_clip(tmp_path / "in.wav", synthetic(10 * 0.08, 24000, seed=5), 24000)
-    fresh.configure(seed=11)
-    ours = fresh.run_file(src, tmp_path)
+    ours = with_options(session, seed=11).run_file(src, tmp_path)
     check_outputs(ours, 19200, 24000)
     transcript = json.loads(ours.outputs["transcript"].read_text())
 

@@ -3,31 +3,46 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import SHARED_AUDIO, child_env, jmoshi
-from jmoshi_cli import hardware, serve
+from jmoshi_cli import hardware, preflight, serve
 from jmoshi_cli.artifacts import ModelFiles
+from jmoshi_cli.audio_io import SAMPLE_RATE
 from jmoshi_cli.errors import PreflightError
 from jmoshi_cli.hardware import GPU, NvidiaFacts, Probe
 from jmoshi_cli.selftest import free_port, speech_like
 
 
 class Served:
-    """`jmoshi serve` in a child process, with its stdout/stderr collected."""
+    """`jmoshi serve` in a child process: the URL it prints when ready, its stderr as it comes."""
 
-    def __init__(self, args: list[str], env: dict):
-        self.process = subprocess.Popen([sys.executable, "-m", "jmoshi_cli", "serve", *args], env=child_env(env),
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def __init__(self, args: list[str], env: dict, verbose: bool = False):
+        flags = ["--verbose"] if verbose else []
+        self.process = subprocess.Popen([sys.executable, "-m", "jmoshi_cli", *flags, "serve", *args],
+                                        env=child_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.url = ""
+        self.err_lines: list[str] = []
+        self._err_reader = threading.Thread(target=self._read_err, daemon=True)
+        self._err_reader.start()
+
+    def _read_err(self) -> None:
+        for line in self.process.stderr:
+            self.err_lines.append(line)
+
+    @property
+    def err(self) -> str:
+        return "".join(self.err_lines)
 
     def wait_ready(self, timeout: float = 240) -> str:
         deadline = time.monotonic() + timeout
@@ -38,18 +53,27 @@ class Served:
                 return self.url
             if self.process.poll() is not None:
                 break
-        self.stop()
-        raise AssertionError(f"serve never became ready:\n{self.process.stderr.read()[-4000:]}")
+        raise AssertionError(f"serve never became ready:\n{self.stop()[1][-4000:]}")
+
+    def wait_for(self, text: str, count: int = 1, timeout: float = 180) -> None:
+        """Until `text` has appeared `count` times on stderr (what the person has seen so far)."""
+        deadline = time.monotonic() + timeout
+        while self.err.count(text) < count:
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise AssertionError(f"{text!r} not seen {count} time(s):\n{self.err[-4000:]}")
+            time.sleep(0.1)
 
     def stop(self, sig=signal.SIGTERM) -> tuple[int, str]:
         if self.process.poll() is None:
             self.process.send_signal(sig)
         try:
-            _, err = self.process.communicate(timeout=60)
+            self.process.wait(60)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            _, err = self.process.communicate()
-        return self.process.returncode, err
+            self.process.wait()
+        self._err_reader.join(10)
+        self.process.stdout.close()
+        return self.process.returncode, self.err
 
 
 def children_of(pid: int) -> list[int]:
@@ -84,8 +108,8 @@ def user_audio(seconds: float = 3.0):
     path = SHARED_AUDIO / "daily-5-0276.wav"
     if not path.is_file():
         return speech_like(seconds)
-    pcm, _ = sphn.read(str(path), sample_rate=24000)
-    return np.ascontiguousarray(pcm[0, : int(seconds * 24000)], dtype=np.float32)
+    pcm, _ = sphn.read(str(path), sample_rate=SAMPLE_RATE)
+    return np.ascontiguousarray(pcm[0, : int(seconds * SAMPLE_RATE)], dtype=np.float32)
 
 
 @pytest.mark.slow
@@ -103,17 +127,49 @@ def test_serve_downloads_then_talks_japanese_on_loopback_only(tiny_env):
             os.path.exists("/usr/bin/curl") else _http_get(url)
         assert "J-Moshi test UI" in page
         result = chat_sync(f"ws://127.0.0.1:{port}/api/chat", user_audio(3.0), tail_s=3.0)
+        hang_up_mid_conversation(f"ws://127.0.0.1:{port}/api/chat", port)
+        served.wait_for("the browser hung up", count=2)
     finally:
         code, err = served.stop()
     assert result.handshake_s < 5
-    assert result.audio_samples > 24000 // 2, result
+    assert result.audio_samples > SAMPLE_RATE // 2, result
     assert abs(float(result.audio.std())) > 0
     assert len(result.text_pieces) >= 3
     joined = "".join(result.text_pieces)
     assert any("\u3040" <= ch <= "\u30ff" or "\u4e00" <= ch <= "\u9fff" for ch in joined), joined
     assert code == 143
     assert "ready" in err and "One conversation at a time" in err
-    assert "frame handled in" in err  # the child's own output reaches the user
+    # The child's output reaches the user as steps, conversations and frame summaries; browsers that
+    # leave while the server still sends are one line each, never aiohttp's traceback.
+    assert "moshi.server: loading moshi" in err and err.count("a browser connected") == 2
+    assert "the browser hung up" in err and "conversation over: " in err and "per 80 ms frame" in err
+    assert "Traceback" not in err and "closing transport" not in err, err
+    assert "frame handled in" not in err and "bitsandbytes" not in err and "Running on" not in err
+
+
+def hang_up_mid_conversation(url: str, port: int) -> None:
+    """A browser that goes away: a client process killed once it has been connected for a while."""
+    script = ("import sys; from jmoshi_cli.chat import chat_sync; from jmoshi_cli.selftest import speech_like; "
+              "chat_sync(sys.argv[1], speech_like(30.0))")
+    client = subprocess.Popen([sys.executable, "-c", script, url])
+    try:
+        deadline = time.monotonic() + 120
+        while not connected_to(port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2.0)
+    finally:
+        client.kill()
+        client.wait()
+
+
+def connected_to(port: int) -> bool:
+    """Whether a TCP connection to this local port is established, from the kernel's tables."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "01" and int(local.split(":")[1], 16) == port:
+                return True
+    return False
 
 
 def _http_get(url: str) -> str:
@@ -138,11 +194,15 @@ def test_sigterm_leaves_no_process_behind_and_offline_restart_works(tiny_env):
     # Everything is cached now: it starts with the hub gone, with --offline or without.
     env = dict(tiny_env, HF_ENDPOINT="http://127.0.0.1:9")
     for extra in (["--offline"], []):
-        again = Served(["--variant", "tiny", "--device", "cpu", "--port", str(port), *extra], env)
+        again = Served(["--variant", "tiny", "--device", "cpu", "--port", str(port), *extra], env, verbose=not extra)
         again.wait_ready()
+        kids = children_of(again.process.pid)
         code, err = again.stop(signal.SIGINT)
         assert code == 130
+        assert not [k for k in kids if Path(f"/proc/{k}").exists()]
     assert "the hub cannot be reached; using the cached jmoshi-test/tiny@main" in err
+    # --verbose: the child's output exactly as it wrote it, colour codes and all.
+    assert "\x1b[1;34m[Info]\x1b[0m warming up the model\n" in err and "======== Running on" in err
 
 
 @pytest.mark.slow
@@ -187,10 +247,21 @@ def test_offline_with_a_missing_file_names_it(tiny_env):
     assert "Traceback" not in result.stderr
 
 
-def test_no_gpu_on_this_machine_is_refused_fast(tiny_env):
-    result = jmoshi("serve", "--variant", "tiny", "--port", str(free_port()), env=child_env(tiny_env))
-    assert result.returncode == 5
-    assert "no usable NVIDIA GPU" in result.stderr and "--device cpu" in result.stderr
+def test_no_gpu_is_refused_before_any_download(tiny_env, monkeypatch):
+    fake_gpus(monkeypatch)  # the driver answers and lists no GPU, whatever this machine has
+    for key in ("JMOSHI_VARIANTS", "JMOSHI_HOME"):
+        monkeypatch.setenv(key, tiny_env[key])
+    hooks = serve.ServeHooks(watch_download=lambda plan: pytest.fail("no download before the GPU check"))
+    with pytest.raises(PreflightError, match="no usable NVIDIA GPU: the NVIDIA driver sees no GPU") as caught:
+        serve.prepare(serve.ServeOptions(variant="tiny", port=free_port()), hooks)
+    assert "--device cpu" in caught.value.hint
+
+
+def test_no_nvidia_driver_is_refused_with_why(monkeypatch):
+    missing = "no NVIDIA driver found (libnvidia-ml.so is not installed)"
+    monkeypatch.setattr(hardware, "nvidia", lambda timeout_s=5.0: Probe(False, error=missing))
+    with pytest.raises(PreflightError, match=f"no usable NVIDIA GPU: {re.escape(missing)}"):
+        preflight.check_device("cuda", 18.7, "ext")
 
 
 @pytest.mark.slow
@@ -225,9 +296,9 @@ def test_bad_flags_are_one_line_errors(tiny_env, tmp_path):
 
 def test_launch_argv_and_env_are_exact(tmp_path):
     files = ModelFiles(tmp_path / "m.safetensors", tmp_path / "mimi.safetensors", tmp_path / "tok.model",
-                       tmp_path / "config.json")
+                       tmp_path / "config.json", tmp_path / "dist")
     options = serve.ServeOptions(host="0.0.0.0", port=9000, device="cuda")
-    launch = serve.build_launch(files, tmp_path / "dist", "nu-dialogue/j-moshi-ext", options, tmp_path / "tls",
+    launch = serve.build_launch(files, "nu-dialogue/j-moshi-ext", options, tmp_path / "tls",
                                 half=True, base_env={"PATH": "/bin", "JMOSHI_CONFIG_PATH": "stale"})
     assert launch.argv == [
         sys.executable, "-m", "jmoshi_cli._moshi_entry", "--host", "0.0.0.0", "--port", "9000",
@@ -237,7 +308,8 @@ def test_launch_argv_and_env_are_exact(tmp_path):
     assert launch.env == {"PATH": "/bin", "HF_HUB_OFFLINE": "1", "JMOSHI_BIND_HOST": "0.0.0.0",
                           "PYTHONUNBUFFERED": "1", "JMOSHI_CONFIG_PATH": str(files.config)}
     assert launch.url == "https://127.0.0.1:9000/"
-    no_config = serve.build_launch(ModelFiles(files.moshi_weight, files.mimi_weight, files.tokenizer), tmp_path,
+    no_config = serve.build_launch(ModelFiles(files.moshi_weight, files.mimi_weight, files.tokenizer,
+                                              web_ui=tmp_path / "dist"),
                                    "r/x", serve.ServeOptions(), None, half=False, base_env={})
     assert "JMOSHI_CONFIG_PATH" not in no_config.env and "--half" not in no_config.argv
 
@@ -249,15 +321,37 @@ def fake_gpus(monkeypatch, *gpus: GPU) -> None:
 def test_gpu_preflight_refuses_too_little_free_vram(monkeypatch):
     fake_gpus(monkeypatch, GPU(0, "NVIDIA GeForce RTX 4090", int(25.4e9), int(12e9), (8, 9)))
     with pytest.raises(PreflightError, match="12.0 GB free; ext needs about 18.7 GB"):
-        serve.check_gpu("cuda", 18.7, "ext")
+        preflight.check_device("cuda", 18.7, "ext")
 
 
 def test_gpu_preflight_turns_on_half_for_pre_ampere(monkeypatch):
     fake_gpus(monkeypatch, GPU(0, "Quadro RTX 8000", int(48e9), int(47e9), (7, 5)))
-    notes = serve.check_gpu("cuda", 18.7, "ext")
-    assert serve.needs_half(notes)
+    check = preflight.check_device("cuda", 18.7, "ext")
+    assert check.half and len(check.notes) == 1
 
 
 def test_gpu_preflight_accepts_a_4090(monkeypatch):
     fake_gpus(monkeypatch, GPU(0, "NVIDIA GeForce RTX 4090", int(25.4e9), int(24.9e9), (8, 9)))
-    assert serve.check_gpu("cuda:0", 18.7, "ext") == []
+    assert preflight.check_device("cuda:0", 18.7, "ext") == preflight.DeviceCheck()
+
+
+# --- on a real GPU, when this machine has one ----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_serves_the_tiny_model_on_cuda(tiny_env):
+    from jmoshi_cli.chat import chat_sync
+
+    probe = hardware.torch_cuda()
+    if not (probe.ok and probe.value["available"]):
+        pytest.skip(f"torch sees no CUDA device here ({probe.error or 'torch.cuda.is_available() is False'})")
+    port = free_port()
+    served = Served(["--variant", "tiny", "--device", "cuda", "--port", str(port)], tiny_env)
+    try:
+        served.wait_ready()
+        result = chat_sync(f"ws://127.0.0.1:{port}/api/chat", user_audio(3.0), tail_s=3.0)
+    finally:
+        code, err = served.stop()
+    assert code == 143, err
+    assert result.audio_samples > SAMPLE_RATE // 2 and result.text_pieces, err
+    assert "conversation over: " in err and "Traceback" not in err, err

@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("moshi")
 
 from jmoshi_cli import tiny_model as tiny  # noqa: E402
+from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE  # noqa: E402
 from jmoshi_cli.tiny_model import (  # noqa: E402
     TINY_FILES,
     build_web_ui_bundle,
@@ -94,7 +95,7 @@ def test_mimi_codebooks_random_and_decode_not_silent(mimi):
     with torch.no_grad():
         codes = torch.randint(0, 2048, (1, 8, 4), generator=gen)
         pcm = mimi.decode(codes)
-    assert pcm.shape == (1, 1, 4 * 1920)
+    assert pcm.shape == (1, 1, 4 * FRAME_SIZE)
     assert torch.isfinite(pcm).all()
     assert pcm.pow(2).mean().sqrt().item() > 1e-4
 
@@ -102,9 +103,9 @@ def test_mimi_codebooks_random_and_decode_not_silent(mimi):
 def test_streaming_lmgen_steps(mimi, lm, tokenizer, config):
     from moshi.models import LMGen
 
-    frame = 1920
+    frame = FRAME_SIZE
     steps = 6
-    t = torch.arange(frame * steps, dtype=torch.float32) / 24000
+    t = torch.arange(frame * steps, dtype=torch.float32) / SAMPLE_RATE
     audio = (0.3 * torch.sin(2 * torch.pi * (200 + 400 * t) * t))[None, None]
     gen = LMGen(lm)
     out, texts = [], []
@@ -185,7 +186,7 @@ def test_cache_race_builds_once(tmp_path, monkeypatch):
     def worker():
         try:
             results.append(cached_tiny_repo(root))
-        except Exception as exc:  # pragma: no cover - reported below
+        except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=worker) for _ in range(3)]
@@ -208,7 +209,7 @@ def test_web_ui_bundle_layout(tmp_path):
         assert "dist/index.html" in names
         assets = [m for m in tar.getmembers() if m.isfile() and m.name != "dist/index.html"]
         assert len(assets) == 1
-        tar.extractall(tmp_path)  # what moshi.server does next to the cached dist.tgz
+        tar.extractall(tmp_path)  # noqa: S202 - our own bundle; what moshi.server does next to dist.tgz
     html = (tmp_path / "dist" / "index.html").read_text()
     assert "<title>J-Moshi test UI</title>" in html
     asset = tmp_path / assets[0].name

@@ -1,8 +1,15 @@
-"""What the child process runs: adjust two things in moshi 0.2.2, then run moshi.server unchanged.
+"""What the child process runs: tie its life to jmoshi, adjust three things in moshi 0.2.2, then run
+moshi.server unchanged.
 
-This is the only place that touches upstream internals. moshi.server runs main() when imported, so
-it is executed here with runpy, never imported by jmoshi itself.
+moshi.server runs main() when imported, so it is executed here with runpy, never imported by jmoshi
+itself. This is where the running server's behaviour is patched. Two other modules lean on
+upstream internals, for their own reasons: generation.py (behind `jmoshi infer`) builds
+CheckpointInfo itself and reads config.json the way CheckpointInfo.from_hf_repo does, because
+from_hf_repo fetches by repo name while jmoshi loads the files it verified; tiny_model.py builds the
+test model from loaders' private `_*_kwargs`, so that it has upstream's architecture, only smaller.
 
+- Parent death: the child runs in its own session, so nothing kills it along with jmoshi. It asks
+  the kernel for SIGKILL when jmoshi dies (see _die_with_parent), before torch is even imported.
 - Bind address: 0.2.2 prints --host but calls web.run_app() without it, so it listens on every
   interface. JMOSHI_BIND_HOST makes run_app listen on exactly that address.
 - CPU: the warm-up ends with torch.cuda.synchronize(), which raises without an NVIDIA driver.
@@ -16,7 +23,25 @@ from __future__ import annotations
 import functools
 import os
 import runpy
+import signal
 import sys
+
+
+def _die_with_parent(parent_pid: str | None) -> None:
+    """SIGKILL this process when jmoshi (the process that started it) dies, however it dies.
+
+    SIGKILL rather than SIGTERM: once jmoshi is gone nobody is left to escalate, and on SIGTERM
+    aiohttp shuts down gracefully, waiting up to 60 s for a running conversation while the child
+    keeps the GPU memory and the port. The server has nothing to save, so nothing is lost.
+
+    The signal is only armed from here on: if jmoshi died between the fork and now, the child was
+    already handed to another parent and no signal will come, so it checks its parent and leaves.
+    """
+    if not parent_pid:
+        return  # run by hand, not by jmoshi: nothing to follow
+    from .lifetime import die_with_parent
+
+    die_with_parent(int(parent_pid), signal.SIGKILL)
 
 
 def _bind_host(host: str) -> None:
@@ -51,6 +76,7 @@ def _config_path(path: str) -> None:
 
 
 def main() -> None:
+    _die_with_parent(os.environ.get("JMOSHI_PARENT_PID"))
     host = os.environ.get("JMOSHI_BIND_HOST")
     if host:
         _bind_host(host)

@@ -1,32 +1,44 @@
-"""Reading, resampling, channel picking and writing audio for `jmoshi infer`.
+"""Audio for J-Moshi: its rate and frame, reading, channel picking, resampling and writing.
 
+- J-Moshi hears and speaks 24 kHz mono in 80 ms frames (Mimi's rate and frame): :data:`SAMPLE_RATE`,
+  :data:`FRAME_SIZE` and :data:`FRAME_S` are the one definition the package uses.
 - Decoding uses sphn 0.1 (symphonia): WAV (8/16/24-bit PCM, float), FLAC, MP3 and Ogg Vorbis
   through ``sphn.read``. ``sphn.read`` cannot decode Ogg *Opus*, so for ``.ogg``/``.opus`` files it
   rejects, ``sphn.read_opus`` is tried (it always returns 48 kHz).
 - Resampling is done here and not with ``sphn.read(..., sample_rate=)`` / ``sphn.resample``: those
   shift the signal late by a rate-dependent delay (16 ms at 32 -> 24 kHz) and, for some rates, drop
-  the end of the file (8 ms at 48 -> 24 kHz). :func:`resample` is a zero-delay windowed-sinc
-  resampler whose output length is exactly ``ceil(n * dst / src)``.
+  the end of the file (8 ms at 48 -> 24 kHz). :func:`resample` uses libsoxr (``soxr``), which has no
+  delay, and returns exactly ``ceil(n * dst / src)`` samples.
 - Writing uses the standard library's ``wave``: 16-bit PCM, mono or stereo (``sphn.write_wav`` is
-  documented as mono only). Same samples in, same bytes out.
+  documented as mono only), replaced in one step (:func:`jmoshi_cli.fsutil.atomic_write`). Same
+  samples in, same bytes out.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
-import uuid
 import wave
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .errors import JMoshiError
+from .fsutil import atomic_write
+
+SAMPLE_RATE = 24000  # Mimi's rate: what J-Moshi hears and speaks
+FRAME_SIZE = 1920  # samples per 80 ms frame at 24 kHz, Mimi's frame
+FRAME_S = FRAME_SIZE / SAMPLE_RATE
+
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus")
 CHANNELS = ("left", "right", "mix")
+_OGG_SUFFIXES = (".ogg", ".oga", ".opus")  # sphn.read rejects Ogg Opus: sphn.read_opus is tried
 
 
-class AudioReadError(Exception):
+class AudioReadError(JMoshiError):
     """The file could not be decoded, or holds no samples. The message is one line for people."""
 
 
@@ -62,11 +74,7 @@ def _clean_sphn_message(exc: BaseException, path: Path) -> str:
     return f"not a readable audio file ({msg or type(exc).__name__})"
 
 
-def read_audio(path: Path) -> Audio:
-    """Decode a whole file at its own sample rate. Raises AudioReadError (empty files included)."""
-    import sphn
-
-    path = Path(path)
+def _check_readable(path: Path) -> None:
     if not path.is_file():
         raise AudioReadError("no such file" if not path.exists() else "not a regular file")
     try:
@@ -76,19 +84,28 @@ def read_audio(path: Path) -> Audio:
         raise AudioReadError(f"cannot read: {exc.strerror or exc}") from exc
     if not os.access(path, os.R_OK):
         raise AudioReadError("cannot read: permission denied")
+
+
+def _decode(path: Path) -> tuple[np.ndarray, int]:
+    """``sphn.read``, then ``sphn.read_opus`` for an Ogg file it rejects; AudioReadError with sphn's reason."""
+    import sphn
+
     try:
-        pcm, sample_rate = sphn.read(str(path))
-    except BaseException as first:  # sphn raises ValueError; keep KeyboardInterrupt alive
+        return sphn.read(str(path))
+    except BaseException as first:  # sphn raises ValueError, and a panic in its Rust code a BaseException
         if isinstance(first, (KeyboardInterrupt, SystemExit)):
             raise
-        pcm = None
-        if path.suffix.lower() in (".ogg", ".oga", ".opus"):
-            try:
-                pcm, sample_rate = sphn.read_opus(str(path))
-            except Exception:
-                pcm = None
-        if pcm is None:
-            raise AudioReadError(_clean_sphn_message(first, path)) from first
+        if path.suffix.lower() in _OGG_SUFFIXES:
+            with contextlib.suppress(ValueError, OSError):
+                return sphn.read_opus(str(path))
+        raise AudioReadError(_clean_sphn_message(first, path)) from first
+
+
+def read_audio(path: Path) -> Audio:
+    """Decode a whole file at its own sample rate. Raises AudioReadError (empty files included)."""
+    path = Path(path)
+    _check_readable(path)
+    pcm, sample_rate = _decode(path)
     pcm = np.asarray(pcm, dtype=np.float32)
     if pcm.ndim == 1:
         pcm = pcm[None, :]
@@ -127,43 +144,26 @@ def resampled_length(samples: int, src_rate: int, dst_rate: int) -> int:
     return -(-samples * dst // src)
 
 
-def _sinc_kernel(src: int, dst: int, width_zeros: int, rolloff: float):
-    """Polyphase windowed-sinc kernels (one per output phase), Hann window, as float64 numpy."""
-    base = min(src, dst) * rolloff
-    width = math.ceil(width_zeros * src / base)
-    idx = np.arange(-width, width + src, dtype=np.float64)[None, :] / src
-    t = (-np.arange(dst, dtype=np.float64)[:, None] / dst + idx) * base
-    t = np.clip(t, -width_zeros, width_zeros)
-    window = np.cos(t * math.pi / width_zeros / 2) ** 2
-    kernel = np.sinc(t) * window * (base / src)
-    return kernel, width
-
-
-def resample(x: np.ndarray, src_rate: int, dst_rate: int, width_zeros: int = 16,
-             rolloff: float = 0.95) -> np.ndarray:
+def resample(x: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
     """Resample a 1-D float32 signal with no delay; output length is ``resampled_length``.
 
-    Band-limited interpolation with a Hann-windowed sinc (``width_zeros`` zero crossings each side,
-    cutoff at ``rolloff`` x the lower Nyquist frequency), evaluated as a strided convolution. Sample
-    ``k`` of the output is the input's value at time ``k / dst_rate``.
+    Sample ``k`` of the output is the input's value at time ``k / dst_rate`` (band-limited, libsoxr's
+    high-quality filter). Past the end the signal is taken as silence.
     """
-    import torch
+    import soxr
 
     x = np.asarray(x, dtype=np.float32)
     if src_rate == dst_rate:
         return x.copy()
-    g = math.gcd(int(src_rate), int(dst_rate))
-    src, dst = int(src_rate) // g, int(dst_rate) // g
-    n = x.shape[-1]
-    out_len = resampled_length(n, src_rate, dst_rate)
-    kernel, width = _sinc_kernel(src, dst, width_zeros, rolloff)
-    w = torch.from_numpy(kernel.astype(np.float32))[:, None, :]
-    with torch.no_grad():
-        wav = torch.from_numpy(x)[None, None, :]
-        wav = torch.nn.functional.pad(wav, (width, width + src))
-        out = torch.nn.functional.conv1d(wav, w, stride=src)  # (1, dst, frames)
-        out = out.transpose(1, 2).reshape(-1)[:out_len]
-    return out.numpy().astype(np.float32, copy=True)
+    out_len = resampled_length(x.shape[-1], src_rate, dst_rate)
+    if out_len == 0:
+        return np.zeros(0, dtype=np.float32)
+    # soxr returns round(n * dst / src) samples, one short of the ceiling for some lengths. The filter
+    # already treats what follows the end as silence, so a little explicit silence leaves the samples
+    # unchanged and lets the last one be computed.
+    tail = np.zeros(-(-2 * int(src_rate) // int(dst_rate)), dtype=np.float32)
+    y = soxr.resample(np.concatenate([x, tail]), int(src_rate), int(dst_rate), quality="HQ")
+    return np.ascontiguousarray(y[:out_len], dtype=np.float32)
 
 
 def to_pcm16(x: np.ndarray) -> np.ndarray:
@@ -173,23 +173,18 @@ def to_pcm16(x: np.ndarray) -> np.ndarray:
 
 
 def write_wav(path: Path, pcm: np.ndarray, sample_rate: int) -> None:
-    """Write 16-bit PCM WAV atomically (temp file + rename). ``pcm``: (samples,) or (channels, samples)."""
-    path = Path(path)
+    """Write 16-bit PCM WAV atomically. ``pcm``: (samples,) or (channels, samples), float in [-1, 1]."""
     pcm = np.asarray(pcm, dtype=np.float32)
     if pcm.ndim == 1:
         pcm = pcm[None, :]
     data = to_pcm16(pcm).T.copy()  # interleave: (samples, channels)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with wave.open(str(tmp), "wb") as w:
-            w.setnchannels(int(pcm.shape[0]))
-            w.setsampwidth(2)
-            w.setframerate(int(sample_rate))
-            w.writeframes(data.tobytes())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as w:
+        w.setnchannels(int(pcm.shape[0]))
+        w.setsampwidth(2)
+        w.setframerate(int(sample_rate))
+        w.writeframes(data.tobytes())
+    atomic_write(Path(path), buffer.getvalue())
 
 
 def read_wav_pcm16(path: Path) -> tuple[np.ndarray, int]:

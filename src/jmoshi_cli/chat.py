@@ -6,31 +6,31 @@ Protocol (binary messages, first byte = kind):
 - client -> server ``0x01`` + Ogg/Opus bytes (24 kHz mono);
 - server -> client ``0x01`` + Ogg/Opus bytes, ``0x02`` + one UTF-8 text piece.
 
-The client streams PCM in 80 ms frames (1920 samples at 24 kHz), optionally paced in real time,
-keeps listening ``tail_s`` seconds after its last frame (the server may run slower than real time)
-and closes. Heavy imports (numpy, sphn, aiohttp) happen inside the functions.
+The client streams PCM in 80 ms frames (Mimi's, see :mod:`jmoshi_cli.audio_io`), optionally paced in
+real time, keeps listening ``tail_s`` seconds after its last frame (the server may run slower than
+real time) and closes. sphn and aiohttp are imported inside the functions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import typing as tp
 from dataclasses import dataclass, field
 
-if tp.TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
+import numpy as np
 
-SAMPLE_RATE = 24000
-FRAME_SIZE = 1920  # 80 ms at 24 kHz, Mimi's frame
-FRAME_S = FRAME_SIZE / SAMPLE_RATE
+from . import audio_io
+from .audio_io import FRAME_S, FRAME_SIZE, SAMPLE_RATE
+from .errors import JMoshiError
 
 KIND_HANDSHAKE = 0
 KIND_AUDIO = 1
 KIND_TEXT = 2
 
 
-class ChatError(Exception):
+class ChatError(JMoshiError):
     """The conversation with the server failed; ``result`` holds what was received so far."""
 
     def __init__(self, message: str, result: "ChatResult | None" = None):
@@ -42,7 +42,7 @@ class ChatError(Exception):
 class ChatResult:
     handshake_s: float  # seconds from connect to 0x00
     audio_samples: int  # decoded PCM samples received
-    audio: "np.ndarray"  # concatenated decoded float32 PCM at 24 kHz
+    audio: np.ndarray  # concatenated decoded float32 PCM at 24 kHz
     text_pieces: list[str] = field(default_factory=list)
     messages: dict[int, int] = field(default_factory=dict)  # count per kind byte
     sent_frames: int = 0
@@ -56,10 +56,8 @@ class ChatResult:
         return self.audio_samples / SAMPLE_RATE
 
 
-def _prepare_pcm(pcm: tp.Any, sample_rate: int) -> "np.ndarray":
+def _prepare_pcm(pcm: tp.Any, sample_rate: int) -> np.ndarray:
     """1-D float32 PCM at 24 kHz (first channel if several), padded to whole 80 ms frames."""
-    import numpy as np
-
     data = np.asarray(pcm)
     if data.ndim == 2:
         # (channels, samples) as sphn.read returns, or (samples, channels) as soundfile does.
@@ -69,12 +67,8 @@ def _prepare_pcm(pcm: tp.Any, sample_rate: int) -> "np.ndarray":
     if np.issubdtype(data.dtype, np.integer):
         data = data.astype(np.float32) / float(np.iinfo(data.dtype).max)
     data = np.ascontiguousarray(data, dtype=np.float32)
-    if sample_rate != SAMPLE_RATE and data.size:
-        import sphn
-
-        expected = int(round(data.shape[0] * SAMPLE_RATE / sample_rate))
-        data = np.asarray(sphn.resample(data[None], sample_rate, SAMPLE_RATE), dtype=np.float32)[0]
-        data = data[:expected]  # the resampler pads its last block
+    if sample_rate != SAMPLE_RATE:
+        data = audio_io.resample(data, sample_rate, SAMPLE_RATE)
     rest = data.shape[0] % FRAME_SIZE
     if rest:
         data = np.concatenate([data, np.zeros(FRAME_SIZE - rest, dtype=np.float32)])
@@ -88,9 +82,9 @@ def _ssl_arg(ssl: object) -> object:
 
 async def chat(
     url: str,
-    pcm: "np.ndarray",
+    pcm: np.ndarray,
     *,
-    sample_rate: int = 24000,
+    sample_rate: int = SAMPLE_RATE,
     realtime: bool = True,
     tail_s: float = 3.0,
     timeout_s: float = 60.0,
@@ -104,7 +98,6 @@ async def chat(
     Raises ChatError on connection failure, no handshake in time, or the server closing early.
     """
     import aiohttp
-    import numpy as np
     import sphn
 
     frames = _prepare_pcm(pcm, sample_rate)
@@ -237,10 +230,8 @@ async def chat(
                 done.set()
                 if not recv_task.done():
                     recv_task.cancel()
-                    try:
+                    with contextlib.suppress(asyncio.CancelledError):
                         await recv_task
-                    except (asyncio.CancelledError, Exception):
-                        pass
             if closed_early:
                 raise ChatError(
                     f"server closed the connection early after {sent_frames}/{n_frames} frames "
@@ -248,19 +239,9 @@ async def chat(
     return result()
 
 
-def chat_sync(
-    url: str,
-    pcm: "np.ndarray",
-    *,
-    sample_rate: int = 24000,
-    realtime: bool = True,
-    tail_s: float = 3.0,
-    timeout_s: float = 60.0,
-    ssl: object = None,
-) -> ChatResult:
-    """``asyncio.run(chat(...))``."""
-    return asyncio.run(chat(url, pcm, sample_rate=sample_rate, realtime=realtime, tail_s=tail_s,
-                            timeout_s=timeout_s, ssl=ssl))
+def chat_sync(*args: tp.Any, **kwargs: tp.Any) -> ChatResult:
+    """:func:`chat` run to completion in a new event loop (same arguments)."""
+    return asyncio.run(chat(*args, **kwargs))
 
 
-__all__ = ["ChatError", "ChatResult", "chat", "chat_sync", "SAMPLE_RATE", "FRAME_SIZE"]
+__all__ = ["ChatError", "ChatResult", "chat", "chat_sync"]

@@ -1,26 +1,31 @@
 """The moshi.server child: start it, relay its output, see when it listens, stop it, explain its exit.
 
-The child runs in its own process group so a terminal's Ctrl-C reaches jmoshi first, which then
-stops the child in order (SIGTERM, SIGKILL after a grace period).
+The child runs in its own session, so a terminal's Ctrl-C reaches jmoshi alone, which then stops the
+child in order (SIGTERM, SIGKILL after a grace period). If jmoshi dies without that chance (kill -9,
+the OOM killer), the kernel kills the child: it asks for that first thing in its bootstrap
+(_moshi_entry, PR_SET_PDEATHSIG), told by JMOSHI_PARENT_PID which process it must outlive no longer.
 """
 
 from __future__ import annotations
 
 import collections
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
+from . import server_log
 from .errors import ServerError
 
-FRAME_LINE = re.compile(r"frame handled in ([0-9.]+)ms")
+POLL_S = 0.1  # how often supervise looks at the stop signal, the child's exit and the port
+READY_TIMEOUT_S = 1800.0  # a 7B load from a slow disk takes minutes; half an hour means it hangs
+
 
 @dataclass(frozen=True)
 class Launch:
@@ -34,6 +39,7 @@ class Launch:
     def url(self) -> str:
         return f"{self.scheme}://{url_host(self.host)}:{self.port}/"
 
+
 def url_host(host: str) -> str:
     if host in ("0.0.0.0", ""):
         return "127.0.0.1"
@@ -41,77 +47,115 @@ def url_host(host: str) -> str:
         return "[::1]"
     return f"[{host}]" if ":" in host else host
 
-# --- running ----------------------------------------------------------------------------------------
 
+# --- why it stopped ---------------------------------------------------------------------------------
+
+# moshi.server is another program: its output text is all there is to tell why it stopped.
 REASONS = [
     ("read_pcm", "sphn 0.2 is installed; moshi 0.2.2 needs the sphn 0.1 API", "pip install 'sphn>=0.1.4,<0.2'"),
     ("read_bytes", "sphn 0.2 is installed; moshi 0.2.2 needs the sphn 0.1 API", "pip install 'sphn>=0.1.4,<0.2'"),
     ("out of memory", "the GPU ran out of memory", "stop other GPU processes, or use a GPU with more memory"),
     ("no kernel image is available", "the installed torch has no kernels for this GPU", "run `jmoshi doctor`"),
-    ("Found no NVIDIA driver", "no NVIDIA driver", "use --device cpu for a (slow) test run"),
-    ("Address already in use", "the port was taken while the model loaded", "pass another --port"),
+    ("found no nvidia driver", "no NVIDIA driver", "use --device cpu for a (slow) test run"),
+    ("address already in use", "the port was taken while the model loaded", "pass another --port"),
     ("size mismatch", "the checkpoint does not fit the model config", "check --moshi-weight and the variant"),
 ]
+SEE_OUTPUT = "see moshi.server's output above; `jmoshi --verbose serve ...` shows every line it printed"
 
-def explain_exit(code: int, tail: list[str]) -> ServerError:
-    text = "\n".join(tail)
-    for needle, reason, hint in REASONS:
-        if needle in text:
-            break
+
+def explain_exit(code: int, tail: list[str], unknown_hint: str = SEE_OUTPUT) -> ServerError:
+    """The child's exit as one line: a known cause from its last lines, else its last line."""
+    text = "\n".join(tail).lower()
+    known = next(((reason, hint) for needle, reason, hint in REASONS if needle in text), None)
+    if known is not None:
+        reason, hint = known
     else:
-        last = next((line.strip() for line in reversed(tail) if line.strip()), "no output")
-        reason, hint = last[:200], "see moshi.server's output above; JMOSHI_DEBUG=1 shows more"
+        last = next((server_log.plain(line).strip() for line in reversed(tail) if line.strip()), "no output")
+        reason, hint = last[:200], unknown_hint
     shown = code if code >= 0 else 128 - code
     return ServerError(f"moshi.server exited with code {shown}: {reason}", hint, exit_code=shown or 1)
 
+
+# --- running ----------------------------------------------------------------------------------------
+
+
+def _to_stderr(line: str) -> None:
+    sys.stderr.write(line)
+    sys.stderr.flush()
+
+
 class Server:
-    """The child moshi.server: start it, relay its output, see when it listens, stop it cleanly."""
+    """The child moshi.server: start it, relay its output, see when it listens, stop it cleanly.
+
+    `relay` gets each line of the child's output with its newline, from the pump thread, then ""
+    once when the output ends (readline's convention). `tail` keeps the last raw lines for
+    explain_exit; `frame_ms` every per-frame handling time upstream logged.
+    """
 
     def __init__(self, launch: Launch, relay: Callable[[str], None] | None = None):
         self.launch = launch
-        self.relay = relay or (lambda line: (sys.stderr.write(line), sys.stderr.flush()))
+        self.relay = relay or _to_stderr
         self.tail: collections.deque[str] = collections.deque(maxlen=60)
         self.frame_ms: list[float] = []
         self.process: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
 
     def start(self) -> "Server":
-        # Own process group: a terminal's Ctrl-C reaches jmoshi, which stops the child in order.
-        self.process = subprocess.Popen(self.launch.argv, env=self.launch.env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        self._reader = threading.Thread(target=self._pump, daemon=True)
+        # PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, not the process: from a
+        # worker thread, the child would be killed when that thread finished. The main thread ends
+        # only with jmoshi itself.
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("Server.start must run on the main thread (the child dies with its forking thread)")
+        env = dict(self.launch.env, JMOSHI_PARENT_PID=str(os.getpid()))
+        # Own session: a terminal's Ctrl-C reaches jmoshi only, which stops the child in order.
+        self.process = subprocess.Popen(self.launch.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        self._reader = threading.Thread(target=self._pump, name="moshi.server output", daemon=True)
         self._reader.start()
         return self
 
     def _pump(self) -> None:
+        """Read every line the child writes (a full pipe would block it) and hand it on."""
         assert self.process and self.process.stdout
+        relay = self.relay
         for raw in iter(self.process.stdout.readline, b""):
             line = raw.decode("utf-8", "replace")
             self.tail.append(line.rstrip("\n"))
-            match = FRAME_LINE.search(line)
-            if match:
-                self.frame_ms.append(float(match.group(1)))
-            self.relay(line)
+            ms = server_log.frame_ms(line)
+            if ms is not None:
+                self.frame_ms.append(ms)
+            relay = _relay_or_drop(relay, line)
+        _relay_or_drop(relay, "")
 
-    def wait_ready(self, timeout_s: float = 1800.0) -> float:
-        """Seconds until the port accepts connections; ServerError if the child dies first."""
+    def listening(self) -> bool:
+        """Whether the child's port accepts a connection now."""
+        target = url_host(self.launch.host).strip("[]")
+        try:
+            with socket.create_connection((target, self.launch.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S, unknown_hint: str = SEE_OUTPUT) -> float:
+        """Seconds until the port accepts connections; ServerError if the child dies first or never listens.
+
+        unknown_hint: where to look when the cause is not a known one (the caller knows what was shown).
+        """
         assert self.process
         started = time.monotonic()
-        target = url_host(self.launch.host).strip("[]")
         while time.monotonic() - started < timeout_s:
             code = self.process.poll()
             if code is not None:
                 self.drain()
-                raise explain_exit(code, list(self.tail))
-            try:
-                with socket.create_connection((target, self.launch.port), timeout=0.5):
-                    return time.monotonic() - started
-            except OSError:
-                time.sleep(0.1)
+                raise explain_exit(code, list(self.tail), unknown_hint)
+            if self.listening():
+                return time.monotonic() - started
+            time.sleep(POLL_S)
         self.stop()
-        raise ServerError(f"moshi.server did not listen within {timeout_s:.0f} s", "see its output above")
+        raise ServerError(f"moshi.server did not listen within {timeout_s:.0f} s", unknown_hint)
 
     def drain(self) -> None:
+        """Wait (briefly) for the pump to pass on the child's last lines."""
         if self._reader is not None:
             self._reader.join(timeout=5)
 
@@ -121,14 +165,11 @@ class Server:
         if process is None or process.poll() is not None:
             self.drain()
             return process.returncode if process else None
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        _kill_group(process.pid, signal.SIGTERM)
         try:
             process.wait(grace_s)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            _kill_group(process.pid, signal.SIGKILL)
             process.wait()
         self.drain()
         return process.returncode
@@ -139,49 +180,73 @@ class Server:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+
+def _relay_or_drop(relay: Callable[[str], None], line: str) -> Callable[[str], None]:
+    """Hand on one line; if our stderr is gone, keep draining the child's output but show no more."""
+    try:
+        relay(line)
+    except (OSError, ValueError):  # a closed or broken stderr
+        return lambda line: None
+    return relay
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+# --- supervising --------------------------------------------------------------------------------------
+
+
 @dataclass
-class Stop:
-    """Which signal asked us to stop (SIGINT -> 130, SIGTERM -> 143), or why the child never got ready."""
+class _StopSignals:
+    """SIGINT/SIGTERM, recorded by the handler and read by the main loop (nothing else runs in it)."""
 
-    signum: int | None = None
-    event: threading.Event = field(default_factory=threading.Event)
-    error: ServerError | None = None
+    received: list[int] = field(default_factory=list)
 
-def supervise(server: Server, on_ready: Callable[[float], None]) -> int:
-    """Run until the child exits or we get SIGINT/SIGTERM; return jmoshi's exit code."""
-    stop = Stop()
+    def handler(self, signum, _frame) -> None:
+        self.received.append(signum)
 
-    def handler(signum, _frame):
-        stop.signum = signum
-        stop.event.set()
+    @contextmanager
+    def installed(self) -> Iterator["_StopSignals"]:
+        previous = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        server.start()
-        ready = threading.Thread(target=_announce, args=(server, on_ready, stop), daemon=True)
-        ready.start()
-        while not stop.event.wait(0.2):
-            if server.process.poll() is not None:
-                break
-        if stop.signum is not None:
+
+def supervise(server: Server, on_ready: Callable[[float], None], ready_timeout_s: float = READY_TIMEOUT_S) -> int:
+    """Run the child until it exits or SIGINT/SIGTERM arrives; return jmoshi's exit code.
+
+    Runs on the main thread (signal handlers can only be set there, and Server.start needs it). One
+    loop watches all three things that can happen: a stop signal, the child's exit, its port starting
+    to accept. The only other thread is the output pump, which never stops the child; only this
+    loop's `finally` does.
+    """
+    with _StopSignals().installed() as signals:
+        try:
+            server.start()
+            return _watch(server, on_ready, signals, ready_timeout_s)
+        finally:
             server.stop()
-            return 128 + stop.signum
-        ready.join(timeout=6)
-        server.drain()
-        if stop.error is not None:
-            raise stop.error
-        raise explain_exit(server.process.returncode, list(server.tail))
-    finally:
-        server.stop()
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
-def _announce(server: Server, on_ready: Callable[[float], None], stop: Stop) -> None:
-    try:
-        seconds = server.wait_ready()
-    except ServerError as exc:
-        stop.error = exc
-        return
-    if not stop.event.is_set():
-        on_ready(seconds)
 
+def _watch(server: Server, on_ready: Callable[[float], None], signals: _StopSignals, ready_timeout_s: float) -> int:
+    started = time.monotonic()
+    ready = False
+    while not signals.received:
+        code = server.process.poll()
+        if code is not None:
+            server.drain()
+            raise explain_exit(code, list(server.tail))
+        if not ready and server.listening():
+            ready = True
+            on_ready(time.monotonic() - started)
+        elif not ready and time.monotonic() - started > ready_timeout_s:
+            raise ServerError(f"moshi.server did not listen within {ready_timeout_s:.0f} s", SEE_OUTPUT)
+        time.sleep(POLL_S)
+    return 128 + signals.received[0]

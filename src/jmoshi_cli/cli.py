@@ -43,6 +43,16 @@ MoshiWeightOpt = Annotated[Optional[Path], typer.Option(
     show_default=False)]
 
 
+ReplicasOpt = Annotated[Optional[str], typer.Option(
+    "--replicas", help="Many conversations at once: N moshi.server replicas (or `auto`: as many as free GPU "
+    "memory allows) behind one HAProxy front on --host/--port, with a fair queue. Needs HAProxy.",
+    show_default=False)]
+QueueTimeoutOpt = Annotated[float, typer.Option(
+    "--queue-timeout", help="Seconds a new conversation may wait for a free replica before it is told "
+    "that all replicas are busy.")]
+DrainTimeoutOpt = Annotated[float, typer.Option(
+    "--drain-timeout", help="On Ctrl-C or SIGTERM: seconds that running conversations may go on before "
+    "everything stops (a second Ctrl-C stops at once).")]
 HostOpt = Annotated[str, typer.Option(
     "--host", help="Address to listen on. 127.0.0.1 keeps it on this machine; 0.0.0.0 opens it to the network.")]
 PortOpt = Annotated[int, typer.Option("--port", help="Port to listen on.")]
@@ -120,7 +130,8 @@ def variants(as_json: JsonOpt = False) -> None:
 def download(
     variant: VariantOrAllOpt = None,
     revision: RevisionOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what is missing and its size; fetch nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run",
+                                          help="Show what is missing and its size; fetch nothing.")] = False,
     no_web_ui: Annotated[bool, typer.Option("--no-web-ui", help="Skip the browser UI bundle.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -202,22 +213,57 @@ def serve(
     revision: RevisionOpt = None,
     moshi_weight: MoshiWeightOpt = None,
     open_browser: Annotated[bool, typer.Option("--open", help="Open the browser when the server is ready.")] = False,
-) -> None:
+    replicas: ReplicasOpt = None,
+    gpus: Annotated[Optional[str], typer.Option(
+        "--gpus", help="With --replicas: the GPUs to use, e.g. 0,1 (default: all).", show_default=False)] = None,
+    queue_timeout: QueueTimeoutOpt = 180.0,
+    drain_timeout: DrainTimeoutOpt = 60.0,
+) -> int:
     """Talk to J-Moshi in the browser: check, fetch what is missing, then run moshi.server."""
     from . import serve as srv
-    from .render import DownloadView, server_relay, show_note, show_starting
+    from .render import DownloadView, server_relay, show_event, show_load, show_note, show_starting
 
-    options = srv.ServeOptions(variant, host, port, device, half, offline, https, ssl, revision, moshi_weight)
-    hooks = srv.ServeHooks(on_note=show_note, watch_download=DownloadView, on_starting=show_starting,
-                           on_ready=lambda launch, seconds: _announce_ready(launch, seconds, open_browser),
-                           relay=server_relay(ui.settings.verbose))
+    verbose = ui.settings.verbose
+    options = srv.ServeOptions(variant, host, port, device, half, offline, https, ssl, revision, moshi_weight,
+                               replicas, gpus, queue_timeout, drain_timeout)
+    hooks = srv.ServeHooks(
+        on_note=show_note, watch_download=DownloadView, on_starting=show_starting,
+        on_ready=lambda launch, seconds: _announce_ready(launch, seconds, open_browser, replicas),
+        relay=server_relay(verbose), make_relay=lambda name: server_relay(verbose, name),
+        on_load=show_load, on_event=show_event)
     return srv.run(options, hooks)
 
 
-def _announce_ready(launch, seconds: float, open_browser: bool) -> None:
+@app.command()
+def front(
+    backend: Annotated[list[str], typer.Option(
+        "--backend", "-b", help="A `jmoshi serve` elsewhere, as HOST:PORT, or HOST:PORT/N when it runs N replicas "
+        "(repeat the flag for each).",
+        show_default=False)],
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8998,
+    https: Annotated[bool, typer.Option("--https", help="Terminate HTTPS at the front with a self-signed "
+                                        "certificate kept in jmoshi's data folder.")] = False,
+    ssl: Annotated[Optional[Path], typer.Option("--ssl", help="Folder with your own cert.pem and key.pem.",
+                                                show_default=False)] = None,
+    queue_timeout: QueueTimeoutOpt = 180.0,
+    drain_timeout: DrainTimeoutOpt = 60.0,
+) -> int:
+    """One URL over `jmoshi serve` instances on other machines: HAProxy, health checks, a fair queue."""
+    from . import front as frontdoor
+    from .render import show_event, show_load
+
+    options = frontdoor.FrontOptions(backend, host, port, https, ssl, queue_timeout, drain_timeout)
+    hooks = frontdoor.FrontHooks(
+        on_ready=lambda launch, seconds: _announce_ready(launch, seconds, False, str(len(backend))),
+        on_load=show_load, on_event=show_event)
+    return frontdoor.run(options, hooks)
+
+
+def _announce_ready(launch, seconds: float, open_browser: bool, replicas: str | None = None) -> None:
     from .render import show_ready
 
-    show_ready(launch, seconds)
+    show_ready(launch, seconds, replicas)
     typer.echo(launch.url)
     if open_browser:
         import webbrowser
@@ -229,11 +275,12 @@ def _announce_ready(launch, seconds: float, open_browser: bool) -> None:
 def selftest(as_json: JsonOpt = False) -> None:
     """Prove the installed stack works, before downloading 16 GB: a tiny model on the CPU (about a minute)."""
     from . import selftest as st
+    from .audio_io import SAMPLE_RATE
 
     with console.status("selftest") as status:
         result = st.run(on_step=lambda step: status.update(f"selftest: {step}"))
     figures = {"ready_s": round(result.ready_s, 2), "handshake_s": round(result.handshake_s, 3),
-               "audio_samples": result.audio_samples, "audio_s": round(result.audio_samples / 24000, 2),
+               "audio_samples": result.audio_samples, "audio_s": round(result.audio_samples / SAMPLE_RATE, 2),
                "text_pieces": len(result.text_pieces), "frames_sent": result.sent_frames,
                "ms_per_frame": round(result.mean_frame_ms, 1)}
     if as_json:
@@ -332,6 +379,8 @@ def _fail(message: str, hint: str, code: int, exc: BaseException) -> int:
         import traceback
 
         traceback.print_exception(exc)
+        if getattr(exc, "detail", ""):
+            console.print(exc.detail, markup=False, highlight=False, soft_wrap=True)
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     if hint:
         console.print(f"[dim]hint:[/] {hint}", highlight=False, soft_wrap=True)

@@ -70,6 +70,7 @@ class Facts:
     host: str
     port_number: int
     extra: dict = field(default_factory=dict)
+    haproxy: Probe | None = None  # value: haproxy.Version; error: why it cannot be used
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -105,7 +106,17 @@ def gather(catalogue: Catalogue, variant: Variant, host: str = "127.0.0.1", port
         os=hardware.os_facts(), python=tuple(sys.version_info[:3]), packages=packages, nvidia=nvidia,
         torch=torch, disk=hardware.disk_free(hub.cache_dir()), cache=cache, missing_bytes=missing,
         hub=reach, endpoint=hub.endpoint(), port=hardware.port_free(host, port), host=host, port_number=port,
-        extra={"cache_dir": str(hub.cache_dir()), "offline": offline})
+        extra={"cache_dir": str(hub.cache_dir()), "offline": offline}, haproxy=_haproxy_probe())
+
+
+def _haproxy_probe() -> Probe:
+    from . import haproxy
+    from .errors import JMoshiError
+
+    try:
+        return Probe(True, haproxy.find())
+    except JMoshiError as exc:
+        return Probe(False, error=exc.message)
 
 
 def _cache_facts(plan: Probe) -> tuple[Probe, int | None]:
@@ -126,6 +137,8 @@ def evaluate(facts: Facts, variant: Variant) -> list[Check]:
     checks += [_package(name, facts.packages.get(name)) for name in KNOWN_GOOD]
     checks += _gpu_checks(facts, variant)
     checks += [_disk(facts), _cache(facts, variant), _hub(facts), _port(facts)]
+    if facts.haproxy is not None:
+        checks.append(_haproxy(facts.haproxy))
     return checks
 
 
@@ -170,7 +183,8 @@ def _gpu_checks(facts: Facts, variant: Variant) -> list[Check]:
                       "for tests but a 7B model on a CPU is far from real time")]
     gpus: list[GPU] = facts.nvidia.value.gpus
     if not gpus:
-        return [Check("gpu", FAIL, "the NVIDIA driver sees no GPU", "check `nvidia-smi` and the container's --gpus flag")]
+        return [Check("gpu", FAIL, "the NVIDIA driver sees no GPU",
+                      "check `nvidia-smi` and the container's --gpus flag")]
     best = max(gpus, key=lambda g: g.free_bytes)
     listing = "; ".join(f"{g.index}: {g.name}, {_gb(g.total_bytes)} total, {_gb(g.free_bytes)} free, "
                         f"cc {_cc(g.capability)}" for g in gpus)
@@ -287,6 +301,16 @@ def _port(facts: Facts) -> Check:
     if facts.port.value:
         return Check("port", OK, f"{where} is free")
     return Check("port", WARN, f"{where} is in use", f"stop what uses it, or serve with --port {facts.port_number + 1}")
+
+
+def _haproxy(probe: Probe) -> Check:
+    from .haproxy import INSTALL_HINT
+
+    if probe.ok:
+        version = ".".join(map(str, probe.value.version))
+        return Check("haproxy", OK, f"HAProxy {version} ({probe.value.path}): `serve --replicas` and `front` work")
+    return Check("haproxy", WARN, f"{probe.error}; one conversation at a time still works",
+                 INSTALL_HINT + " (HAProxy 2.4 or newer)")
 
 
 def as_json(checks: list[Check], variant: Variant) -> dict:

@@ -8,10 +8,11 @@ class JMoshiError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, hint: str = "", exit_code: int | None = None):
+    def __init__(self, message: str, hint: str = "", exit_code: int | None = None, detail: str = ""):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.detail = detail  # more lines for --verbose / JMOSHI_DEBUG=1, e.g. a child's last output
         if exit_code is not None:
             self.exit_code = exit_code
 

@@ -38,6 +38,7 @@ class Backend:
     name: str
     host: str
     port: int
+    slots: int = 1  # conversations it holds at once: 1 per moshi.server, N for a `serve --replicas N`
 
     @property
     def address(self) -> str:
@@ -54,6 +55,9 @@ class FrontConfig:
     queue_timeout_s: float = 180.0
     pem: Path | None = None  # certificate and key in one file: TLS ends at the front
     check_interval_s: float = 1.0
+    # Replicas jmoshi starts itself begin in maintenance and enter rotation once they listen:
+    # HAProxy would otherwise count a server as UP before its first check.
+    managed: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,8 +69,12 @@ class Version:
 
 def find() -> Version:
     """The haproxy binary and its version; PreflightError with the fix when missing or too old."""
-    path = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy")
-                                           if Path(p).is_file()), None)
+    explicit = os.environ.get("JMOSHI_HAPROXY")
+    if explicit and not os.access(explicit, os.X_OK):
+        raise PreflightError(f"JMOSHI_HAPROXY={explicit} is not a program that can be run", INSTALL_HINT)
+    # Debian installs it in /usr/sbin, which is not on every user's PATH.
+    path = explicit or shutil.which("haproxy") or next(
+        (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if Path(p).is_file()), None)
     if path is None:
         raise PreflightError("HAProxy is not installed (needed for --replicas and `jmoshi front`)", INSTALL_HINT)
     try:
@@ -91,8 +99,8 @@ def render_config(cfg: FrontConfig) -> str:
     """The whole haproxy.cfg, as text, from data (a pure function: tested without HAProxy)."""
     bind = f"{cfg.host}:{cfg.port}" if ":" not in cfg.host else f"[{cfg.host}]:{cfg.port}"
     tls = f" ssl crt {cfg.pem}" if cfg.pem else ""
-    check = f"check inter {_seconds(cfg.check_interval_s)} fall 2 rise 1"
-    chat = "\n".join(f"    server {b.name} {b.address} {check} maxconn 1" for b in cfg.backends)
+    check = f"check inter {_seconds(cfg.check_interval_s)} fall 2 rise 1" + (" disabled" if cfg.managed else "")
+    chat = "\n".join(f"    server {b.name} {b.address} {check} maxconn {b.slots}" for b in cfg.backends)
     ui = "\n".join(f"    server {b.name} {b.address} {check}" for b in cfg.backends)
     return f"""# Made by jmoshi for one run; edits are lost when it stops.
 global
@@ -109,6 +117,9 @@ defaults
     timeout tunnel 12h
     timeout queue {_seconds(cfg.queue_timeout_s)}
     timeout http-request 30s
+    # A replica that refuses the connection (restarting) sends the request back to the queue.
+    option redispatch
+    retries 2
 
 frontend jmoshi
     bind {bind}{tls}
@@ -165,10 +176,12 @@ class ServerState:
     status: str  # HAProxy's own word: UP, DOWN, MAINT, DRAIN, "UP 1/2"...
     active: int  # current sessions (a conversation on the chat backend)
     queued: int
+    check: str = ""  # the last health check: L7OK once GET / answered 200
 
     @property
     def up(self) -> bool:
-        return self.status.startswith("UP")
+        # HAProxy calls a server UP before its first check; only a passed check means it listens.
+        return self.status.startswith("UP") and self.check.startswith("L7OK")
 
 
 @dataclass(frozen=True)
@@ -178,10 +191,16 @@ class Load:
     active: int
     queued: int
     servers: tuple[ServerState, ...]
+    ui_up: int = 0  # replicas that HAProxy would send the web page to
 
     @property
     def healthy(self) -> int:
         return sum(s.up for s in self.servers)
+
+    @property
+    def serving(self) -> bool:
+        """A person who opens the page now can talk: the page and a conversation both have a replica."""
+        return self.healthy > 0 and self.ui_up > 0
 
 
 def command(runtime_socket: Path, line: str, timeout_s: float = 3.0) -> str:
@@ -199,16 +218,22 @@ def command(runtime_socket: Path, line: str, timeout_s: float = 3.0) -> str:
 def parse_stat(text: str) -> Load:
     """`show stat` CSV -> the chat backend's load and each replica's state."""
     rows = list(csv.DictReader(io.StringIO(text.lstrip("# "))))
-    servers, active, queued = [], 0, 0
+    servers, active, queued, ui_up = [], 0, 0, 0
     for row in rows:
+        if row.get("pxname") == UI_BACKEND and row.get("svname") not in ("BACKEND", "FRONTEND"):
+            ui_up += _server(row).up
         if row.get("pxname") != CHAT_BACKEND:
             continue
         if row.get("svname") == "BACKEND":
             active, queued = int(row.get("scur") or 0), int(row.get("qcur") or 0)
         elif row.get("svname") != "FRONTEND":
-            servers.append(ServerState(CHAT_BACKEND, row["svname"], row.get("status") or "",
-                                       int(row.get("scur") or 0), int(row.get("qcur") or 0)))
-    return Load(active, queued, tuple(servers))
+            servers.append(_server(row))
+    return Load(active, queued, tuple(servers), ui_up)
+
+
+def _server(row: dict) -> ServerState:
+    return ServerState(row["pxname"], row["svname"], row.get("status") or "", int(row.get("scur") or 0),
+                       int(row.get("qcur") or 0), row.get("check_status") or "")
 
 
 def load(runtime_socket: Path) -> Load:
@@ -229,13 +254,13 @@ class Front:
     """HAProxy as a child of jmoshi: its files in a private temp folder, tied to jmoshi's life."""
 
     def __init__(self, host: str, port: int, backends: list[Backend], queue_timeout_s: float,
-                 ssl_dir: Path | None = None):
+                 ssl_dir: Path | None = None, managed: bool = False):
         self.version = find()
         self.folder = Path(tempfile.mkdtemp(prefix="jmoshi-front-"))
         pem = _combined_pem(ssl_dir, self.folder) if ssl_dir else None
         (self.folder / "busy.http").write_text(busy_page(), encoding="utf-8")
         self.config = FrontConfig(host, port, tuple(backends), self.folder / "runtime.sock",
-                                  self.folder / "busy.http", queue_timeout_s, pem)
+                                  self.folder / "busy.http", queue_timeout_s, pem, managed=managed)
         (self.folder / "haproxy.cfg").write_text(render_config(self.config))
         self.process: subprocess.Popen | None = None
 

@@ -40,7 +40,7 @@ def bounded(fn: Callable[[], T], timeout_s: float) -> Probe:
     def target() -> None:
         try:
             box.append(Probe(True, fn()))
-        except BaseException as exc:  # a probe reports, it never raises
+        except BaseException as exc:  # noqa: BLE001 - a probe reports, it never raises
             box.append(Probe(False, error=f"{type(exc).__name__}: {exc}".rstrip(": ")))
 
     thread = threading.Thread(target=target, daemon=True)

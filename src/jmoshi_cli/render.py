@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from rich.table import Table
 
@@ -70,13 +71,24 @@ def show_verify(report) -> None:
 
 
 class DownloadView:
-    """Rich progress bars on a terminal; one line per file (start, retry, done) elsewhere."""
+    """Rich progress bars on a terminal; elsewhere one line per file (start, retry, done) and a total.
+
+    Each file is timed from the start of its own fetch, so its line gives its own size, time and
+    rate. Hashing a file without downloading it (one another tool put in the cache, or a hash
+    catching up after a download) shows as "verifying" once it takes longer than HASH_QUIET_S.
+    """
+
+    HASH_QUIET_S = 1.0
+    PLAIN_EVERY_S = 5.0  # off a terminal, how often a long hash prints how far it got
 
     def __init__(self, plan):
         self.plan = plan
-        self.tasks: dict[str, int] = {}
-        self.started: dict[str, float] = {}
         self.progress_bar = None
+        self.tasks: dict[str, int] = {}  # label -> rich task, while downloading
+        self.started: dict[str, tuple[float, int]] = {}  # label -> (start of its fetch, bytes already there)
+        self.hashes: dict[str, _HashClock] = {}  # label -> the hash under way
+        self.finished: list[int] = []  # bytes fetched this run, per file done
+        self.first_start: float | None = None
 
     def __enter__(self):
         if not plain():
@@ -92,34 +104,114 @@ class DownloadView:
             self.progress_bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                                          TransferSpeedColumn(), TimeRemainingColumn(), console=console)
             self.progress_bar.__enter__()
-        for e in self.plan.missing:
-            key = e.artifact.label
-            self.started[key] = time.monotonic()
-            if self.progress_bar is not None:
-                self.tasks[key] = self.progress_bar.add_task(e.artifact.filename, total=e.artifact.size,
-                                                             completed=e.partial_bytes)
-            else:
-                resume = f", resuming at {_size(e.partial_bytes)}" if e.partial_bytes else ""
-                console.print(f"downloading {key} ({_size(e.artifact.size)}{resume})", soft_wrap=True)
         return self
+
+    # --- downloading -------------------------------------------------------------------------------
 
     def progress(self, entry, done: int) -> None:
         key = entry.artifact.label
+        if entry.status is Status.COMPLETE:
+            self._done(entry, done)
+        elif key not in self.started or entry.status is Status.CORRUPT:
+            self._start(entry, done)
+        elif self.progress_bar is not None and key in self.tasks:
+            self.progress_bar.update(self.tasks[key], completed=done)
+
+    def _start(self, entry, done: int) -> None:
+        key, name = entry.artifact.label, entry.artifact.filename
+        now = time.monotonic()
+        self.first_start = self.first_start or now
+        self.started[key] = (now, done)
+        if entry.status is Status.CORRUPT:
+            console.print(f"[yellow]{key} is corrupt[/] ({entry.detail}); downloading it again", soft_wrap=True)
+        if self.progress_bar is not None:
+            if key in self.tasks:
+                self.progress_bar.reset(self.tasks[key], completed=done)
+            else:
+                self.tasks[key] = self.progress_bar.add_task(name, total=entry.artifact.size, completed=done)
+        elif entry.status is not Status.CORRUPT:
+            resume = f", resuming at {_size(done)}" if done else ""
+            console.print(f"downloading {key} ({_size(entry.artifact.size)}{resume})", soft_wrap=True)
+
+    def _done(self, entry, done: int) -> None:
+        key = entry.artifact.label
+        started, already = self.started.get(key, (time.monotonic(), 0))
+        seconds = max(time.monotonic() - started, 1e-6)
+        fetched = max(done - already, 0)
+        self.finished.append(fetched)
         if self.progress_bar is not None and key in self.tasks:
             self.progress_bar.update(self.tasks[key], completed=done)
-        elif self.progress_bar is None and entry.status is Status.COMPLETE:
-            seconds = max(time.monotonic() - self.started.get(key, time.monotonic()), 1e-6)
-            console.print(f"done {key}: {_size(done)} in {seconds:.1f} s ({done / seconds / 1e6:.1f} MB/s), "
-                          "sha256 verified", soft_wrap=True)
+        if self.progress_bar is None:
+            resumed = f" ({_size(fetched)} this run)" if already else ""
+            console.print(f"done {key}: {_size(done)}{resumed} in {seconds:.1f} s ({fetched / seconds / 1e6:.1f} MB/s)"
+                          f", {_verified_by(entry)}", soft_wrap=True)
 
     def retry(self, entry, attempt: int, exc: BaseException, delay: float) -> None:
         console.print(f"[yellow]retrying[/] {entry.artifact.filename} in {delay:.1f} s "
                       f"(attempt {attempt} failed: {type(exc).__name__})", soft_wrap=True)
 
+    # --- hashing without downloading ------------------------------------------------------------------
+
+    def hashing(self, entry, done: int) -> None:
+        key, now = entry.artifact.label, time.monotonic()
+        clock = self.hashes.setdefault(key, _HashClock(now))
+        total = _file_size(entry)
+        finished = total is not None and done >= total
+        if now - clock.started >= self.HASH_QUIET_S:
+            self._show_hash(entry, done, total, clock, finished)
+        if finished:
+            del self.hashes[key]
+
+    def _show_hash(self, entry, done: int, total: int | None, clock: _HashClock, finished: bool) -> None:
+        now = time.monotonic()
+        if self.progress_bar is not None:
+            if clock.task is None:
+                clock.task = self.progress_bar.add_task(f"verifying {entry.artifact.filename}", total=total)
+            self.progress_bar.update(clock.task, completed=done)
+        elif clock.printed is None or finished or now - clock.printed >= self.PLAIN_EVERY_S:
+            clock.printed = now
+            console.print(f"verifying {entry.artifact.label}: {_size(done)} of {_size(total)} hashed, "
+                          f"{now - clock.started:.0f} s", soft_wrap=True)
+
     def __exit__(self, *exc):
         if self.progress_bar is not None:
             self.progress_bar.__exit__(*exc)
+        if exc[0] is None and self.finished:
+            self._summary()
         return False
+
+    def _summary(self) -> None:
+        fetched = sum(self.finished)
+        seconds = max(time.monotonic() - (self.first_start or time.monotonic()), 1e-6)
+        console.print(f"downloaded {len(self.finished)} file(s): {_size(fetched)} in {seconds:.1f} s "
+                      f"({fetched / seconds / 1e6:.1f} MB/s), every file verified", soft_wrap=True)
+
+
+@dataclass
+class _HashClock:
+    """One file being hashed: since when, when a line was last printed, its bar."""
+
+    started: float
+    printed: float | None = None
+    task: int | None = None
+
+
+def _verified_by(entry) -> str:
+    from .artifacts import expected_hash
+
+    expected = expected_hash(entry)
+    if expected is None:
+        return "no content hash known to verify it"
+    return f"{'sha256' if expected[0] == 'sha256' else 'git blob id'} verified"
+
+
+def _file_size(entry) -> int | None:
+    if entry.artifact.size is not None:
+        return entry.artifact.size
+    try:
+        return entry.path.stat().st_size if entry.path is not None else None
+    except OSError:
+        return None
 
 
 class InferView:
@@ -188,13 +280,19 @@ def show_starting(variant, launch) -> None:
                   soft_wrap=True)
 
 
-def show_ready(launch, seconds: float) -> None:
+def show_ready(launch, seconds: float, replicas: str | None = None) -> None:
     import socket
 
     from .serve import is_loopback, lan_addresses
 
-    console.print(f"[bold green]ready[/] at {launch.url} (took {seconds:.1f} s). One conversation at a time: "
-                  "a second browser waits until the first one hangs up. Ctrl-C stops the server.", soft_wrap=True)
+    if replicas is None:
+        console.print(f"[bold green]ready[/] at {launch.url} (took {seconds:.1f} s). One conversation at a time: "
+                      "a second browser waits until the first one hangs up. Ctrl-C stops the server.", soft_wrap=True)
+    else:
+        console.print(f"[bold green]ready[/] at {launch.url} (took {seconds:.1f} s; a first replica is up). One "
+                      "conversation per replica; others wait in a queue. Live numbers: "
+                      f"{launch.url}stats and {launch.url}metrics (Prometheus). Ctrl-C drains and stops.",
+                      soft_wrap=True)
     if is_loopback(launch.host):
         return
     hosts = lan_addresses() if launch.host in ("0.0.0.0", "::") else [launch.host]
@@ -206,12 +304,61 @@ def show_ready(launch, seconds: float) -> None:
                       f"http://localhost:{launch.port}/", soft_wrap=True)
 
 
-def server_relay(verbose: bool):
-    """How the child's output reaches the person: every line as it comes."""
+def server_relay(verbose: bool, name: str | None = None):
+    """How the child's output reaches the person, one relay per child (`name` prefixes its lines).
+
+    With --verbose, every line as it came. Otherwise through server_log: frame times as a summary,
+    a browser hanging up as one line, known harmless lines left out, everything else as it came.
+    """
     import sys
 
+    from .server_log import FRAME_BUDGET_MS, Kind, ServerLog
+
+    if verbose:
+        def raw(line: str) -> None:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+        return raw
+
+    log, prefix = ServerLog(), f"{name}: " if name else ""
+    said = {Kind.CONNECTED: "a browser connected", Kind.HUNG_UP: "the browser hung up"}
+
+    def frames(stats) -> str:
+        if stats.real_time:
+            pace = "real time"
+        elif stats.median_ms <= FRAME_BUDGET_MS:
+            pace = f"real time on most frames; some take longer than {FRAME_BUDGET_MS:g} ms"
+        else:
+            pace = "slower than real time: J-Moshi's answers will lag and stutter"
+        scope = "conversation over: " if stats.final else ""
+        return (f"{scope}{stats.frames} frames, median {stats.median_ms:.0f} ms, p95 {stats.p95_ms:.0f} ms "
+                f"per {FRAME_BUDGET_MS:g} ms frame: {pace}")
+
+    def show(event) -> None:
+        if event.kind is Kind.QUIET:
+            return
+        text, style = event.text, None
+        if event.kind is Kind.FRAMES:
+            text, style = frames(event.stats), "dim"
+        elif event.kind in said:
+            text = said[event.kind]
+        elif event.kind is Kind.STEP:
+            text, style = f"moshi.server: {event.text}", "dim"
+        console.print(prefix + text, style=style, markup=False, highlight=False, soft_wrap=True)
+
     def relay(line: str) -> None:
-        sys.stderr.write(line)
-        sys.stderr.flush()
+        for event in log.feed(line, time.monotonic()):
+            show(event)
 
     return relay
+
+
+def show_load(load) -> None:
+    servers = len(load.servers)
+    console.print(f"conversations: {load.active} active, {load.queued} waiting; "
+                  f"{load.healthy}/{servers} replicas healthy", soft_wrap=True)
+
+
+def show_event(text: str) -> None:
+    console.print(f"[yellow]replicas:[/] {text}", soft_wrap=True)

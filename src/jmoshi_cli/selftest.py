@@ -1,7 +1,9 @@
 """`jmoshi selftest`: prove the installed stack (moshi, sphn, torch, aiohttp) end to end, on the CPU.
 
 A tiny random model (same generator as the tests) is served by the real moshi.server through the
-same launch code as `jmoshi serve`, and a client speaks the /api/chat protocol to it.
+same launch code as `jmoshi serve`, and a client speaks the /api/chat protocol to it. The server's
+output is kept, not shown: a failure carries its last lines as the error's `detail`, which the CLI
+prints with --verbose or JMOSHI_DEBUG=1.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from . import server_log
 from .artifacts import ModelFiles, unpack_bundle
-from .child import Server, explain_exit
-from .errors import JMoshiError
+from .audio_io import SAMPLE_RATE
+from .child import Launch, Server, explain_exit
+from .errors import JMoshiError, ServerError
 from .serve import ServeOptions, build_launch
 
 SELFTEST_REPO = "jmoshi/selftest-tiny"
+SEE_LOG = "`jmoshi --verbose selftest` (or JMOSHI_DEBUG=1) shows the server's last lines"
 
 
 @dataclass
@@ -35,7 +40,12 @@ class SelftestResult:
 
 
 class SelftestError(JMoshiError):
+    """The stack failed the test; `detail` holds the server's last lines (empty when they say nothing)."""
+
     exit_code = 1
+
+    def __init__(self, message: str, hint: str = "", detail: str = ""):
+        super().__init__(message, hint, detail=detail)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -44,7 +54,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def speech_like(seconds: float = 3.0, sample_rate: int = 24000):
+def speech_like(seconds: float = 3.0, sample_rate: int = SAMPLE_RATE):
     """A voiced, syllable-paced test signal (harmonics of a gliding pitch, 4 Hz envelope)."""
     import numpy as np
 
@@ -57,45 +67,69 @@ def speech_like(seconds: float = 3.0, sample_rate: int = 24000):
 
 
 def run(on_step: Callable[[str], None] = lambda step: None, seconds: float = 3.0) -> SelftestResult:
-    from .chat import ChatError, chat_sync
-    from .tiny_model import build_web_ui_bundle, cached_tiny_repo
+    from .tiny_model import cached_tiny_repo
 
-    result = SelftestResult()
     on_step("building the tiny model (cached after the first run)")
     repo = cached_tiny_repo()
     with tempfile.TemporaryDirectory(prefix="jmoshi-selftest-") as tmp:
-        static = unpack_bundle(build_web_ui_bundle(Path(tmp) / "dist.tgz"), Path(tmp) / "dist")
-        files = ModelFiles(repo / "model.safetensors", repo / "tokenizer-e351c8d8-checkpoint125.safetensors",
-                           repo / "tokenizer_spm_32k_3.model", repo / "config.json", static)
-        options = ServeOptions(host="127.0.0.1", port=free_port(), device="cpu")
-        launch = build_launch(files, SELFTEST_REPO, options, None, half=False)
-        server = Server(launch, relay=lambda line: None)
+        launch = _launch(repo, Path(tmp))
         on_step("starting moshi.server on the CPU")
-        with server:
-            result.ready_s = server.wait_ready(timeout_s=180)
-            on_step("talking to /api/chat")
-            try:
-                chat = chat_sync(f"ws://127.0.0.1:{options.port}/api/chat", speech_like(seconds), tail_s=3.0,
-                                 timeout_s=30)
-            except ChatError as exc:
-                code = server.process.poll()
-                if code is not None:
-                    server.drain()
-                    raise SelftestError(*_broken("moshi.server", explain_exit(code, list(server.tail)))) from None
-                raise SelftestError(f"the /api/chat conversation failed: {exc}",
-                                    "run `jmoshi doctor`; JMOSHI_DEBUG=1 shows the server log") from None
-            result.handshake_s = chat.handshake_s
-            result.audio_samples = chat.audio_samples
-            result.text_pieces = chat.text_pieces
-            result.sent_frames = chat.sent_frames
-            result.frame_ms = list(server.frame_ms)
-    if result.audio_samples == 0:
-        raise SelftestError("moshi.server answered the handshake but sent no audio",
-                            "run `jmoshi doctor` (a sphn 0.2 install breaks audio at the first frame)")
-    if not result.text_pieces:
-        raise SelftestError("moshi.server sent audio but no text pieces", "run `jmoshi doctor`")
+        # Started on the caller's (main) thread, as Server.start requires; the child dies with jmoshi.
+        with Server(launch, relay=lambda line: None) as server:
+            return _converse(server, launch, on_step, seconds)
+
+
+def _launch(repo: Path, tmp: Path) -> Launch:
+    from .tiny_model import build_web_ui_bundle
+
+    static = unpack_bundle(build_web_ui_bundle(tmp / "dist.tgz"), tmp / "dist")
+    files = ModelFiles(repo / "model.safetensors", repo / "tokenizer-e351c8d8-checkpoint125.safetensors",
+                       repo / "tokenizer_spm_32k_3.model", repo / "config.json", static)
+    options = ServeOptions(host="127.0.0.1", port=free_port(), device="cpu")
+    return build_launch(files, SELFTEST_REPO, options, None, half=False)
+
+
+def _converse(server: Server, launch: Launch, on_step: Callable[[str], None], seconds: float) -> SelftestResult:
+    from .chat import ChatError, chat_sync
+
+    result = SelftestResult()
+    try:
+        result.ready_s = server.wait_ready(timeout_s=180, unknown_hint=SEE_LOG)
+    except ServerError as exc:
+        raise _failed(exc, server) from None
+    on_step("talking to /api/chat")
+    try:
+        chat = chat_sync(f"ws://127.0.0.1:{launch.port}/api/chat", speech_like(seconds), tail_s=3.0, timeout_s=30)
+    except ChatError as exc:
+        code = server.process.poll()
+        if code is None:
+            raise SelftestError(f"the /api/chat conversation failed: {exc}", f"run `jmoshi doctor`; {SEE_LOG}",
+                                _server_lines(server)) from None
+        server.drain()
+        raise _failed(explain_exit(code, list(server.tail), SEE_LOG), server) from None
+    result.handshake_s = chat.handshake_s
+    result.audio_samples = chat.audio_samples
+    result.text_pieces = chat.text_pieces
+    result.sent_frames = chat.sent_frames
+    result.frame_ms = list(server.frame_ms)
+    _check(result, server)
     return result
 
 
-def _broken(piece: str, error: JMoshiError) -> tuple[str, str]:
-    return f"{piece} failed: {error.message}", error.hint
+def _check(result: SelftestResult, server: Server) -> None:
+    if result.audio_samples == 0:
+        raise SelftestError("moshi.server answered the handshake but sent no audio",
+                            f"run `jmoshi doctor` (a sphn 0.2 install breaks audio at the first frame); {SEE_LOG}",
+                            _server_lines(server))
+    if not result.text_pieces:
+        raise SelftestError("moshi.server sent audio but no text pieces", f"run `jmoshi doctor`; {SEE_LOG}",
+                            _server_lines(server))
+
+
+def _failed(error: ServerError, server: Server) -> SelftestError:
+    """The server's failure as the selftest's, with the output that selftest never shows."""
+    return SelftestError(f"moshi.server failed: {error.message}", error.hint, _server_lines(server))
+
+
+def _server_lines(server: Server) -> str:
+    return "\n".join(server_log.plain(line) for line in server.tail)

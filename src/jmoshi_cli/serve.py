@@ -34,6 +34,21 @@ class ServeOptions:
     ssl_dir: Path | None = None
     revision: str | None = None
     moshi_weight: Path | None = None
+    # Many conversations: a number of replicas (or "auto") behind an HAProxy front; None: one server.
+    replicas: str | None = None
+    gpus: str | None = None
+    queue_timeout_s: float = 180.0
+    drain_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What preflight and the artifacts step decided, before anything starts."""
+
+    launch: Launch
+    variant: Variant
+    ssl_dir: Path | None
+    placements: list | None = None  # replicas.Placement for each replica, with --replicas
 
 
 def is_loopback(host: str) -> bool:
@@ -56,7 +71,11 @@ class ServeHooks:
     watch_download: artifacts.WatchFactory | None = None
     on_starting: Callable[[Variant, Launch], None] = lambda variant, launch: None
     on_ready: Callable[[Launch, float], None] = lambda launch, seconds: None
-    relay: Callable[[str], None] | None = None  # each line of the child's output
+    relay: Callable[[str], None] | None = None  # each line of the child's output, then "" once when it ends
+    # With --replicas: one relay per replica (by name), the front's load, and replica events.
+    make_relay: Callable[[str], Callable[[str], None] | None] = lambda name: None
+    on_load: Callable[[object], None] = lambda load: None
+    on_event: Callable[[str], None] = lambda text: None
 
 
 def run(options: ServeOptions, hooks: ServeHooks | None = None) -> int:
@@ -64,14 +83,32 @@ def run(options: ServeOptions, hooks: ServeHooks | None = None) -> int:
     from . import child
 
     hooks = hooks or ServeHooks()
-    launch, chosen = prepare(options, hooks)
-    hooks.on_starting(chosen, launch)
-    server = child.Server(launch, relay=hooks.relay)
-    return child.supervise(server, lambda seconds: hooks.on_ready(launch, seconds))
+    prepared = prepare(options, hooks)
+    hooks.on_starting(prepared.variant, prepared.launch)
+    if prepared.placements is not None:
+        return _run_replicas(options, prepared, hooks)
+    server = child.Server(prepared.launch, relay=hooks.relay)
+    return child.supervise(server, lambda seconds: hooks.on_ready(prepared.launch, seconds))
 
 
-def prepare(options: ServeOptions, hooks: ServeHooks) -> tuple[Launch, Variant]:
-    """Everything before the child starts: seconds of checks, then the files, then the command line."""
+def _run_replicas(options: ServeOptions, prepared: Prepared, hooks: ServeHooks) -> int:
+    from dataclasses import replace
+
+    from . import haproxy, replicas
+
+    front = haproxy.Front(options.host, options.port, replicas.backends_for(prepared.placements),
+                          options.queue_timeout_s, prepared.ssl_dir, managed=True)
+    front_launch = replace(prepared.launch, host=options.host, port=options.port, scheme=front.scheme)
+    fleet = replicas.Fleet(
+        front, [replicas.Replica(p, replicas.replica_launch(prepared.launch, p)) for p in prepared.placements],
+        replicas.FleetHooks(on_ready=lambda seconds: hooks.on_ready(front_launch, seconds), on_load=hooks.on_load,
+                            on_event=hooks.on_event, make_relay=hooks.make_relay),
+        options.drain_timeout_s)
+    return fleet.run()
+
+
+def prepare(options: ServeOptions, hooks: ServeHooks) -> Prepared:
+    """Everything before a child starts: seconds of checks, then the files, then the command line."""
     catalogue = load_catalogue()
     chosen = catalogue.get(options.variant)
     if options.https and options.ssl_dir:
@@ -79,14 +116,28 @@ def prepare(options: ServeOptions, hooks: ServeHooks) -> tuple[Launch, Variant]:
     preflight.check_address(options.host, options.port)
     ssl_dir = tls.check_ssl_dir(options.ssl_dir) if options.ssl_dir else None
     weight = preflight.check_moshi_weight(options.moshi_weight)
-    device = preflight.check_device(options.device, chosen.vram_min_gb, chosen.name)
+    placements = _place_replicas(options, chosen) if options.replicas is not None else None
+    first_device = placements[0].device if placements else options.device
+    device = preflight.check_device(first_device, chosen.vram_min_gb, chosen.name)
     for note in device.notes:
         hooks.on_note(note)
     _, files = artifacts.ensure_local(catalogue, chosen, options.revision, offline=options.offline, web_ui=True,
                                       moshi_weight=weight, watch=hooks.watch_download, on_note=hooks.on_note)
     if options.https:
         ssl_dir = tls.ensure_certificate(artifacts.data_dir() / "tls", certificate_names(options.host))
-    return build_launch(files, chosen.repo, options, ssl_dir, half=options.half or device.half), chosen
+    launch = build_launch(files, chosen.repo, options, ssl_dir, half=options.half or device.half)
+    return Prepared(launch, chosen, ssl_dir, placements)
+
+
+def _place_replicas(options: ServeOptions, chosen: Variant) -> list:
+    from . import haproxy, replicas
+
+    haproxy.find()
+    count = replicas.parse_count(options.replicas)
+    for name, value in (("--queue-timeout", options.queue_timeout_s), ("--drain-timeout", options.drain_timeout_s)):
+        if not value >= 0:
+            raise UsageError(f"{name} {value} must be 0 or more seconds", f"e.g. {name} 60")
+    return replicas.place(count, options.device, replicas.parse_gpus(options.gpus), chosen.vram_min_gb)
 
 
 # --- the child's command line ----------------------------------------------------------------------

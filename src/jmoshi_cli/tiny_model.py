@@ -30,6 +30,8 @@ import typing as tp
 import uuid
 from pathlib import Path
 
+from .fsutil import atomic_write
+
 CONFIG_NAME = "config.json"
 MOSHI_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
@@ -203,7 +205,7 @@ def _randomize_codebooks(mimi, generator) -> int:
 
 def _save_state_dict(module, path: Path, dtype) -> None:
     """Save a module's state dict with safetensors, casting floating tensors to ``dtype``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {}
     seen: dict[int, str] = {}
@@ -215,14 +217,8 @@ def _save_state_dict(module, path: Path, dtype) -> None:
         if tensor.is_floating_point():
             tensor = tensor.to(dtype)
         tensors[name] = tensor.contiguous()
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    atomic_write(path, save(tensors, metadata={"format": "pt"}))
     del tensors
-
-
-def _write_atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,17 +243,16 @@ def build_tiny_repo(dest: Path, seed: int = 0) -> dict[str, Path]:
     vocab = sp.get_piece_size()
     if vocab < _MIN_TEXT_CARD:
         raise RuntimeError(f"toy tokenizer too small: {vocab} pieces")
-    _write_atomic_bytes(paths[TOKENIZER_NAME], spm_bytes)
+    atomic_write(paths[TOKENIZER_NAME], spm_bytes)
 
     config = tiny_lm_config(text_card=vocab)
-    _write_atomic_bytes(paths[CONFIG_NAME], (json.dumps(config, indent=2) + "\n").encode())
+    atomic_write(paths[CONFIG_NAME], (json.dumps(config, indent=2) + "\n").encode())
 
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         lm = LMModel(device="cpu", dtype=torch.bfloat16, **lm_kwargs_from_config(config))
         lm.eval()
-        _save_state_dict(lm, paths[MOSHI_NAME].with_suffix(".tmp"), torch.bfloat16)
-        os.replace(paths[MOSHI_NAME].with_suffix(".tmp"), paths[MOSHI_NAME])
+        _save_state_dict(lm, paths[MOSHI_NAME], torch.bfloat16)
         del lm
 
         torch.manual_seed(seed + 1)
@@ -265,9 +260,7 @@ def build_tiny_repo(dest: Path, seed: int = 0) -> dict[str, Path]:
         gen = torch.Generator().manual_seed(seed + 2)
         if _randomize_codebooks(mimi, gen) == 0:
             raise RuntimeError("no codebook found in Mimi")
-        tmp = paths[MIMI_NAME].with_suffix(".tmp")
-        _save_state_dict(mimi, tmp, torch.float16)
-        os.replace(tmp, paths[MIMI_NAME])
+        _save_state_dict(mimi, paths[MIMI_NAME], torch.float16)
         del mimi
     return paths
 
@@ -299,26 +292,22 @@ def build_web_ui_bundle(dest_tgz: Path) -> Path:
         ("dist/assets", None),
         ("dist/assets/index.css", _INDEX_CSS.encode()),
     ]
-    tmp = dest_tgz.with_name(dest_tgz.name + f".{uuid.uuid4().hex}.tmp")
-    try:
-        with tarfile.open(tmp, "w:gz") as tar:
-            for name, data in entries:
-                info = tarfile.TarInfo(name)
-                info.mtime = 0
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                if data is None:
-                    info.type = tarfile.DIRTYPE
-                    info.mode = 0o755
-                    tar.addfile(info)
-                else:
-                    info.mode = 0o644
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        os.replace(tmp, dest_tgz)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    bundle = io.BytesIO()
+    with tarfile.open(fileobj=bundle, mode="w:gz") as tar:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            info.mtime = 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                info.mode = 0o755
+                tar.addfile(info)
+            else:
+                info.mode = 0o644
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    atomic_write(dest_tgz, bundle.getvalue())
     return dest_tgz
 
 

@@ -1,0 +1,282 @@
+"""Many conversations at once: N moshi.server replicas behind one HAProxy front.
+
+Each replica is a moshi.server child on 127.0.0.1 and its own port and device; HAProxy (haproxy.py)
+gives each one conversation and queues the rest. This module decides where replicas go (`place`)
+and keeps them running (`Fleet`): a replica that crashes is taken out of rotation, restarted with
+backoff, and put back once HAProxy's health check sees it; one that never starts does not stop the
+others unless none start. On SIGINT/SIGTERM the front drains: no new conversations, running ones
+finish (up to the drain timeout), then everything stops. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from . import hardware
+from .child import Launch, Server, explain_exit
+from .errors import PreflightError, ServerError, UsageError
+from .haproxy import Backend, Front, Load
+
+RESTART_DELAYS_S = (1, 2, 4, 8, 16, 30)
+GIVE_UP_AFTER = 5  # failed starts in a row, before the replica was ever healthy
+HEALTHY_RESETS_S = 60.0  # a replica healthy this long starts its backoff from the beginning again
+STATUS_EVERY_S = 5.0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one replica runs."""
+
+    name: str
+    device: str  # cpu or cuda:N
+    port: int
+    threads: int | None = None  # CPU threads, when on the CPU
+
+
+def parse_gpus(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        gpus = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--gpus {text!r} is not a list of GPU indices", "e.g. --gpus 0,1") from None
+    if not gpus or any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
+        raise UsageError(f"--gpus {text!r} is not a list of distinct GPU indices", "e.g. --gpus 0,1")
+    return gpus
+
+
+def parse_count(text: str) -> int | None:
+    """--replicas: a number, or `auto` (None: as many as free memory allows)."""
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"--replicas {text!r} is not a positive number or `auto`", "e.g. --replicas 2")
+    return int(text)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def place(count: int | None, device: str, gpus: list[int] | None, vram_min_gb: float,
+          cpu_count: int | None = None) -> list[Placement]:
+    """Decide each replica's device: on the CPU, share the cores; on GPUs, fill free memory in turn."""
+    if device == "cpu":
+        if gpus:
+            raise UsageError("--gpus with --device cpu", "drop --gpus, or use --device cuda")
+        count = count or 1
+        threads = max(1, (cpu_count or os.cpu_count() or 1) // count)
+        return [Placement(f"r{i}", "cpu", free_port(), threads) for i in range(count)]
+    return _place_on_gpus(count, gpus, vram_min_gb)
+
+
+def _place_on_gpus(count: int | None, gpus: list[int] | None, vram_min_gb: float) -> list[Placement]:
+    probe = hardware.nvidia()
+    if not probe.ok or not probe.value.gpus:
+        why = probe.error if not probe.ok else "the NVIDIA driver sees no GPU"
+        raise PreflightError(f"no usable NVIDIA GPU: {why}", "run `jmoshi doctor`, or use --device cpu for tests")
+    available = {g.index: g for g in probe.value.gpus}
+    chosen = gpus if gpus is not None else sorted(available)
+    unknown = [g for g in chosen if g not in available]
+    if unknown:
+        raise UsageError(f"--gpus: no GPU {unknown[0]} on this machine ({len(available)} GPU(s))",
+                         "run `nvidia-smi -L` to see the indices")
+    room = {g: int(available[g].free_bytes // (vram_min_gb * 1e9)) if vram_min_gb else 64 for g in chosen}
+    total = sum(room.values())
+    if total == 0:
+        best = max(chosen, key=lambda g: available[g].free_bytes)
+        raise PreflightError(f"no GPU has room for a replica: {available[best].name} has "
+                             f"{available[best].free_bytes / 1e9:.1f} GB free, one replica needs {vram_min_gb:g} GB",
+                             "stop other GPU processes (`nvidia-smi`)")
+    wanted = total if count is None else count
+    if wanted > total:
+        raise PreflightError(f"{wanted} replicas do not fit: the chosen GPUs have room for {total}",
+                             f"use --replicas {total} (or `auto`), or add GPUs with --gpus")
+    order = [g for round_ in range(max(room.values())) for g in chosen if room[g] > round_]
+    return [Placement(f"r{i}", f"cuda:{order[i]}", free_port()) for i in range(wanted)]
+
+
+def replica_launch(base: Launch, where: Placement) -> Launch:
+    """The single-server launch, moved to this replica's loopback port, device and CPU share."""
+    argv = list(base.argv)
+    argv[argv.index("--host") + 1] = "127.0.0.1"
+    argv[argv.index("--port") + 1] = str(where.port)
+    argv[argv.index("--device") + 1] = where.device
+    if "--ssl" in argv:  # TLS ends at the front; replicas speak plain HTTP on loopback
+        at = argv.index("--ssl")
+        del argv[at:at + 2]
+    env = dict(base.env, JMOSHI_BIND_HOST="127.0.0.1")
+    if where.threads is not None:
+        env.update(OMP_NUM_THREADS=str(where.threads), MKL_NUM_THREADS=str(where.threads))
+    return replace(base, argv=argv, env=env, host="127.0.0.1", port=where.port, scheme="http")
+
+
+# --- keeping replicas running ----------------------------------------------------------------------
+
+
+@dataclass
+class Replica:
+    where: Placement
+    launch: Launch
+    server: Server | None = None
+    failures: int = 0  # starts in a row that ended before it was healthy
+    restart_at: float = 0.0
+    healthy_since: float | None = None
+    ever_healthy: bool = False
+    in_rotation: bool = False  # jmoshi has told HAProxy to use it (it listens)
+    gave_up: bool = False
+    last_error: ServerError | None = None
+
+
+@dataclass
+class FleetHooks:
+    on_ready: Callable[[float], None] = lambda seconds: None
+    on_load: Callable[[Load], None] = lambda load: None
+    on_event: Callable[[str], None] = lambda text: None  # a replica crashed, restarted, rejoined...
+    make_relay: Callable[[str], Callable[[str], None] | None] = lambda name: None
+
+
+@dataclass
+class _Signals:
+    received: list[int] = field(default_factory=list)
+
+    def handler(self, signum, _frame) -> None:
+        self.received.append(signum)
+
+
+class Fleet:
+    """The replicas and the front, supervised from the main thread."""
+
+    def __init__(self, front: Front, replicas: list[Replica], hooks: FleetHooks, drain_timeout_s: float):
+        self.front = front
+        self.replicas = replicas
+        self.hooks = hooks
+        self.drain_timeout_s = drain_timeout_s
+        self.started = time.monotonic()
+        self.ready = False
+        self.last_load: Load | None = None
+        self.last_status = 0.0
+
+    def run(self) -> int:
+        signals = _Signals()
+        previous = {sig: signal.signal(sig, signals.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for replica in self.replicas:
+                self._start(replica)
+            self.front.start()
+            while not signals.received:
+                self._tick()
+                time.sleep(0.2)
+            return self._drain(signals)
+        finally:
+            self.stop_all()
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _start(self, replica: Replica) -> None:
+        relay = self.hooks.make_relay(replica.where.name)
+        replica.server = Server(replica.launch, relay=relay).start()
+
+    def _tick(self) -> None:
+        if not self.front.alive():
+            raise ServerError("HAProxy stopped on its own", "see its output above; run `jmoshi doctor`")
+        now = time.monotonic()
+        load = self.front.load()
+        for replica in self.replicas:
+            self._watch(replica, load, now)
+        if self.replicas and all(r.gave_up for r in self.replicas):
+            first = next((r.last_error for r in self.replicas if r.last_error), None)
+            raise first or ServerError("no replica could start")
+        if load is not None:
+            self._report(load, now)
+
+    def _watch(self, replica: Replica, load: Load | None, now: float) -> None:
+        name = replica.where.name
+        if replica.gave_up:
+            return
+        process = replica.server.process if replica.server else None
+        if process is not None and process.poll() is not None:
+            self._crashed(replica, now)
+        elif process is None and now >= replica.restart_at:
+            self.hooks.on_event(f"{name}: restarting")
+            self._start(replica)
+        elif process is not None and not replica.in_rotation and _listens(replica.where.port):
+            self.front.set_state(name, "ready")
+            replica.in_rotation = True
+        state = next((s for s in load.servers if s.name == name), None) if load else None
+        if state is not None and state.up and replica.server is not None:
+            if replica.healthy_since is None:
+                replica.healthy_since = now
+                if replica.ever_healthy:
+                    self.hooks.on_event(f"{name}: back in rotation")
+                replica.ever_healthy = True
+            if now - replica.healthy_since > HEALTHY_RESETS_S:
+                replica.failures = 0
+
+    def _crashed(self, replica: Replica, now: float) -> None:
+        server = replica.server
+        server.drain()
+        error = explain_exit(server.process.returncode, list(server.tail))
+        replica.server, replica.healthy_since, replica.last_error = None, None, error
+        replica.in_rotation = False
+        self.front.set_state(replica.where.name, "maint")
+        replica.failures += 1
+        if not replica.ever_healthy and replica.failures >= GIVE_UP_AFTER:
+            replica.gave_up = True
+            self.hooks.on_event(f"{replica.where.name}: gave up after {replica.failures} failed starts: "
+                                f"{error.message}")
+            return
+        delay = RESTART_DELAYS_S[min(replica.failures, len(RESTART_DELAYS_S)) - 1]
+        replica.restart_at = now + delay
+        self.hooks.on_event(f"{replica.where.name}: {error.message}; out of rotation, restarting in {delay} s")
+        if not self.ready and all(not r.ever_healthy and r.server is None for r in self.replicas):
+            raise error
+
+    def _report(self, load: Load, now: float) -> None:
+        if not self.ready and load.serving:
+            self.ready = True
+            self.hooks.on_ready(now - self.started)
+        changed = self.last_load is None or (load.active, load.queued, load.healthy) != (
+            self.last_load.active, self.last_load.queued, self.last_load.healthy)
+        if self.ready and (changed or now - self.last_status > 60):
+            self.hooks.on_load(load)
+            self.last_load, self.last_status = load, now
+
+    def _drain(self, signals: _Signals) -> int:
+        first = signals.received[0]
+        for replica in self.replicas:
+            self.front.set_state(replica.where.name, "drain")
+        deadline = time.monotonic() + self.drain_timeout_s
+        load = self.front.load()
+        if load is not None and load.active:
+            self.hooks.on_event(f"draining: {load.active} conversation(s) may finish "
+                                f"(up to {self.drain_timeout_s:g} s; Ctrl-C again stops now)")
+        while load is not None and load.active and time.monotonic() < deadline and len(signals.received) < 2:
+            time.sleep(0.2)
+            load = self.front.load()
+        return 128 + first
+
+    def stop_all(self) -> None:
+        self.front.stop()
+        for replica in self.replicas:
+            if replica.server is not None:
+                replica.server.stop(grace_s=5)
+
+
+def _listens(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def backends_for(placements: list[Placement]) -> list[Backend]:
+    return [Backend(p.name, "127.0.0.1", p.port) for p in placements]

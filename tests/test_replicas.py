@@ -1,0 +1,388 @@
+"""`serve --replicas` and `front`: real HAProxy, real moshi.server replicas (tiny model, CPU), loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import child_env
+from jmoshi_cli import haproxy, hardware, replicas
+from jmoshi_cli.errors import PreflightError, UsageError
+from jmoshi_cli.hardware import GPU, NvidiaFacts, Probe
+from jmoshi_cli.selftest import free_port, speech_like
+from test_serve import Served, children_of, listening
+
+
+@pytest.fixture(scope="module")
+def haproxy_binary() -> str:
+    """HAProxy is a system package: .ci/run installs it; elsewhere its absence skips these tests."""
+    try:
+        return haproxy.find().path
+    except PreflightError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must install HAProxy: {exc.message}")
+        pytest.skip(exc.message)
+
+
+# --- the pieces, without processes -----------------------------------------------------------------
+
+
+def test_config_queues_chat_one_per_replica_and_serves_the_ui_freely(tmp_path, haproxy_binary):
+    cfg = haproxy.FrontConfig("0.0.0.0", 8998, (haproxy.Backend("r0", "127.0.0.1", 9001),
+                                                 haproxy.Backend("r1", "127.0.0.1", 9002)),
+                              tmp_path / "runtime.sock", tmp_path / "busy.http", queue_timeout_s=90)
+    text = haproxy.render_config(cfg)
+    assert "server r0 127.0.0.1:9001 check inter 1000ms fall 2 rise 1 maxconn 1" in text
+    assert "timeout queue 90000ms" in text and "balance leastconn" in text
+    assert "use_backend chat if { path_beg /api/chat }" in text
+    (tmp_path / "busy.http").write_text(haproxy.busy_page())
+    (tmp_path / "haproxy.cfg").write_text(text)
+    haproxy.check_config(haproxy_binary, tmp_path / "haproxy.cfg")  # HAProxy itself accepts it
+
+
+def test_busy_page_is_a_complete_http_response():
+    page = haproxy.busy_page().encode()
+    head, body = page.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 503 ")
+    assert f"Content-Length: {len(body)}".encode() in head
+    assert "busy" in body.decode()
+
+
+def test_stat_csv_gives_active_and_queued_conversations():
+    text = ("# pxname,svname,qcur,qmax,scur,smax,slim,stot,status,check_status,\n"
+            "jmoshi,FRONTEND,,,3,3,2000,9,OPEN,,\n"
+            "chat,r0,0,0,1,1,1,4,UP,L7OK,\n"
+            "chat,r1,0,0,1,1,1,3,DOWN,L4CON,\n"
+            "chat,BACKEND,2,2,2,2,200,7,UP,,\n"
+            "ui,r0,0,0,0,1,,5,UP,L7OK,\n"
+            "ui,r1,0,0,0,1,,5,UP,INI,\n")
+    load = haproxy.parse_stat(text)
+    assert (load.active, load.queued, load.healthy, load.ui_up) == (2, 2, 1, 1)
+    assert [s.name for s in load.servers] == ["r0", "r1"]
+
+
+def fake_gpus(monkeypatch, *free_gb: float) -> None:
+    gpus = [GPU(i, "NVIDIA H100 80GB HBM3", 85 * 10**9, int(free * 1e9), (9, 0)) for i, free in enumerate(free_gb)]
+    monkeypatch.setattr(hardware, "nvidia", lambda: Probe(True, NvidiaFacts("550.54", "12.4", gpus)))
+
+
+def test_auto_fills_each_gpu_by_free_memory(monkeypatch):
+    fake_gpus(monkeypatch, 80, 40)
+    placed = replicas.place(None, "cuda", None, 18.7)
+    assert [p.device for p in placed] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0", "cuda:0"]
+    assert len({p.port for p in placed}) == 6
+
+
+def test_asking_for_more_than_fits_says_how_many_do(monkeypatch):
+    fake_gpus(monkeypatch, 80, 40)
+    with pytest.raises(PreflightError) as caught:
+        replicas.place(7, "cuda", [1], 18.7)
+    assert "room for 2" in caught.value.message and "--replicas 2" in caught.value.hint
+
+
+def test_cpu_replicas_share_the_cores():
+    placed = replicas.place(3, "cpu", None, 0, cpu_count=8)
+    assert [p.threads for p in placed] == [2, 2, 2]
+    assert replicas.place(4, "cpu", None, 0, cpu_count=2)[0].threads == 1
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "two", "1.5"])
+def test_bad_replica_counts_are_usage_errors(text):
+    with pytest.raises(UsageError):
+        replicas.parse_count(text)
+
+
+def test_unknown_gpu_is_named(monkeypatch):
+    fake_gpus(monkeypatch, 80)
+    with pytest.raises(UsageError) as caught:
+        replicas.place(1, "cuda", replicas.parse_gpus("0,3"), 18.7)
+    assert "no GPU 3" in caught.value.message
+
+
+# --- the real thing -----------------------------------------------------------------------------------
+
+
+async def _hold(url: str):
+    """Take a conversation and keep it without talking; returns the session and the open websocket."""
+    import aiohttp
+
+    session = aiohttp.ClientSession()
+    ws = await session.ws_connect(url)
+    message = await asyncio.wait_for(ws.receive(), 60)
+    assert message.data[:1] == b"\x00", message
+    return session, ws
+
+
+async def _release(held) -> None:
+    session, ws = held
+    await ws.close()
+    await session.close()
+
+
+async def _busy_answer(url: str, wait_s: float) -> tuple[int, str, float]:
+    import aiohttp
+
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        try:
+            async with session.ws_connect(url, timeout=wait_s):
+                return 101, "", time.monotonic() - started
+        except aiohttp.WSServerHandshakeError as exc:
+            body = ""
+            return exc.status, body, time.monotonic() - started
+
+
+def _busy_body(port: int) -> str:
+    """The raw answer to a websocket upgrade of /api/chat (urllib cannot send one)."""
+    import socket
+
+    request = ("GET /api/chat HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+               "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(request.encode())
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer.decode("utf-8", "replace")
+
+
+def serve_replicas(tiny_env, *extra: str) -> tuple[Served, int]:
+    port = free_port()
+    served = Served(["--variant", "tiny", "--device", "cpu", "--port", str(port), "--replicas", "2", *extra],
+                    tiny_env)
+    return served, port
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def replica_pids(jmoshi_pid: int) -> dict[int, int]:
+    """moshi.server port -> pid, for the replicas jmoshi started."""
+    found = {}
+    for pid in children_of(jmoshi_pid):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        if "jmoshi_cli._moshi_entry" in argv:
+            found[int(argv[argv.index("--port") + 1])] = pid
+    return found
+
+
+@pytest.mark.slow
+def test_two_replicas_serve_two_queue_the_third_and_turn_away_when_the_wait_runs_out(tiny_env, haproxy_binary):
+    from jmoshi_cli.chat import chat
+
+    served, port = serve_replicas(tiny_env, "--queue-timeout", "4")
+    try:
+        url = served.wait_ready()
+        wait_for(lambda: len(listening(port)) > 0, 10, "the front")
+        ws_url = f"ws://127.0.0.1:{port}/api/chat"
+        page = urllib.request.urlopen(url, timeout=10).read().decode()
+        metrics = urllib.request.urlopen(url + "metrics", timeout=10).read().decode()
+
+        async def scenario():
+            first, second = await asyncio.gather(_hold(ws_url), _hold(ws_url))  # both replicas taken
+            third_started = time.monotonic()
+            third = asyncio.ensure_future(chat(ws_url, speech_like(2.0), tail_s=1.0, timeout_s=60))
+            await asyncio.sleep(2.0)
+            assert not third.done()  # waiting in the queue, not refused
+            released_at = time.monotonic()
+            await _release(second)
+            talked = await third
+            waited_after_release = third_started + talked.handshake_s - released_at
+            blocker = await _hold(ws_url)  # takes the freed replica again: both busy
+            busy = await _busy_answer(ws_url, 30)
+            await _release(first)
+            await _release(blocker)
+            return talked, waited_after_release, busy
+
+        talked, waited_after_release, busy = asyncio.run(scenario())
+    finally:
+        code, err = served.stop()
+    assert "J-Moshi test UI" in page
+    assert 'haproxy_backend_current_queue{proxy="chat"}' in metrics
+    assert talked.handshake_s >= 2.0 and waited_after_release < 3.0, (talked.handshake_s, waited_after_release)
+    assert talked.audio_samples > 0 and talked.text_pieces
+    assert busy[0] == 503 and 3.5 <= busy[2] < 15, busy
+    assert code == 143
+    assert "replicas healthy" in err and "waiting" in err
+
+
+@pytest.mark.slow
+def test_busy_answer_says_so_in_words(tiny_env, haproxy_binary):
+    served, port = serve_replicas(tiny_env, "--queue-timeout", "1")
+    try:
+        served.wait_ready()
+        ws_url = f"ws://127.0.0.1:{port}/api/chat"
+
+        async def scenario():
+            held = await asyncio.gather(_hold(ws_url), _hold(ws_url))
+            answer = await asyncio.get_running_loop().run_in_executor(None, _busy_body, port)
+            for one in held:
+                await _release(one)
+            return answer
+
+        answer = asyncio.run(scenario())
+    finally:
+        served.stop()
+    assert answer.startswith("HTTP/1.1 503 ") and "All J-Moshi replicas are busy" in answer
+
+
+@pytest.mark.slow
+def test_a_killed_replica_is_replaced_while_the_other_keeps_talking(tiny_env, haproxy_binary):
+    from jmoshi_cli.chat import ChatError, chat
+
+    served, port = serve_replicas(tiny_env)
+    try:
+        served.wait_ready()
+        wait_for(lambda: len(replica_pids(served.process.pid)) == 2, 30, "two replicas")
+        ws_url = f"ws://127.0.0.1:{port}/api/chat"
+        victim_port, victim = sorted(replica_pids(served.process.pid).items())[0]
+
+        async def talk():
+            try:
+                return await chat(ws_url, speech_like(6.0), tail_s=1.0, timeout_s=60)
+            except ChatError as exc:
+                return exc
+
+        async def scenario():
+            calls = [asyncio.ensure_future(talk()), asyncio.ensure_future(talk())]
+            await asyncio.sleep(2.5)
+            os.kill(victim, signal.SIGKILL)
+            done = await asyncio.gather(*calls)
+            after = await chat(ws_url, speech_like(1.5), tail_s=1.0, timeout_s=60)  # goes to the survivor
+            return done, after
+
+        done, after = asyncio.run(scenario())
+        wait_for(lambda: victim_port in replica_pids(served.process.pid)
+                 and replica_pids(served.process.pid)[victim_port] != victim, 30, "the restart")
+        wait_for(lambda: "127.0.0.1" in listening(victim_port), 120, "the restarted replica to listen")
+        time.sleep(3)  # HAProxy's health check (every second) puts it back in rotation
+
+        async def both():  # the restarted replica rejoined: two conversations at once work again
+            held = await asyncio.wait_for(asyncio.gather(_hold(ws_url), _hold(ws_url)), 30)
+            await _release_all(held)
+
+        asyncio.run(both())
+    finally:
+        code, err = served.stop()
+    whole = [r for r in done if not isinstance(r, Exception) and r.sent_frames == 75]
+    assert len(whole) >= 1, done  # the conversation on the other replica went on to the end
+    assert after.audio_samples > 0
+    assert "out of rotation" in err and "back in rotation" in err
+
+
+async def _release_all(held) -> None:
+    for one in held:
+        await _release(one)
+
+
+@pytest.mark.slow
+def test_sigterm_drains_a_live_conversation_then_stops_everything(tiny_env, haproxy_binary):
+    from jmoshi_cli.chat import chat
+
+    served, port = serve_replicas(tiny_env, "--drain-timeout", "30")
+    served.wait_ready()
+    pids = set(replica_pids(served.process.pid).values()) | set(children_of(served.process.pid))
+    ws_url = f"ws://127.0.0.1:{port}/api/chat"
+
+    async def scenario():
+        call = asyncio.ensure_future(chat(ws_url, speech_like(5.0), tail_s=1.0, timeout_s=60))
+        await asyncio.sleep(2.0)
+        served.process.send_signal(signal.SIGTERM)
+        return await call
+
+    result = asyncio.run(scenario())
+    code, err = served.stop()
+    assert result.sent_frames == 63 and result.audio_samples > 0  # it was not cut off
+    assert code == 143 and "draining" in err
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), 10, "every child to exit")
+    assert not listening(port)
+
+
+@pytest.mark.slow
+def test_kill_9_of_jmoshi_takes_haproxy_and_every_replica_with_it(tiny_env, haproxy_binary):
+    served, port = serve_replicas(tiny_env)
+    served.wait_ready()
+    pids = set(children_of(served.process.pid))
+    assert len(pids) >= 3  # two replicas and HAProxy
+    served.process.kill()
+    served.process.wait()
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in pids), 5,
+             "the children to die with jmoshi")
+    assert not listening(port)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+@pytest.mark.slow
+def test_front_over_a_serve_elsewhere_with_health_checks(tiny_env, haproxy_binary):
+    from jmoshi_cli.chat import chat_sync
+
+    backend_port = free_port()
+    backend = Served(["--variant", "tiny", "--device", "cpu", "--port", str(backend_port)], tiny_env)
+    front_port, dead_port = free_port(), free_port()
+    front = subprocess.Popen([sys.executable, "-m", "jmoshi_cli", "front", "--backend", f"127.0.0.1:{backend_port}",
+                              "--backend", f"127.0.0.1:{dead_port}", "--port", str(front_port)],
+                             env=child_env(tiny_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        backend.wait_ready()
+        url = front.stdout.readline().strip()
+        assert url == f"http://127.0.0.1:{front_port}/"
+        result = chat_sync(f"ws://127.0.0.1:{front_port}/api/chat", speech_like(1.5), tail_s=1.0, timeout_s=60)
+        assert result.audio_samples > 0
+    finally:
+        front.send_signal(signal.SIGTERM)
+        _, err = front.communicate(timeout=60)
+        backend.stop()
+    assert front.returncode == 143
+    assert "1/2 replicas healthy" in err
+
+
+def test_front_refuses_a_backend_that_is_not_host_port():
+    from jmoshi_cli import front
+
+    with pytest.raises(UsageError):
+        front.parse_backend("localhost", 0)
+    assert front.parse_backend("[::1]:8998", 1).address == "[::1]:8998"
+    assert front.parse_backend("10.0.0.5:8998/4", 2).slots == 4
+    with pytest.raises(UsageError):
+        front.parse_backend("10.0.0.5:8998/0", 3)
+
+
+def test_haproxy_missing_is_one_line_with_the_install_command(tiny_env, tmp_path):
+    env = child_env(tiny_env)
+    env["JMOSHI_HAPROXY"] = str(tmp_path / "no-such-haproxy")
+    done = subprocess.run([sys.executable, "-m", "jmoshi_cli", "serve", "--variant", "tiny", "--device", "cpu",
+                           "--replicas", "2", "--port", str(free_port())], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 5
+    assert "no-such-haproxy" in done.stderr and "apt-get install haproxy" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 2
+
+
+def test_old_haproxy_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    old = tmp_path / "haproxy"
+    old.write_text("#!/bin/sh\necho 'HA-Proxy version 2.2.9-2+deb11u5 2023/04/10 - https://haproxy.org/'\n")
+    old.chmod(0o755)
+    monkeypatch.setenv("JMOSHI_HAPROXY", str(old))
+    with pytest.raises(PreflightError) as caught:
+        haproxy.find()
+    assert "2.2.9 is too old" in caught.value.message
