@@ -1,12 +1,17 @@
-"""Download throughput: `jmoshi download` against `huggingface-cli download` of the same files from the
-same loopback hub (the tiny model: ~200 MB in 4 files, plus the web UI bundle), fresh cache each run.
+"""Download at real size: `jmoshi download` (sha256 verified) against `huggingface-cli download` (not
+verified) of the same files from the same loopback hub, each into a fresh cache, in one run.
 
-    .venv/bin/python bench/download.py [--repeat 3]
+The model file is generated (default 3 GB, --size-gb to change it) with a J-Moshi-shaped repo around
+it. The hub hashes its files for its metadata once, before any timing, so neither tool waits for it.
+
+    .venv/bin/python bench/download.py [--size-gb 3] [--repeat 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -14,50 +19,109 @@ import tempfile
 import time
 from pathlib import Path
 
-from jmoshi_cli.tiny_model import TINY_FILES
-
-from _common import BIN, bench_env, tiny_hub_root
+from _common import BIN
 from hub_server import LocalHub
 
+REPO = "bench/big"
+FILES = {"model.safetensors": None, "tokenizer-e351c8d8-checkpoint125.safetensors": 64 * 1024**2,
+         "tokenizer_spm_32k_3.model": 800 * 1024}
+BLOCK = 8 * 1024**2
 
-def run_once(argv: list[str], endpoint: str) -> tuple[float, int]:
-    work = Path(tempfile.mkdtemp(prefix="jmoshi-bench-dl-"))
+
+def make_repo(root: Path, model_bytes: int) -> int:
+    """Write the repo's files with incompressible content; return their total size."""
+    folder = root / REPO
+    folder.mkdir(parents=True)
+    total = 0
+    for name, size in FILES.items():
+        size = size or model_bytes
+        with (folder / name).open("wb") as out:
+            left = size
+            while left:
+                left -= out.write(os.urandom(min(BLOCK, left)))
+        total += size
+    return total
+
+
+def check_disk(where: Path, model_bytes: int) -> None:
+    # The hub's copy plus one cache at a time (each run's cache is removed before the next), plus slack.
+    need = 2 * model_bytes + 2 * 1024**3
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise SystemExit(f"need {need / 1e9:.1f} GB free in {where}, have {free / 1e9:.1f} GB; lower --size-gb")
+
+
+def environment(endpoint: str, work: Path) -> dict:
+    variants = work / "variants.toml"
+    variants.write_text(f'[variants.big]\nrepo = "{REPO}"\nvram_gb = 0\nvram_min_gb = 0\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "JMOSHI_"))}
+    env.update(HF_ENDPOINT=endpoint, HF_HUB_CACHE=str(work / "cache"), JMOSHI_HOME=str(work / "home"),
+               JMOSHI_VARIANTS=str(variants), HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+               NO_COLOR="1")
+    return env
+
+
+def run_once(argv: list[str], endpoint: str, scratch: Path) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system) of one run into a fresh cache."""
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=scratch))
     try:
-        env = bench_env(endpoint, work / "cache")
+        env = environment(endpoint, work)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         seconds = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if done.returncode != 0:
             raise SystemExit(f"{argv[0]} failed: {done.stderr[-2000:]}")
-        size = sum(p.stat().st_size for p in (work / "cache").rglob("*") if p.is_file() and not p.is_symlink())
-        return seconds, size
+        return seconds, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def warm(hub: LocalHub) -> None:
+    """Make the hub hash its files (and read them into the page cache) before anything is timed."""
+    from huggingface_hub import HfApi
+
+    HfApi(endpoint=hub.endpoint).model_info(REPO, files_metadata=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeat", type=int, default=3)
-    repeat = parser.parse_args().repeat
-    root = tiny_hub_root()
-    with LocalHub(root) as hub:
+    parser.add_argument("--size-gb", type=float, default=3.0, help="size of the generated model file (GB)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each tool, alternating which goes first")
+    args = parser.parse_args()
+    model_bytes = int(args.size_gb * 1e9)
+    scratch = Path(tempfile.mkdtemp(prefix="jmoshi-bench-dl-"))
+    try:
+        check_disk(scratch, model_bytes)
+        total = make_repo(scratch / "hub", model_bytes)
         commands = {
-            "jmoshi download --variant tiny": [str(BIN / "jmoshi"), "download", "--variant", "tiny"],
-            "huggingface-cli download (same 5 files)": None,
+            "huggingface-cli download": [str(BIN / "huggingface-cli"), "download", REPO, *FILES],
+            "jmoshi download (verified)": [str(BIN / "jmoshi"), "download", "--variant", "big", "--no-web-ui"],
         }
-        results = {}
-        for label, argv in commands.items():
-            if argv is None:
-                # huggingface-cli takes one repo per call: the model files, then the web UI bundle.
-                argv = ["bash", "-c", f"{BIN}/huggingface-cli download jmoshi-test/tiny {' '.join(TINY_FILES)} "
-                        f"&& {BIN}/huggingface-cli download kyutai/moshi-artifacts dist.tgz"]
-            runs = [run_once(argv, hub.endpoint) for _ in range(repeat)]
-            results[label] = (statistics.median(s for s, _ in runs), runs[0][1])
-    base = results["huggingface-cli download (same 5 files)"][0]
-    for label, (seconds, size) in results.items():
-        print(f"{label:<42} {seconds:6.2f} s  {size / 1e6:7.1f} MB  {size / 1e6 / seconds:7.1f} MB/s  "
-              f"x{seconds / base:.2f} of huggingface-cli")
-    print("jmoshi's time includes the sha256 check of every file and unpacking the web UI bundle")
+        times: dict[str, list[tuple[float, float]]] = {label: [] for label in commands}
+        with LocalHub(scratch / "hub") as hub:
+            warm(hub)
+            for i in range(args.repeat):
+                order = list(commands) if i % 2 == 0 else list(reversed(commands))
+                for label in order:
+                    times[label].append(run_once(commands[label], hub.endpoint, scratch))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    report(times, total)
+
+
+def report(times: dict[str, list[tuple[float, float]]], total: int) -> None:
+    walls = {label: statistics.median(wall for wall, _ in runs) for label, runs in times.items()}
+    base = walls["huggingface-cli download"]
+    count = len(next(iter(times.values())))
+    print(f"{len(FILES)} files, {total / 1e9:.2f} GB, loopback hub, median of {count} run(s); "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    for label, seconds in walls.items():
+        runs = ", ".join(f"{wall:.1f}" for wall, _ in times[label])
+        cpu = statistics.median(cpu for _, cpu in times[label])
+        print(f"{label:<28} {seconds:7.2f} s  {total / 1e6 / seconds:7.1f} MB/s  x{seconds / base:.3f} of "
+              f"huggingface-cli  (client CPU {cpu:.1f} s; runs: {runs} s)")
 
 
 if __name__ == "__main__":

@@ -75,8 +75,8 @@ async def served_at_once(url: str, clients: int, limit_s: float = 3.0) -> int:
 async def first_audio_after_release(url: str) -> float:
     """Hold both replicas, queue a third client, free one replica: seconds to the third one's audio."""
     import aiohttp
-    import numpy as np
-    import sphn
+
+    from jmoshi_cli.opus import OpusStream
 
     async with aiohttp.ClientSession() as session:
         held = [await session.ws_connect(url) for _ in range(2)]
@@ -89,11 +89,10 @@ async def first_audio_after_release(url: str) -> float:
         await held[0].close()
         ws = await queued
         await ws.receive()  # the handshake
-        writer = sphn.OpusStreamWriter(24000)
+        opus = OpusStream(24000)
         pcm = speech_like(2.0)
         for start in range(0, len(pcm), 1920):
-            writer.append_pcm(np.ascontiguousarray(pcm[start:start + 1920]))
-            data = writer.read_bytes()
+            data = opus.encode(pcm[start:start + 1920])
             if data:
                 await ws.send_bytes(b"\x01" + data)
             try:

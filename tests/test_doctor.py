@@ -8,14 +8,20 @@ import time
 import pytest
 
 from conftest import jmoshi
-from jmoshi_cli import cli, doctor, hardware
+from jmoshi_cli import cli, doctor, hardware, runtime
 from jmoshi_cli.artifacts import Status
 from jmoshi_cli.hardware import GPU, NvidiaFacts, Probe
+from jmoshi_cli.runtime import INSTALL
 from jmoshi_cli.variants import load_catalogue
 
 EXT = load_catalogue().get("ext")
 GOOD_TORCH = Probe(True, {"version": "2.6.0+cu124", "cuda": "12.4", "available": True, "bf16": True,
-                          "arch_list": ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]})
+                          "arch_list": ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"],
+                          "arch_flags": "sm_50 sm_60 sm_70 sm_75 sm_80 sm_86 sm_90"})
+CURRENT_TORCH = Probe(True, {"version": "2.9.1+cu128", "cuda": "12.8", "available": True, "bf16": True,
+                             "arch_list": [], "arch_flags": "sm_70 sm_75 sm_80 sm_86 sm_90 sm_100 sm_120"})
+CURRENT = {"moshi": "0.2.13", "sphn": "0.2.1", "torch": "2.9.1+cu128", "huggingface_hub": "0.36.2",
+           "bitsandbytes": "0.49.2"}
 
 
 def facts(gpus=(), torch=GOOD_TORCH, packages=None, system="Linux", nvidia_ok=True, **kw) -> doctor.Facts:
@@ -48,7 +54,52 @@ def test_rtx_4090_is_all_green():
 def test_new_gpu_with_old_torch_is_explained():
     checks = by_name(doctor.evaluate(facts([gpu("NVIDIA GeForce RTX 5090", 34, 33, (12, 0))]), EXT))
     assert checks["torch-cuda"].status == "FAIL"
-    assert "sm_120" in checks["torch-cuda"].detail and "torch<2.7" in checks["torch-cuda"].hint
+    assert "sm_120" in checks["torch-cuda"].detail and checks["torch-cuda"].hint.endswith(INSTALL[runtime.CURRENT])
+
+
+def test_blackwell_on_the_current_runtime_is_green():
+    checks = by_name(doctor.evaluate(facts([gpu("NVIDIA GeForce RTX 5090", 34, 33, (12, 0))], torch=CURRENT_TORCH,
+                                           packages=CURRENT), EXT))
+    assert {checks[n].status for n in ("runtime", "moshi", "sphn", "torch", "torch-cuda", "bf16", "vram")} == {"OK"}
+    detail = checks["runtime"].detail
+    assert detail.startswith("current runtime: moshi 0.2.13") and "Blackwell" in detail
+
+
+def test_pascal_on_the_current_runtime_points_to_the_documented_one():
+    checks = by_name(doctor.evaluate(facts([gpu("Tesla P40", 24, 24, (6, 1))], torch=CURRENT_TORCH,
+                                           packages=CURRENT), EXT))
+    assert checks["torch-cuda"].status == "FAIL" and "sm_61" in checks["torch-cuda"].detail
+    assert checks["torch-cuda"].hint.endswith(INSTALL[runtime.DOCUMENTED])
+
+
+def test_sphn_01_with_moshi_0213_fails_with_the_other_fix():
+    check = by_name(doctor.evaluate(facts(packages=dict(CURRENT, sphn="0.1.12"), torch=CURRENT_TORCH), EXT))["sphn"]
+    assert check.status == "FAIL" and "first audio frame" in check.detail
+    assert check.hint == "pip install 'sphn>=0.2,<0.3'"
+
+
+def test_untested_moshi_warns_and_packages_are_judged_by_their_runtime():
+    checks = by_name(doctor.evaluate(facts(packages=dict(CURRENT, moshi="0.2.12")), EXT))
+    assert checks["runtime"].status == "WARN" and checks["runtime"].hint.endswith(INSTALL[runtime.CURRENT])
+    old_torch = by_name(doctor.evaluate(facts(packages=dict(CURRENT, torch="2.7.1")), EXT))["torch"]
+    assert old_torch.status == "WARN" and "torch>=2.8,<2.10" in old_torch.hint
+
+
+def test_cpu_only_torch_gets_the_reinstall_for_its_runtime():
+    cpu_only = Probe(True, {"version": "2.9.1+cpu", "cuda": None, "available": False, "arch_flags": ""})
+    check = by_name(doctor.evaluate(facts([gpu("NVIDIA GeForce RTX 4090", 25.4, 24.9, (8, 9))], torch=cpu_only,
+                                          packages=CURRENT), EXT))["torch-cuda"]
+    assert check.status == "FAIL" and "torch>=2.8,<2.10" in check.hint
+
+
+def test_missing_compiler_on_a_gpu_machine_warns_with_the_fix():
+    lacking = doctor.CompileFacts(c_compiler=None, python_headers=False)
+    check = by_name(doctor.evaluate(facts([gpu("NVIDIA GeForce RTX 4090", 25.4, 24.9, (8, 9))], compile=lacking),
+                                    EXT))["compiler"]
+    assert check.status == "WARN" and "no C compiler" in check.detail and "Python.h" in check.detail
+    assert check.hint == runtime.COMPILER_FIX and "NO_TORCH_COMPILE=1" in check.detail
+    off = doctor.CompileFacts(c_compiler=None, disabled=True)
+    assert by_name(doctor.evaluate(facts([gpu("A", 25, 24, (8, 9))], compile=off), EXT))["compiler"].status == "OK"
 
 
 def test_pre_ampere_small_gpu_gets_half_and_vram_advice():

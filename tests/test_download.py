@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -256,3 +257,69 @@ def test_not_enough_disk_is_refused_before_downloading(tmp_path, monkeypatch):
     else:
         raise AssertionError("a download larger than the disk was not refused")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- what a person sees: each file's own time, a total, and hashing as progress ---------------------
+
+
+def test_each_file_line_gives_its_own_time_and_the_summary_the_total(env, hub):
+    hub.slow_delay = 0.005  # the weights take a few seconds; the files after them a fraction of one
+    hub.add_fault(EXT, "model.safetensors", "slow")
+    result = jmoshi("download", env=env)
+    assert result.returncode == 0, result.stderr
+    seconds = {m[0]: float(m[1]) for m in re.findall(r"^done \S+/([^/:]+): .* in ([\d.]+) s \(", result.stderr, re.M)}
+    assert seconds["model.safetensors"] >= 1.0, result.stderr
+    assert seconds["tokenizer_spm_32k_3.model"] < 1.0, result.stderr
+    summary = re.search(r"^downloaded 4 file\(s\): ([\d.]+) MB in ([\d.]+) s", result.stderr, re.M)
+    assert summary and float(summary[2]) >= seconds["model.safetensors"], result.stderr
+
+
+def view_entry(size: int):
+    from jmoshi_cli.artifacts import Entry, Status
+    from jmoshi_cli.hub import Artifact
+
+    return Entry(Artifact("moshi", EXT, "model.safetensors", "main", "0" * 40, size=size, sha256="a" * 64),
+                 status=Status.COMPLETE)
+
+
+def test_view_shows_a_long_hash_as_progress(capsys):
+    from jmoshi_cli.render import DownloadView
+
+    entry = view_entry(3 * 10**9)
+    with DownloadView(None) as view:
+        view.HASH_QUIET_S = view.PLAIN_EVERY_S = 0.0
+        for done in (10**9, 2 * 10**9, 3 * 10**9):
+            view.hashing(entry, done)
+    err = capsys.readouterr().err
+    assert "verifying nu-dialogue/j-moshi-ext/model.safetensors: 1.00 GB of 3.00 GB hashed" in err
+    assert "3.00 GB of 3.00 GB hashed" in err
+
+
+def test_view_keeps_quiet_about_a_quick_hash(capsys):
+    from jmoshi_cli.render import DownloadView
+
+    entry = view_entry(300_000)
+    with DownloadView(None) as view:
+        view.hashing(entry, 300_000)
+    assert capsys.readouterr().err == ""
+
+
+def test_view_times_each_file_from_its_own_start(capsys):
+    from dataclasses import replace
+
+    from jmoshi_cli.artifacts import Status
+    from jmoshi_cli.render import DownloadView
+
+    first, second = view_entry(10**6), replace(view_entry(10**6), artifact=replace(
+        view_entry(10**6).artifact, filename="tokenizer_spm_32k_3.model"))
+    with DownloadView(None) as view:
+        view.progress(replace(first, status=Status.MISSING), 0)
+        time.sleep(0.5)
+        view.progress(first, 10**6)
+        view.progress(replace(second, status=Status.PARTIAL), 400_000)
+        view.progress(second, 10**6)
+    err = capsys.readouterr().err
+    assert "done nu-dialogue/j-moshi-ext/tokenizer_spm_32k_3.model: 1.0 MB (0.6 MB this run) in 0.0 s" in err
+    assert "downloading nu-dialogue/j-moshi-ext/tokenizer_spm_32k_3.model (1.0 MB, resuming at 0.4 MB)" in err
+    total = re.search(r"downloaded 2 file\(s\): 1.6 MB in ([\d.]+) s", err)
+    assert total and float(total[1]) >= 0.5, err

@@ -23,6 +23,16 @@ from hub_server import LocalHub
 
 MiB = 1024 * 1024
 
+
+def _client_retries_5xx() -> bool:
+    """Whether this huggingface_hub retries 5xx answers inside hf_hub_download (0.36 does, 0.28 does not)."""
+    from huggingface_hub import file_download
+
+    return hasattr(file_download, "http_backoff")
+
+
+CLIENT_RETRIES_5XX = _client_retries_5xx()
+
 CHILD = r"""
 import hashlib, json, os, sys
 
@@ -228,19 +238,26 @@ def test_server_errors_and_corrupt_body(hub: LocalHub, hub_root: Path, client) -
     ops = [{"op": "download", "repo": "acme/faulty", "file": n} for n in ("a.bin", "b.bin", "c.bin", "d.bin", "e.bin")]
     ops += [{"op": "download", "repo": "acme/faulty", "file": "a.bin"}]  # fault used up
     err500, head500, too_many, corrupt, e_first, a_again = client(ops)
-    assert not err500["ok"] and "HfHubHTTPError" in err500["mro"] and "500" in err500["msg"]
-    # A failing HEAD makes the client fall back to the (empty) cache.
-    assert not head500["ok"] and "LocalEntryNotFoundError" in head500["mro"]
-    assert not too_many["ok"]
+    if CLIENT_RETRIES_5XX:
+        # huggingface_hub of the current runtime (0.36) retries 5xx inside the call (up to 5 times, 1-8 s
+        # apart): one or two 500s are absorbed (jmoshi turns that off: hub._one_try_per_request).
+        assert err500["ok"] and head500["ok"] and e_first["ok"]
+    else:
+        # 0.28 (the documented runtime): one try, the error raised.
+        assert not err500["ok"] and "HfHubHTTPError" in err500["mro"] and "500" in err500["msg"]
+        # A failing HEAD makes the client fall back to the (empty) cache.
+        assert not head500["ok"] and "LocalEntryNotFoundError" in head500["mro"]
+        assert not e_first["ok"]
+    assert not too_many["ok"]  # 429 is retried by neither
     # Corruption is not detected by the client: right size, wrong bytes, no error.
     truth = hub_root / "acme/faulty/d.bin"
     assert corrupt["ok"] and corrupt["size"] == truth.stat().st_size
     assert corrupt["sha256"] != _sha256(truth)
-    assert not e_first["ok"]
     assert a_again["ok"] and a_again["sha256"] == _sha256(hub_root / "acme/faulty/a.bin")
-    # e.bin has one 500 left.
-    e_second, e_third = client([ops[4], ops[4]])
-    assert not e_second["ok"] and e_third["ok"]
+    if not CLIENT_RETRIES_5XX:
+        # e.bin has one 500 left.
+        e_second, e_third = client([ops[4], ops[4]])
+        assert not e_second["ok"] and e_third["ok"]
 
 
 def test_missing_repo_revision_and_entry(hub: LocalHub, client) -> None:

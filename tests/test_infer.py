@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import subprocess
@@ -576,11 +577,14 @@ def test_same_tokens_and_samples_as_moshi_run_inference(session, tiny_files, tmp
     transcript = json.loads(ours.outputs["transcript"].read_text())
 
     cfg = json.loads(Path(tiny_files.config).read_text())
-    info = loaders.CheckpointInfo(tiny_files.moshi_weight, tiny_files.mimi_weight, tiny_files.tokenizer,
-                                  dict(cfg), cfg, "moshi", {})
+    info = loaders.CheckpointInfo(moshi_weights=tiny_files.moshi_weight, mimi_weights=tiny_files.mimi_weight,
+                                  tokenizer=tiny_files.tokenizer, lm_config=dict(cfg), raw_config=cfg,
+                                  model_type="moshi", lm_gen_config={})
+    # moshi 0.2.13's InferenceState takes the CheckpointInfo where 0.2.2's takes the model type.
+    first = next(iter(inspect.signature(InferenceState).parameters))
     with torch.no_grad():
-        state = InferenceState("moshi", info.get_mimi("cpu"), info.get_text_tokenizer(),
-                               info.get_moshi(device="cpu"), 1, 1.0, "cpu")
+        state = InferenceState(info if first == "checkpoint_info" else "moshi", info.get_mimi("cpu"),
+                               info.get_text_tokenizer(), info.get_moshi(device="cpu"), 1, 1.0, "cpu")
         pcm = torch.from_numpy(audio_io.read_audio(src).pcm)[None]
         torch.manual_seed(11)
         (text_tokens, out_pcm), = state.run(pcm)

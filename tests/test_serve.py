@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED_AUDIO, child_env, jmoshi
-from jmoshi_cli import hardware, preflight, serve
+from jmoshi_cli import hardware, preflight, runtime, serve
 from jmoshi_cli.artifacts import ModelFiles
 from jmoshi_cli.audio_io import SAMPLE_RATE
 from jmoshi_cli.errors import PreflightError
@@ -294,7 +294,9 @@ def test_bad_flags_are_one_line_errors(tiny_env, tmp_path):
 # --- the pure parts: exact child command line, GPU rules (the GPU is the one mocked piece) -----------
 
 
-def test_launch_argv_and_env_are_exact(tmp_path):
+def test_launch_argv_and_env_are_exact(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "c_compiler", lambda env=None: "/usr/bin/gcc")  # GPU compile needs, made exact
+    monkeypatch.setattr(runtime, "python_headers", lambda: True)
     files = ModelFiles(tmp_path / "m.safetensors", tmp_path / "mimi.safetensors", tmp_path / "tok.model",
                        tmp_path / "config.json", tmp_path / "dist")
     options = serve.ServeOptions(host="0.0.0.0", port=9000, device="cuda")
@@ -312,10 +314,78 @@ def test_launch_argv_and_env_are_exact(tmp_path):
                                               web_ui=tmp_path / "dist"),
                                    "r/x", serve.ServeOptions(), None, half=False, base_env={})
     assert "JMOSHI_CONFIG_PATH" not in no_config.env and "--half" not in no_config.argv
+    # The CPU runs moshi uncompiled (runtime.compile_env); a GPU without triton's C compiler too.
+    cpu = serve.build_launch(files, "r/x", serve.ServeOptions(device="cpu"), None, half=False, base_env={})
+    assert cpu.env["NO_TORCH_COMPILE"] == "1"
+    monkeypatch.setattr(runtime, "c_compiler", lambda env=None: None)
+    assert serve.build_launch(files, "r/x", options, None, half=False, base_env={}).env["NO_TORCH_COMPILE"] == "1"
+    kept = serve.build_launch(files, "r/x", serve.ServeOptions(device="cpu"), None, half=False,
+                              base_env={"NO_TORCH_COMPILE": ""})
+    assert kept.env["NO_TORCH_COMPILE"] == ""
 
 
-def fake_gpus(monkeypatch, *gpus: GPU) -> None:
+@pytest.fixture(scope="module")
+def installed_arch_flags() -> str:
+    """The architectures the installed torch has kernels for (asked once, no GPU needed)."""
+    probe = hardware.torch_cuda()
+    assert probe.ok and probe.value["arch_flags"], probe
+    return probe.value["arch_flags"]
+
+
+def fake_gpus(monkeypatch, *gpus: GPU, arch_flags: str = "sm_70 sm_75 sm_80 sm_86 sm_90 sm_100 sm_120") -> None:
+    """The GPU is the one faked piece: the driver's answer (NVML) and what torch says it can run on."""
     monkeypatch.setattr(hardware, "nvidia", lambda timeout_s=5.0: Probe(True, NvidiaFacts("550", "12.4", list(gpus))))
+    monkeypatch.setattr(hardware, "torch_cuda", lambda timeout_s=60.0: Probe(True, {
+        "version": "x", "cuda": "12.8", "available": True, "arch_flags": arch_flags, "arch_list": []}))
+
+
+def test_a_gpu_this_torch_has_no_kernels_for_is_refused_before_any_download(tiny_env, monkeypatch,
+                                                                            installed_arch_flags):
+    """serve and infer stop in preflight, with the fix for the installed runtime (see runtime.py)."""
+    from jmoshi_cli import infer
+
+    installed = runtime.detect()
+    archs = runtime.parse_arch_flags(installed_arch_flags)
+    # A GPU the installed torch cannot run: Blackwell for torch 2.6, Pascal for torch 2.9.
+    blackwell = ("NVIDIA GeForce RTX 5090", (12, 0))
+    name, cc = blackwell if not runtime.has_kernels(blackwell[1], archs) else ("Tesla P40", (6, 1))
+    assert not runtime.has_kernels(cc, archs)
+    fake_gpus(monkeypatch, GPU(0, name, int(34e9), int(33e9), cc), arch_flags=installed_arch_flags)
+    for key in ("JMOSHI_VARIANTS", "JMOSHI_HOME", "HF_HUB_CACHE", "HF_ENDPOINT"):
+        monkeypatch.setenv(key, tiny_env[key])
+    hooks = serve.ServeHooks(watch_download=lambda plan: pytest.fail("no download before the kernel check"))
+    with pytest.raises(PreflightError) as caught:
+        serve.prepare(serve.ServeOptions(variant="tiny", port=free_port()), hooks)
+    sm = f"sm_{cc[0]}{cc[1]}"
+    assert f"{name} is {sm}" in caught.value.message and installed_arch_flags in caught.value.message
+    assert caught.value.hint.endswith(installed.other_install())
+    assert caught.value.exit_code == 5
+    with pytest.raises(PreflightError, match=sm):
+        infer.run(infer.InferRequest(inputs=[_a_wav(Path(tiny_env["JMOSHI_HOME"]))],
+                                     out_dir=Path(tiny_env["JMOSHI_HOME"]) / "out", variant="tiny"),
+                  infer.InferHooks(watch_download=lambda plan: pytest.fail("no download before the kernel check")))
+    assert not Path(tiny_env["HF_HUB_CACHE"]).exists()
+
+
+def _a_wav(folder: Path) -> Path:
+    import wave
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "in.wav"
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(SAMPLE_RATE)
+        out.writeframes(b"\x00\x00" * SAMPLE_RATE)
+    return path
+
+
+def test_a_broken_sphn_is_refused_before_any_download(monkeypatch):
+    broken = runtime.Runtime.from_versions({**runtime.installed_versions(), "sphn": "0.2.1", "moshi": "0.2.2"})
+    monkeypatch.setattr(runtime, "detect", lambda: broken)
+    with pytest.raises(PreflightError, match="first audio frame") as caught:
+        preflight.check_device("cpu", 0, "tiny")
+    assert caught.value.hint == "pip install 'sphn>=0.1.4,<0.2'"
 
 
 def test_gpu_preflight_refuses_too_little_free_vram(monkeypatch):

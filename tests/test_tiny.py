@@ -1,4 +1,4 @@
-"""The tiny artifacts load with moshi 0.2.2's own loaders and run a few real streaming steps."""
+"""The tiny artifacts load with the installed moshi's own loaders and run a few real streaming steps."""
 
 from __future__ import annotations
 
@@ -81,7 +81,9 @@ def test_tokenizer_japanese(tokenizer):
     assert ids and all(0 <= i < tokenizer.get_piece_size() for i in ids)
     assert 0 not in ids  # every character is covered
     assert tokenizer.decode(ids) == text
-    assert any("そう" in tokenizer.id_to_piece(i) for i in ids)
+    # Pieces longer than a character are learnt (which ones depends on sentencepiece: 0.2.0, pinned by
+    # moshi 0.2.2, learns 'そう' and 'ですね' here; 0.2.1+ under moshi 0.2.13 a smaller vocabulary).
+    assert any(len(tokenizer.id_to_piece(i).lstrip("\u2581")) > 1 for i in ids)
 
 
 def test_mimi_codebooks_random_and_decode_not_silent(mimi):

@@ -1,5 +1,5 @@
-"""What the child process runs: tie its life to jmoshi, adjust three things in moshi 0.2.2, then run
-moshi.server unchanged.
+"""What the child process runs: tie its life to jmoshi, adjust what the installed moshi lacks (see
+runtime.py: three things in 0.2.2, one in 0.2.13), then run moshi.server unchanged.
 
 moshi.server runs main() when imported, so it is executed here with runpy, never imported by jmoshi
 itself. This is where the running server's behaviour is patched. Two other modules lean on
@@ -10,12 +10,16 @@ test model from loaders' private `_*_kwargs`, so that it has upstream's architec
 
 - Parent death: the child runs in its own session, so nothing kills it along with jmoshi. It asks
   the kernel for SIGKILL when jmoshi dies (see _die_with_parent), before torch is even imported.
-- Bind address: 0.2.2 prints --host but calls web.run_app() without it, so it listens on every
-  interface. JMOSHI_BIND_HOST makes run_app listen on exactly that address.
+- Bind address: 0.2.2 - 0.2.4 print --host but call web.run_app() without it, so they listen on every
+  interface. JMOSHI_BIND_HOST makes run_app listen on exactly that address (0.2.5+: --host does).
 - CPU: the warm-up ends with torch.cuda.synchronize(), which raises without an NVIDIA driver.
   With no CUDA device there is nothing to synchronise, so it becomes a no-op.
 - config.json: 0.2.2 has no --config-path and looks the config up on the hub by --hf-repo at
-  revision main; JMOSHI_CONFIG_PATH hands it the file of the revision jmoshi resolved.
+  revision main; JMOSHI_CONFIG_PATH hands it the file of the revision jmoshi resolved (0.2.4+: as
+  --config-path).
+- Recording and seed (JMOSHI_RECORD, JMOSHI_SEED, JMOSHI_SAMPLING): recorder.install taps the
+  conversation handler's model calls once moshi.server calls web.run_app, and seeds with --seed
+  where the server seeds 42424242.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ import os
 import runpy
 import signal
 import sys
+from dataclasses import dataclass
+from typing import Mapping
+
+from . import runtime
 
 
 def _die_with_parent(parent_pid: str | None) -> None:
@@ -42,6 +50,26 @@ def _die_with_parent(parent_pid: str | None) -> None:
     from .lifetime import die_with_parent
 
     die_with_parent(int(parent_pid), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the bootstrap does for the installed moshi: flags it has, patches for what it lacks."""
+
+    argv: list[str]
+    bind_host: str | None = None  # patch web.run_app to listen there (moshi < 0.2.5 ignores --host)
+    patch_config: str | None = None  # patch CheckpointInfo.from_hf_repo (moshi < 0.2.4 has no --config-path)
+
+
+def plan_for(rt: runtime.Runtime, env: Mapping[str, str], argv: list[str]) -> Plan:
+    """Pure: JMOSHI_BIND_HOST and JMOSHI_CONFIG_PATH as flags where this moshi has them, else patches."""
+    argv = list(argv)
+    host = env.get("JMOSHI_BIND_HOST") or None
+    config = env.get("JMOSHI_CONFIG_PATH") or None
+    if config and rt.has_config_path and "--config-path" not in argv:
+        argv += ["--config-path", config]
+    return Plan(argv, bind_host=None if rt.honours_host else host,
+                patch_config=None if rt.has_config_path else config)
 
 
 def _bind_host(host: str) -> None:
@@ -75,15 +103,29 @@ def _config_path(path: str) -> None:
     loaders.CheckpointInfo.from_hf_repo = staticmethod(with_config)
 
 
+def _say(line: str) -> None:
+    # The child's console is its stdout, which jmoshi relays; one write keeps a line whole between threads.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _record_and_seed() -> None:
+    """--record, --seed, sampling: the tap on the conversation handler (see recorder.py), when asked for."""
+    from .recorder import Settings, install
+
+    install(Settings.from_env(os.environ), _say)
+
+
 def main() -> None:
     _die_with_parent(os.environ.get("JMOSHI_PARENT_PID"))
-    host = os.environ.get("JMOSHI_BIND_HOST")
-    if host:
-        _bind_host(host)
+    plan = plan_for(runtime.detect(), os.environ, sys.argv[1:])
+    if plan.bind_host:
+        _bind_host(plan.bind_host)
     _cpu_synchronize()
-    config = os.environ.get("JMOSHI_CONFIG_PATH")
-    if config:
-        _config_path(config)
+    if plan.patch_config:
+        _config_path(plan.patch_config)
+    sys.argv[1:] = plan.argv
+    _record_and_seed()
     sys.argv = ["moshi.server", *sys.argv[1:]]
     runpy.run_module("moshi.server", run_name="__main__", alter_sys=True)
 

@@ -227,15 +227,21 @@ def expected_hash(entry: Entry) -> tuple[str, str] | None:
     return None
 
 
-def verify(entry: Entry, on_bytes: Callable[[int], None] | None = None) -> Entry:
-    """Hash a complete entry; mark it corrupt (with why) when the content is not what the hub has."""
+def verify(entry: Entry, on_bytes: Callable[[int], None] | None = None, sha256: str | None = None) -> Entry:
+    """Hash a complete entry; mark it corrupt (with why) when the content is not what the hub has.
+
+    `sha256` is a digest already taken while the file arrived (hashing.FollowingHash). Only a match
+    is taken from it: anything else is settled by hashing the file itself, so a slip of the
+    follower can cost time but never mark a good file corrupt or a bad one complete.
+    """
     if entry.status is not Status.COMPLETE or entry.path is None:
         return entry
     expected = expected_hash(entry)
     if expected is None:
         return replace(entry, status=Status.UNVERIFIED, detail="no content hash known for this file")
     kind, value = expected
-    actual = file_hash(entry.path, kind, on_bytes=on_bytes)
+    matched = kind == "sha256" and sha256 == value
+    actual = value if matched else file_hash(entry.path, kind, on_bytes=on_bytes)
     if actual != value:
         return replace(entry, status=Status.CORRUPT, detail=f"{kind} {actual[:12]}…, expected {value[:12]}…")
     stamp_verified(entry.path)
@@ -326,8 +332,12 @@ Retry = Callable[[Entry, int, BaseException, float], None]
 
 
 def download(plan: Plan, on_progress: Progress | None = None, on_retry: Retry | None = None,
-             attempts_on_corruption: int = 2) -> Plan:
-    """Fetch what is missing, verify each file's hash, and return the plan with everything complete."""
+             attempts_on_corruption: int = 2, on_hash: Progress | None = None) -> Plan:
+    """Fetch what is missing, verify each file's hash, and return the plan with everything complete.
+
+    `on_progress` gets each file's bytes on disk while it downloads (once at its start, once when it
+    is verified); `on_hash` the bytes hashed while a file is checked without downloading it.
+    """
     if plan.offline and plan.missing:
         names = ", ".join(e.artifact.filename for e in plan.missing)
         raise CacheError(f"offline and not cached: {names}",
@@ -342,9 +352,9 @@ def download(plan: Plan, on_progress: Progress | None = None, on_retry: Retry | 
     for entry in plan.entries:
         if entry.status is Status.COMPLETE and not is_stamped(entry.path):
             # Put there by another tool, or changed since we hashed it: trust only its content.
-            entry = verify(entry)
+            entry = verify(entry, on_bytes=_for(on_hash, entry))
         if not entry.status.usable:
-            entry = _fetch_verified(entry, on_progress, on_retry, attempts_on_corruption)
+            entry = _fetch_verified(entry, on_progress, on_retry, attempts_on_corruption, on_hash)
             fetched.append(entry.artifact.label)
         entries.append(replace(entry, status=Status.COMPLETE))
     done = replace(plan, entries=entries, fetched=tuple(fetched))
@@ -353,22 +363,53 @@ def download(plan: Plan, on_progress: Progress | None = None, on_retry: Retry | 
     return done
 
 
-def _fetch_verified(entry: Entry, on_progress: Progress | None, on_retry: Retry | None, attempts: int) -> Entry:
+def needs_hashing(plan: Plan) -> list[Entry]:
+    """Complete files that download() will hash before trusting them (no stamp from an earlier check)."""
+    return [e for e in plan.entries if e.status is Status.COMPLETE and not is_stamped(e.path)]
+
+
+def _for(callback: Progress | None, entry: Entry) -> Callable[[int], None] | None:
+    return (lambda n: callback(entry, n)) if callback else None
+
+
+def _fetch_verified(entry: Entry, on_progress: Progress | None, on_retry: Retry | None, attempts: int,
+                    on_hash: Progress | None = None) -> Entry:
     artifact = entry.artifact
-    for attempt in range(1, attempts + 1):
-        if entry.status is Status.CORRUPT:
-            discard(entry)
-        report = (lambda n: on_progress(entry, n)) if on_progress else None
-        retry = (lambda i, exc, delay: on_retry(entry, i, exc, delay)) if on_retry else None
-        hub.fetch(artifact, on_bytes=report, on_retry=retry)
-        entry = verify(inspect(artifact))
+    for _ in range(attempts):
         if on_progress:
-            on_progress(entry, artifact.size or 0)
+            # The file's own clock starts here; a CORRUPT status says why it is fetched again.
+            on_progress(entry, entry.partial_bytes)
+        entry = _clear_for_fetch(entry)
+        retry = (lambda i, exc, delay, e=entry: on_retry(e, i, exc, delay)) if on_retry else None
+        fetched = hub.fetch(artifact, on_bytes=_for(on_progress, entry), on_retry=retry,
+                            on_hashed=_for(on_hash, entry))
+        arrived = inspect(artifact)
+        entry = verify(arrived, on_bytes=_for(on_hash, arrived), sha256=fetched.sha256)
         if entry.status.usable:
-            return replace(entry, status=Status.COMPLETE)
+            entry = replace(entry, status=Status.COMPLETE)
+            if on_progress:
+                on_progress(entry, artifact.size or 0)
+            return entry
     discard(entry)
     raise CacheError(f"{artifact.label} arrived corrupt {attempts} times ({entry.detail}); the bad copy was removed",
                      "run the command again; if it persists, the mirror at HF_ENDPOINT serves a bad file")
+
+
+def _clear_for_fetch(entry: Entry) -> Entry:
+    """Remove what must not be resumed: a corrupt copy, or a partial file longer than the file.
+
+    A partial that long comes from a server that once ignored the resume's Range header; resuming
+    past the end of the file would fail with HTTP 416 on every later run.
+    """
+    artifact = entry.artifact
+    overgrown = entry.status is Status.PARTIAL and artifact.size is not None and entry.partial_bytes > artifact.size
+    if entry.status is Status.CORRUPT:
+        discard(entry)
+    elif overgrown:
+        (hub.repo_folder(artifact.repo) / "blobs" / f"{artifact.etag}.incomplete").unlink(missing_ok=True)
+    else:
+        return entry
+    return inspect(artifact)
 
 
 def _remember_refs(plan: Plan) -> None:
@@ -451,15 +492,20 @@ class DownloadWatch(Protocol):
 
     def retry(self, entry: Entry, attempt: int, exc: BaseException, delay: float) -> None: ...
 
+    # Optional (called only when the watch has it): bytes hashed while a file is checked, for files
+    # another tool put in the cache and for a hash still catching up after a download.
+    def hashing(self, entry: Entry, done: int) -> None: ...
+
 
 WatchFactory = Callable[[Plan], ContextManager[DownloadWatch]]
 
 
 def fetch_missing(plan: Plan, watch: WatchFactory | None = None) -> Plan:
-    """download(), shown through `watch` when there is something to fetch."""
-    if plan.missing and not plan.offline and watch is not None:
+    """download(), shown through `watch` when there is something to fetch or to hash."""
+    if watch is not None and ((plan.missing and not plan.offline) or needs_hashing(plan)):
         with watch(plan) as view:
-            return download(plan, on_progress=view.progress, on_retry=view.retry)
+            return download(plan, on_progress=view.progress, on_retry=view.retry,
+                            on_hash=getattr(view, "hashing", None))
     return download(plan)
 
 

@@ -8,7 +8,7 @@ Protocol (binary messages, first byte = kind):
 
 The client streams PCM in 80 ms frames (Mimi's, see :mod:`jmoshi_cli.audio_io`), optionally paced in
 real time, keeps listening ``tail_s`` seconds after its last frame (the server may run slower than
-real time) and closes. sphn and aiohttp are imported inside the functions.
+real time) and closes. sphn (through opus.py) and aiohttp are imported inside the functions.
 """
 
 from __future__ import annotations
@@ -98,26 +98,23 @@ async def chat(
     Raises ChatError on connection failure, no handshake in time, or the server closing early.
     """
     import aiohttp
-    import sphn
+
+    from .opus import OpusStream
 
     frames = _prepare_pcm(pcm, sample_rate)
     n_frames = frames.shape[0] // FRAME_SIZE
 
-    writer = sphn.OpusStreamWriter(SAMPLE_RATE)
-    reader = sphn.OpusStreamReader(SAMPLE_RATE)
+    opus = OpusStream(SAMPLE_RATE)
     received: list[np.ndarray] = []
     text_pieces: list[str] = []
     messages: dict[int, int] = {}
     sent_frames = 0
     handshake_s = float("nan")
 
-    def drain_reader() -> None:
-        out = reader.read_pcm()
-        if out is not None and out.shape[-1]:
-            received.append(np.asarray(out, dtype=np.float32).reshape(-1))
-
     def result() -> ChatResult:
-        drain_reader()
+        late = opus.drain()
+        if late.shape[0]:
+            received.append(late)
         audio = np.concatenate(received) if received else np.zeros(0, dtype=np.float32)
         return ChatResult(
             handshake_s=handshake_s,
@@ -134,8 +131,9 @@ async def chat(
         kind = data[0]
         messages[kind] = messages.get(kind, 0) + 1
         if kind == KIND_AUDIO:
-            reader.append_bytes(data[1:])
-            drain_reader()
+            samples = opus.decode(data[1:])
+            if samples.shape[0]:
+                received.append(samples)
         elif kind == KIND_TEXT:
             text_pieces.append(data[1:].decode("utf-8", errors="replace"))
 
@@ -200,15 +198,14 @@ async def chat(
                         delay = start + i * FRAME_S - time.monotonic()
                         if delay > 0:
                             await asyncio.sleep(delay)
-                    writer.append_pcm(frames[i * FRAME_SIZE:(i + 1) * FRAME_SIZE])
-                    payload = writer.read_bytes()
+                    payload = opus.encode(frames[i * FRAME_SIZE:(i + 1) * FRAME_SIZE])
                     if len(payload) > 0:
                         await ws.send_bytes(b"\x01" + payload)
                     sent_frames += 1
                     if not realtime:
                         await asyncio.sleep(0)
                 # Flush anything the Ogg writer still holds.
-                payload = writer.read_bytes()
+                payload = opus.flush()
                 if len(payload) > 0:
                     await ws.send_bytes(b"\x01" + payload)
 

@@ -50,12 +50,31 @@ def url_host(host: str) -> str:
 
 # --- why it stopped ---------------------------------------------------------------------------------
 
+def _kernel_hint() -> str:
+    """The way to a torch with kernels for this GPU, for the installed runtime (see runtime.py)."""
+    from . import runtime
+
+    rt = runtime.detect()
+    if rt.kind == runtime.UNTESTED:
+        return "run `jmoshi doctor`: it names the torch this GPU needs"
+    # The documented runtime's torch predates Blackwell; the current one's dropped Maxwell and Pascal.
+    return f"run `jmoshi doctor`; the other runtime has kernels for it: {rt.other_install()}"
+
+
 # moshi.server is another program: its output text is all there is to tell why it stopped.
+# A hint is a string, or a function that gives it for the installed runtime.
 REASONS = [
-    ("read_pcm", "sphn 0.2 is installed; moshi 0.2.2 needs the sphn 0.1 API", "pip install 'sphn>=0.1.4,<0.2'"),
-    ("read_bytes", "sphn 0.2 is installed; moshi 0.2.2 needs the sphn 0.1 API", "pip install 'sphn>=0.1.4,<0.2'"),
+    # moshi < 0.2.12 calls the sphn 0.1 API, gone in sphn 0.2; 0.2.12+ calls the 0.2 API (sphn 0.1 returns None).
+    ("read_pcm", "sphn 0.2 is installed; this moshi needs the sphn 0.1 API", "pip install 'sphn>=0.1.4,<0.2'"),
+    ("read_bytes", "sphn 0.2 is installed; this moshi needs the sphn 0.1 API", "pip install 'sphn>=0.1.4,<0.2'"),
+    ("'nonetype' object has no attribute 'shape'", "sphn 0.1 is installed; moshi 0.2.12+ needs the sphn 0.2 API",
+     "pip install 'sphn>=0.2,<0.3'"),
     ("out of memory", "the GPU ran out of memory", "stop other GPU processes, or use a GPU with more memory"),
-    ("no kernel image is available", "the installed torch has no kernels for this GPU", "run `jmoshi doctor`"),
+    ("no kernel image is available", "the installed torch has no kernels for this GPU", _kernel_hint),
+    ("no working c++ compiler", "torch.compile found no C++ compiler",
+     "apt-get install g++, or set NO_TORCH_COMPILE=1 (moshi runs uncompiled)"),
+    ("failed to find c compiler", "triton (torch.compile on the GPU) found no C compiler",
+     "apt-get install gcc python3-dev, or set NO_TORCH_COMPILE=1 (moshi runs uncompiled)"),
     ("found no nvidia driver", "no NVIDIA driver", "use --device cpu for a (slow) test run"),
     ("address already in use", "the port was taken while the model loaded", "pass another --port"),
     ("size mismatch", "the checkpoint does not fit the model config", "check --moshi-weight and the variant"),
@@ -69,6 +88,7 @@ def explain_exit(code: int, tail: list[str], unknown_hint: str = SEE_OUTPUT) -> 
     known = next(((reason, hint) for needle, reason, hint in REASONS if needle in text), None)
     if known is not None:
         reason, hint = known
+        hint = hint() if callable(hint) else hint
     else:
         last = next((server_log.plain(line).strip() for line in reversed(tail) if line.strip()), "no output")
         reason, hint = last[:200], unknown_hint

@@ -53,6 +53,30 @@ QueueTimeoutOpt = Annotated[float, typer.Option(
 DrainTimeoutOpt = Annotated[float, typer.Option(
     "--drain-timeout", help="On Ctrl-C or SIGTERM: seconds that running conversations may go on before "
     "everything stops (a second Ctrl-C stops at once).")]
+# Serve's sampling: the generator's, for every conversation. The web UI's own sampling settings travel as URL
+# query parameters that moshi.server never reads, so the help says so.
+_IGNORED = " The web UI's own sampling settings are ignored by the server."
+
+
+def _sampling_help(what: str, default: str) -> str:
+    return f"{what} (default: the model's config, else {default}).{_IGNORED}"
+
+
+ServeTempOpt = Annotated[Optional[float], typer.Option(
+    "--temp", help=_sampling_help("Audio sampling temperature", "0.8"), show_default=False)]
+ServeTempTextOpt = Annotated[Optional[float], typer.Option(
+    "--temp-text", help=_sampling_help("Text temperature", "0.7"), show_default=False)]
+ServeTopKOpt = Annotated[Optional[int], typer.Option(
+    "--top-k", help=_sampling_help("Audio top-k", "250"), show_default=False)]
+ServeTopKTextOpt = Annotated[Optional[int], typer.Option(
+    "--top-k-text", help=_sampling_help("Text top-k", "25"), show_default=False)]
+ServeSeedOpt = Annotated[Optional[int], typer.Option(
+    "--seed", help="Seed the server with this instead of moshi's fixed 42424242, again at the start of each "
+    "conversation, so that one conversation's sampling does not depend on those before it.", show_default=False)]
+RecordOpt = Annotated[Optional[Path], typer.Option(
+    "--record", help="Save every conversation for research into DIR/<UTC start>-<id>/: dialogue.wav (user left, "
+    "J-Moshi right, sample-aligned), user.wav, jmoshi.wav, transcript.json, meta.json (model, sampling, seed, "
+    "how it ended). Tell participants that they are recorded.", metavar="DIR", show_default=False)]
 HostOpt = Annotated[str, typer.Option(
     "--host", help="Address to listen on. 127.0.0.1 keeps it on this machine; 0.0.0.0 opens it to the network.")]
 PortOpt = Annotated[int, typer.Option("--port", help="Port to listen on.")]
@@ -218,20 +242,45 @@ def serve(
         "--gpus", help="With --replicas: the GPUs to use, e.g. 0,1 (default: all).", show_default=False)] = None,
     queue_timeout: QueueTimeoutOpt = 180.0,
     drain_timeout: DrainTimeoutOpt = 60.0,
+    record: RecordOpt = None,
+    temp: ServeTempOpt = None,
+    temp_text: ServeTempTextOpt = None,
+    top_k: ServeTopKOpt = None,
+    top_k_text: ServeTopKTextOpt = None,
+    seed: ServeSeedOpt = None,
 ) -> int:
     """Talk to J-Moshi in the browser: check, fetch what is missing, then run moshi.server."""
     from . import serve as srv
-    from .render import DownloadView, server_relay, show_event, show_load, show_note, show_starting
+    from .render import DownloadView, server_relay, show_event, show_load, show_note, show_recording, show_starting
 
     verbose = ui.settings.verbose
     options = srv.ServeOptions(variant, host, port, device, half, offline, https, ssl, revision, moshi_weight,
-                               replicas, gpus, queue_timeout, drain_timeout)
+                               replicas, gpus, queue_timeout, drain_timeout, record=record, temp=temp,
+                               temp_text=temp_text, top_k=top_k, top_k_text=top_k_text, seed=seed)
     hooks = srv.ServeHooks(
         on_note=show_note, watch_download=DownloadView, on_starting=show_starting,
         on_ready=lambda launch, seconds: _announce_ready(launch, seconds, open_browser, replicas),
         relay=server_relay(verbose), make_relay=lambda name: server_relay(verbose, name),
-        on_load=show_load, on_event=show_event)
+        on_load=show_load, on_event=show_event, on_recording=show_recording)
     return srv.run(options, hooks)
+
+
+@app.command()
+def recordings(
+    folder: Annotated[Path, typer.Argument(help="The folder given to `jmoshi serve --record`.", metavar="DIR")]
+    = Path("."),
+    as_json: JsonOpt = False,
+) -> None:
+    """List the conversations `serve --record` saved: start, duration, variant, how each ended."""
+    from . import recordings as rec
+
+    sessions = rec.list_sessions(folder)
+    if as_json:
+        typer.echo(json.dumps([s.summary() for s in sessions], ensure_ascii=False, indent=2))
+        return
+    from .render import show_recordings
+
+    show_recordings(folder, sessions)
 
 
 @app.command()

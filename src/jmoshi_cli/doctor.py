@@ -6,11 +6,12 @@ with made-up facts for hardware this project's CI does not have (GPUs).
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
-from . import hardware
+from . import hardware, runtime
 from .artifacts import Status
 from .hardware import GPU, Probe
 from .variants import Catalogue, Variant
@@ -26,13 +27,17 @@ OK, WARN, FAIL = Level.OK, Level.WARN, Level.FAIL
 # Rough download size of a Moshi 7B variant (weights, Mimi, tokenizer, web UI) when the hub cannot tell.
 ESTIMATED_7B_BYTES = 16_000_000_000
 
-# What jmoshi is tested with: (package, lowest, first excluded).
-KNOWN_GOOD = {
-    "moshi": ("0.2.2", "0.2.3"),
-    "sphn": ("0.1.4", "0.2"),
-    "torch": ("2.2", "2.7"),
-    "huggingface_hub": ("0.24", "0.29"),
-}
+# The packages checked against what the installed runtime is tested with (runtime.TESTED).
+CHECKED_PACKAGES = ("moshi", "sphn", "torch", "huggingface_hub")
+
+
+@dataclass(frozen=True)
+class CompileFacts:
+    """What torch.compile on a GPU needs (triton builds a C launcher): see runtime.compile_env."""
+
+    c_compiler: str | None = "gcc"
+    python_headers: bool = True
+    disabled: bool = False  # NO_TORCH_COMPILE is set
 
 
 @dataclass
@@ -71,27 +76,17 @@ class Facts:
     port_number: int
     extra: dict = field(default_factory=dict)
     haproxy: Probe | None = None  # value: haproxy.Version; error: why it cannot be used
+    compile: CompileFacts = field(default_factory=CompileFacts)
 
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split("+")[0].split("."):
-        digits = "".join(c for c in piece if c.isdigit())
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
-
-
-def _in_range(version: str, low: str, high: str) -> bool:
-    v = _version_tuple(version)
-    return _version_tuple(low) <= v < _version_tuple(high)
+    @property
+    def runtime(self) -> runtime.Runtime:
+        return runtime.Runtime.from_versions(self.packages)
 
 
 def gather(catalogue: Catalogue, variant: Variant, host: str = "127.0.0.1", port: int = 8998) -> Facts:
     from . import artifacts, hub
 
-    packages = {name: hardware.package_version(name) for name in (*KNOWN_GOOD, "jmoshi")}
+    packages = {**runtime.installed_versions(), "jmoshi": hardware.package_version("jmoshi")}
     nvidia = hardware.nvidia()
     has_gpu = nvidia.ok and bool(nvidia.value.gpus)
     torch = hardware.torch_cuda() if has_gpu and packages["torch"] else None
@@ -106,7 +101,8 @@ def gather(catalogue: Catalogue, variant: Variant, host: str = "127.0.0.1", port
         os=hardware.os_facts(), python=tuple(sys.version_info[:3]), packages=packages, nvidia=nvidia,
         torch=torch, disk=hardware.disk_free(hub.cache_dir()), cache=cache, missing_bytes=missing,
         hub=reach, endpoint=hub.endpoint(), port=hardware.port_free(host, port), host=host, port_number=port,
-        extra={"cache_dir": str(hub.cache_dir()), "offline": offline}, haproxy=_haproxy_probe())
+        extra={"cache_dir": str(hub.cache_dir()), "offline": offline}, haproxy=_haproxy_probe(),
+        compile=CompileFacts(runtime.c_compiler(), runtime.python_headers(), runtime.NO_COMPILE_ENV in os.environ))
 
 
 def _haproxy_probe() -> Probe:
@@ -133,8 +129,9 @@ def _cache_facts(plan: Probe) -> tuple[Probe, int | None]:
 
 
 def evaluate(facts: Facts, variant: Variant) -> list[Check]:
-    checks = [_os(facts), _python(facts)]
-    checks += [_package(name, facts.packages.get(name)) for name in KNOWN_GOOD]
+    rt = facts.runtime
+    checks = [_os(facts), _python(facts), _runtime(rt)]
+    checks += [_package(name, facts.packages.get(name), rt) for name in CHECKED_PACKAGES]
     checks += _gpu_checks(facts, variant)
     checks += [_disk(facts), _cache(facts, variant), _hub(facts), _port(facts)]
     if facts.haproxy is not None:
@@ -149,7 +146,7 @@ def _os(facts: Facts) -> Check:
     if system == "Linux":
         return Check("os", WARN, f"Linux {machine}: not tested", "jmoshi is tested on Linux x86_64")
     why = {"Darwin": "macOS has no CUDA; moshi's PyTorch server needs an NVIDIA GPU",
-           "Windows": "moshi 0.2.2's server and its audio stack are only tested on Linux"}
+           "Windows": "moshi's server and its audio stack are only tested here on Linux"}
     return Check("os", FAIL, why.get(system, f"{system} is not supported"),
                  "use a Linux x86_64 machine with an NVIDIA GPU (24 GB), or WSL2 on Windows")
 
@@ -158,21 +155,32 @@ def _python(facts: Facts) -> Check:
     version = ".".join(map(str, facts.python))
     if (3, 10) <= facts.python[:2] <= (3, 12):
         return Check("python", OK, version)
-    return Check("python", FAIL, f"{version}: moshi 0.2.2 and torch<2.7 need Python 3.10-3.12",
+    return Check("python", FAIL, f"{version}: jmoshi and its runtimes are tested on Python 3.10-3.12",
                  "create the environment with python3.10, 3.11 or 3.12")
 
 
-def _package(name: str, version: str | None) -> Check:
-    low, high = KNOWN_GOOD[name]
+def _runtime(rt: runtime.Runtime) -> Check:
+    """Which of the two tested runtimes is installed (current: Volta to Blackwell; documented: up to Hopper)."""
+    serves = {runtime.CURRENT: "GPUs from Volta (sm_70) to Blackwell (sm_120)",
+              runtime.DOCUMENTED: "GPUs from Maxwell (sm_50) to Hopper (sm_90), not Blackwell"}
+    if rt.moshi is None:
+        return Check("runtime", FAIL, "moshi is not installed", "reinstall jmoshi: pip install .")
+    if rt.kind == runtime.UNTESTED:
+        return Check("runtime", WARN, rt.label, f"install a tested runtime: {runtime.INSTALL[rt.family]}")
+    return Check("runtime", OK, f"{rt.label} ({serves[rt.kind]})")
+
+
+def _package(name: str, version: str | None, rt: runtime.Runtime) -> Check:
+    low, high = runtime.TESTED[rt.family][name]
     wanted = f">={low},<{high}"
+    problem = next((p for p in rt.problems() if p.key == name), None)
+    if problem is not None and problem.fatal:
+        return Check(name, FAIL, problem.detail, problem.fix)
     if version is None:
         return Check(name, FAIL, "not installed", f"pip install '{name}{wanted}' (or reinstall jmoshi)")
-    if _in_range(version, low, high):
+    if runtime.in_range(version, low, high):
         return Check(name, OK, version)
-    if name == "sphn":
-        return Check(name, FAIL, f"{version}: moshi 0.2.2's server calls the sphn 0.1 API; "
-                     "connections die at the first audio frame", "pip install 'sphn>=0.1.4,<0.2'")
-    return Check(name, FAIL if name == "moshi" else WARN, f"{version}: jmoshi is tested with {name}{wanted}",
+    return Check(name, WARN, f"{version}: the {rt.family} runtime is tested with {name}{wanted}",
                  f"pip install '{name}{wanted}'")
 
 
@@ -190,9 +198,23 @@ def _gpu_checks(facts: Facts, variant: Variant) -> list[Check]:
                         f"cc {_cc(g.capability)}" for g in gpus)
     checks = [Check("gpu", OK, f"driver {facts.nvidia.value.driver}; {listing}")]
     checks.append(_torch_cuda(facts, best))
+    checks.append(_compiler(facts))
     checks.append(_bf16(best))
     checks.append(_vram(best, variant))
     return checks
+
+
+def _compiler(facts: Facts) -> Check:
+    """torch.compile on the GPU (both runtimes compile moshi kernels) needs triton's C compiler."""
+    found = facts.compile
+    if found.disabled:
+        return Check("compiler", OK, "NO_TORCH_COMPILE is set: moshi runs uncompiled (slower)")
+    missing = [what for what, ok in (("no C compiler (gcc, clang or $CC)", bool(found.c_compiler)),
+                                     ("no Python headers (Python.h)", found.python_headers)) if not ok]
+    if missing:
+        return Check("compiler", WARN, f"{' and '.join(missing)}: triton cannot build torch.compile's kernels; "
+                     "jmoshi serves with NO_TORCH_COMPILE=1 (slower)", runtime.COMPILER_FIX)
+    return Check("compiler", OK, f"torch.compile can build its kernels ({found.c_compiler})")
 
 
 def _cc(capability: tuple[int, int] | None) -> str:
@@ -210,21 +232,17 @@ def _torch_cuda(facts: Facts, gpu: GPU) -> Check:
     if not torch.ok:
         return Check("torch-cuda", FAIL, f"torch could not be asked: {torch.error}", "run with JMOSHI_DEBUG=1")
     info = torch.value
+    rt = facts.runtime
     if not info.get("cuda"):
-        return Check("torch-cuda", FAIL, f"torch {info['version']} is a CPU-only build",
-                     "pip install 'torch>=2.2,<2.7' from PyPI (its Linux wheels include CUDA)")
+        return Check("torch-cuda", FAIL, f"torch {info['version']} is a CPU-only build", runtime.cpu_only_fix(rt))
     if not info.get("available"):
         return Check("torch-cuda", FAIL, f"torch {info['version']} (CUDA {info['cuda']}) cannot use the GPU",
                      f"the driver may be older than CUDA {info['cuda']} needs: update the NVIDIA driver")
     if gpu.capability:
-        sm = f"sm_{gpu.capability[0]}{gpu.capability[1]}"
-        archs = info.get("arch_list") or []
-        same_major = any(a.startswith(f"sm_{gpu.capability[0]}") for a in archs)
-        if sm not in archs and not same_major:
-            return Check("torch-cuda", FAIL,
-                         f"{gpu.name} is {sm}; torch {info['version']} has kernels for {', '.join(archs)} only",
-                         "moshi 0.2.2 needs torch<2.7, which predates this GPU: use an older GPU (Ampere, Ada, "
-                         "Hopper) or wait for a jmoshi release on a newer moshi")
+        archs = runtime.parse_arch_flags(info.get("arch_flags") or info.get("arch_list"))
+        problem = runtime.kernel_problem(rt, gpu.name, gpu.capability, archs, info["version"])
+        if problem is not None:
+            return Check("torch-cuda", FAIL, problem.detail, problem.fix)
     return Check("torch-cuda", OK, f"torch {info['version']}, CUDA {info['cuda']}")
 
 

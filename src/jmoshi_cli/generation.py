@@ -2,8 +2,9 @@
 
 torch and moshi are imported inside the functions: importing this module costs nothing.
 
-Upstream code used. :func:`read_config` re-implements the config.json part of moshi 0.2.2's
-``CheckpointInfo.from_hf_repo`` (moshi/models/loaders.py), and :func:`load_model` builds a
+Upstream code used. :func:`read_config` re-implements the config.json part of moshi's
+``CheckpointInfo.from_hf_repo`` (moshi/models/loaders.py; the keys of a moshi-type config are read
+the same way in 0.2.2 and 0.2.13), and :func:`load_model` builds a
 ``CheckpointInfo`` directly, because ``from_hf_repo`` downloads by repo name while jmoshi loads the
 local files it has verified (``artifacts.ensure_local``). The loop relies on attributes that moshi
 does not document as API: ``LMModel.context`` and ``condition_provider``, ``LMGen.max_delay``, and
@@ -70,7 +71,8 @@ from .artifacts import ModelFiles
 from .audio_io import FRAME_SIZE, SAMPLE_RATE
 from .errors import CacheError, PreflightError, UsageError
 
-# LMGen's defaults in moshi 0.2.2, used when neither the options nor config.json say otherwise.
+# LMGen's defaults (the same in moshi 0.2.2 and 0.2.13), used when neither the options nor config.json
+# say otherwise.
 LMGEN_DEFAULTS = {"temp": 0.8, "temp_text": 0.7, "top_k": 250, "top_k_text": 25}
 _CAPTURED_IN_ERRORS = 1000  # characters of the captured loading output that an error carries
 
@@ -264,8 +266,11 @@ def _load_modules(files: ModelFiles, config: ModelConfig, device, dtype, capture
     import torch
     from moshi.models import loaders
 
-    info = loaders.CheckpointInfo(Path(files.moshi_weight), Path(files.mimi_weight), Path(files.tokenizer),
-                                  config.lm_config, config.raw, config.model_type, config.lm_gen_config or {})
+    # By keyword: 0.2.4+ inserted fields (mimi_config, lora_weights, ...) between these.
+    info = loaders.CheckpointInfo(moshi_weights=Path(files.moshi_weight), mimi_weights=Path(files.mimi_weight),
+                                  tokenizer=Path(files.tokenizer), lm_config=config.lm_config,
+                                  raw_config=config.raw, model_type=config.model_type,
+                                  lm_gen_config=config.lm_gen_config or {})
     try:
         return info.get_mimi(device=device), info.get_text_tokenizer(), info.get_moshi(device=device, dtype=dtype)
     except torch.cuda.OutOfMemoryError as exc:
@@ -309,6 +314,9 @@ def load_model(files: ModelFiles, device: str = "cuda", half: bool = False,
     not enough GPU memory), CacheError (files missing or corrupt) or UsageError (a model type jmoshi
     infer does not run).
     """
+    from . import runtime
+
+    runtime.apply_compile_policy(device)  # before moshi is imported: it reads NO_TORCH_COMPILE then
     import torch
 
     torch_device = _check_device(device)

@@ -109,7 +109,11 @@ def nvidia(timeout_s: float = 5.0) -> Probe:
 _TORCH_SCRIPT = """
 import json, torch
 out = {"version": torch.__version__, "cuda": torch.version.cuda, "available": torch.cuda.is_available(),
-       "arch_list": [], "bf16": None, "devices": []}
+       "arch_list": [], "arch_flags": "", "bf16": None, "devices": []}
+try:  # the architectures the build has kernels for, known without a GPU (get_arch_list() needs one)
+    out["arch_flags"] = torch._C._cuda_getArchFlags() or ""
+except Exception:
+    pass
 if out["available"]:
     out["arch_list"] = torch.cuda.get_arch_list()
     out["bf16"] = torch.cuda.is_bf16_supported()

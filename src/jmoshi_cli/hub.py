@@ -7,6 +7,7 @@ reads them once, at import.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import threading
@@ -15,10 +16,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from . import hashing
 from .errors import CacheError, HubError, HubUnreachable, JMoshiError, UsageError
 
 T = TypeVar("T")
 DEFAULT_ENDPOINT = "https://huggingface.co"
+
+# Plain HTTP downloads, the path jmoshi tests (resume from `.incomplete`, progress, sha256 as bytes land).
+# huggingface_hub >= 0.30 with hf_xet installed (the current runtime has both) would switch to the Xet
+# protocol for files the hub stores in Xet, as it now does for J-Moshi's: untested here (no hub to try it
+# against). HF_HUB_DISABLE_XET=0 in the environment turns it back on. Read by huggingface_hub at import.
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 
 
 @dataclass(frozen=True)
@@ -217,38 +225,181 @@ def pick(files: dict[str, Artifact], role: str, filename: str, where: str) -> Ar
 # --- downloading -------------------------------------------------------------------------------------
 
 
-def _watch(path_of: Callable[[], Path | None], report: Callable[[int], None], stop: threading.Event) -> None:
+@dataclass(frozen=True)
+class Fetched:
+    """Where a fetched file is, and its sha256 when it was hashed while its bytes arrived."""
+
+    path: Path
+    sha256: str | None = None  # None: not followed, or the follower could not vouch for every byte
+
+
+def _watch(path: Path, report: Callable[[int], None], stop: threading.Event) -> None:
     while not stop.wait(0.2):
-        path = path_of()
         try:
-            if path is not None:
-                report(path.stat().st_size)
+            report(path.stat().st_size)
         except OSError:
             pass
 
 
+def _followable(artifact: Artifact) -> bool:
+    """Whether the partial file can be hashed as it grows.
+
+    Only LFS files have a plain sha256 to check (small files are hashed after, at no real cost).
+    hf_transfer and Xet write blocks out of order, so reading behind them would hash holes;
+    elsewhere than POSIX an open reader can block the final rename; and without its truncates
+    reported (_report_rewinds) a rewritten partial could go unseen.
+    """
+    from huggingface_hub import constants, file_download
+
+    xet = getattr(file_download, "is_xet_available", None)  # huggingface_hub >= 0.31
+    return (bool(artifact.sha256) and hashing.supported() and not constants.HF_HUB_ENABLE_HF_TRANSFER
+            and not (xet is not None and xet()) and _report_rewinds())
+
+
+class _RewindReporting:
+    """The partial file huggingface_hub writes to, reporting each truncate to its follower."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def truncate(self, *args):
+        size = self._stream.truncate(*args)
+        hashing.note_rewind(self._stream.fileno())  # after: what is read from now on is the new content
+        return size
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _report_rewinds() -> bool:
+    """Have huggingface_hub's HTTP downloads report when they cut the partial file back.
+
+    huggingface_hub 0.36.2 and later truncate the partial file in place when a server answers a
+    resumed request with the whole file (200, not 206), then write it again from byte 0: the same
+    inode, and it may grow back past what was hashed before the follower looks again, so only the
+    truncate itself tells. False when there is no http_get to wrap: then nothing is followed.
+    """
+    from huggingface_hub import file_download
+
+    get = getattr(file_download, "http_get", None)
+    if get is None:
+        return False
+    if getattr(get, "jmoshi_reports_rewinds", False):
+        return True
+
+    @functools.wraps(get)
+    def reporting(url, temp_file, *args, **kwargs):
+        if not isinstance(temp_file, _RewindReporting):  # it calls itself again to resume
+            temp_file = _RewindReporting(temp_file)
+        return get(url, temp_file, *args, **kwargs)
+
+    reporting.jmoshi_reports_rewinds = True
+    file_download.http_get = reporting
+    return True
+
+
 def fetch(artifact: Artifact, on_bytes: Callable[[int], None] | None = None,
-          on_retry: Callable[[int, BaseException, float], None] | None = None) -> Path:
-    """Download one file into the standard cache (resuming a partial one) and return its path."""
-    from huggingface_hub import hf_hub_download
+          on_retry: Callable[[int, BaseException, float], None] | None = None,
+          on_hashed: Callable[[int], None] | None = None) -> Fetched:
+    """Download one file into the standard cache (resuming a partial one), hashing it as it arrives.
 
-    def call() -> str:
-        return hf_hub_download(
-            artifact.repo, artifact.filename, revision=artifact.commit or artifact.revision,
-            cache_dir=cache_dir(), endpoint=endpoint(), token=token())
-
+    `on_bytes` gets the bytes on disk as they grow; `on_hashed` the bytes hashed when the hash is
+    still catching up after the last byte landed.
+    """
+    blob = repo_folder(artifact.repo) / "blobs" / str(artifact.etag)
+    partial = blob.with_name(f"{blob.name}.incomplete")
+    if _followable(artifact):
+        return _fetch_followed(artifact, blob, partial, on_bytes, on_retry, on_hashed)
     stop = threading.Event()
     watcher = None
     if on_bytes is not None and artifact.etag:
-        incomplete = repo_folder(artifact.repo) / "blobs" / f"{artifact.etag}.incomplete"
-        watcher = threading.Thread(target=_watch, args=(lambda: incomplete, on_bytes, stop), daemon=True)
+        watcher = threading.Thread(target=_watch, args=(partial, on_bytes, stop), daemon=True)
         watcher.start()
     try:
-        return Path(with_retries(call, artifact.label, on_retry=on_retry))
+        return Fetched(_download(artifact, on_retry))
     finally:
         stop.set()
         if watcher is not None:
             watcher.join()
+
+
+def _fetch_followed(artifact: Artifact, blob: Path, partial: Path, on_bytes: Callable[[int], None] | None,
+                    on_retry: Callable[[int, BaseException, float], None] | None,
+                    on_hashed: Callable[[int], None] | None) -> Fetched:
+    created = _create_partial(partial, blob)
+    try:
+        # One follower across all retries: each retry appends to the same partial file.
+        with hashing.FollowingHash(partial, on_arrived=on_bytes, on_hashed=on_hashed) as follower:
+            path = _download(artifact, on_retry)
+            return Fetched(path, follower.finish(path))
+    except BaseException:
+        if created:
+            _remove_if_empty(partial)
+        raise
+
+
+def _create_partial(partial: Path, blob: Path) -> bool:
+    """Create the empty partial file huggingface_hub will append to, so the hash is on it from byte 0.
+
+    Without it a small file can arrive and be renamed between two looks of the follower, and then
+    costs a second read. huggingface_hub appends to an empty partial just as it starts a new one;
+    one already there is left as it is, to be resumed. True when this call created it.
+    """
+    if blob.exists():
+        return False  # nothing will be downloaded
+    try:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError:
+        return False  # there already, or not creatable: the follower picks up what huggingface_hub makes
+    return True
+
+
+def _remove_if_empty(partial: Path) -> None:
+    """Leave no empty partial behind for a download that failed before its first byte."""
+    try:
+        if partial.stat().st_size == 0:
+            partial.unlink()
+    except OSError:
+        pass
+
+
+def _one_try_per_request() -> None:
+    """One HTTP try per request inside hf_hub_download, on every huggingface_hub version.
+
+    huggingface_hub 0.28 (the documented runtime) makes one try and raises; later versions (0.36 in the
+    current runtime) retry 5xx answers and connection errors inside the call, up to 5 times with their
+    own backoff (1 to 8 s) and a warning per try. jmoshi already retries (with_retries: Retry-After,
+    a note per retry, the one-line error at the end); both together would multiply the tries and
+    print the library's warnings. So its backoff is told to retry nothing: the behaviour of 0.28.
+    """
+    from huggingface_hub import file_download
+
+    backoff = getattr(file_download, "http_backoff", None)  # absent in 0.28: nothing to do
+    if backoff is None or getattr(backoff, "jmoshi_one_try", False):
+        return
+
+    @functools.wraps(backoff)
+    def one_try(*args, **kwargs):
+        kwargs.setdefault("retry_on_status_codes", ())
+        kwargs.setdefault("retry_on_exceptions", ())
+        return backoff(*args, **kwargs)
+
+    one_try.jmoshi_one_try = True
+    file_download.http_backoff = one_try
+
+
+def _download(artifact: Artifact, on_retry: Callable[[int, BaseException, float], None] | None) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    _one_try_per_request()
+
+    def call() -> Path:
+        return Path(hf_hub_download(
+            artifact.repo, artifact.filename, revision=artifact.commit or artifact.revision,
+            cache_dir=cache_dir(), endpoint=endpoint(), token=token()))
+
+    return with_retries(call, artifact.label, on_retry=on_retry)
 
 
 def repo_folder(repo: str) -> Path:

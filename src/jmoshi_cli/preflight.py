@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import hardware
+from . import hardware, runtime
 from .errors import PreflightError, UsageError
 
 
@@ -34,8 +34,34 @@ def check_address(host: str, port: int) -> None:
                              f"stop the other server (`ss -ltnp | grep :{port}`) or pass --port {port + 1}")
 
 
+def check_runtime() -> runtime.Runtime:
+    """Refuse a broken set of packages (the sphn trap, moshi or torch missing) with its exact fix."""
+    rt = runtime.detect()
+    fatal = rt.fatal()
+    if fatal:
+        raise PreflightError(fatal[0].detail, fatal[0].fix)
+    return rt
+
+
+def check_kernels(rt: runtime.Runtime, gpu: hardware.GPU) -> None:
+    """Refuse, before any load, a GPU the installed torch has no kernels for (asked in a child process)."""
+    if not gpu.capability:
+        return
+    probe = hardware.torch_cuda()
+    if not probe.ok:
+        raise PreflightError(f"torch could not be asked about CUDA: {probe.error}", "run `jmoshi doctor`")
+    info = probe.value
+    if not info.get("cuda"):
+        raise PreflightError(f"torch {info.get('version')} is a CPU-only build", runtime.cpu_only_fix(rt))
+    archs = runtime.parse_arch_flags(info.get("arch_flags") or info.get("arch_list"))
+    problem = runtime.kernel_problem(rt, gpu.name, gpu.capability, archs, info.get("version"))
+    if problem is not None:
+        raise PreflightError(problem.detail, problem.fix)
+
+
 def check_device(device: str, vram_min_gb: float, variant_name: str) -> DeviceCheck:
-    """Refuse a GPU run that cannot work; choose fp16 for a pre-Ampere GPU."""
+    """Refuse a run that cannot work (packages, GPU, kernels, memory); choose fp16 for a pre-Ampere GPU."""
+    rt = check_runtime()
     if device == "cpu":
         return DeviceCheck(notes=("--device cpu: a 7B model on a CPU is far slower than real time "
                                   "(for tests and development)",))
@@ -53,10 +79,13 @@ def check_device(device: str, vram_min_gb: float, variant_name: str) -> DeviceCh
         raise PreflightError(
             f"{gpu.name} has {gpu.free_bytes / 1e9:.1f} GB free; {variant_name} needs about {vram_min_gb:g} GB",
             "stop other GPU processes (`nvidia-smi`), or pick another GPU with --device cuda:N")
+    check_kernels(rt, gpu)
+    _, compile_note = runtime.compile_setup(device)
+    notes = (compile_note,) if compile_note else ()
     if gpu.capability and gpu.capability < (8, 0):
-        return DeviceCheck(half=True, notes=(
+        return DeviceCheck(half=True, notes=notes + (
             f"{gpu.name} (cc {gpu.capability[0]}.{gpu.capability[1]}) lacks fast bfloat16: using --half",))
-    return DeviceCheck()
+    return DeviceCheck(notes=notes)
 
 
 def device_index(device: str) -> int | None:

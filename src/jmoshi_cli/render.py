@@ -362,3 +362,31 @@ def show_load(load) -> None:
 
 def show_event(text: str) -> None:
     console.print(f"[yellow]replicas:[/] {text}", soft_wrap=True)
+
+
+def show_recording(folder) -> None:
+    from .recordings import BYTES_PER_MINUTE
+
+    console.print(f"[bold]recording[/] every conversation into {folder}/<UTC start>-<id>/ (both voices, transcript, "
+                  f"settings; about {BYTES_PER_MINUTE / 1e6:.0f} MB per minute). Tell participants that they are "
+                  "recorded.", soft_wrap=True)
+
+
+def show_recordings(folder, sessions) -> None:
+    from .recordings import Ended
+
+    if not sessions:
+        console.print(f"no recordings in {folder}", soft_wrap=True)
+        return
+    style = {Ended.HANG_UP: "green", Ended.RUNNING: "cyan", Ended.SERVER_STOP: "yellow"}
+    table = Table(title_justify="left")
+    for column in ("start (UTC)", "duration", "variant", "replica", "ended", "folder"):
+        table.add_column(column, overflow="fold")
+    for s in sessions:
+        minutes, seconds = divmod(round(s.duration_s), 60)
+        ended = f"[{style.get(s.ended, 'red')}]{s.ended.value}[/]" + (f" ({s.problem})" if s.problem else "")
+        table.add_row(s.start_utc.replace("T", " ")[:19], f"{minutes}:{seconds:02d}", s.variant, s.replica, ended,
+                      s.path.name)
+    console.print(table)
+    total = sum(s.duration_s for s in sessions)
+    console.print(f"{len(sessions)} conversation(s), {total / 60:.1f} minutes in {folder}", soft_wrap=True)

@@ -112,7 +112,8 @@ def replica_launch(base: Launch, where: Placement) -> Launch:
     if "--ssl" in argv:  # TLS ends at the front; replicas speak plain HTTP on loopback
         at = argv.index("--ssl")
         del argv[at:at + 2]
-    env = dict(base.env, JMOSHI_BIND_HOST="127.0.0.1")
+    # JMOSHI_REPLICA: each recording's meta.json says which replica held the conversation.
+    env = dict(base.env, JMOSHI_BIND_HOST="127.0.0.1", JMOSHI_REPLICA=where.name)
     if where.threads is not None:
         env.update(OMP_NUM_THREADS=str(where.threads), MKL_NUM_THREADS=str(where.threads))
     return replace(base, argv=argv, env=env, host="127.0.0.1", port=where.port, scheme="http")

@@ -1,5 +1,7 @@
 """`jmoshi selftest`: prove the installed stack (moshi, sphn, torch, aiohttp) end to end, on the CPU.
 
+It runs on whichever runtime is installed (runtime.py), with torch.compile off as jmoshi runs the CPU.
+
 A tiny random model (same generator as the tests) is served by the real moshi.server through the
 same launch code as `jmoshi serve`, and a client speaks the /api/chat protocol to it. The server's
 output is kept, not shown: a failure carries its last lines as the error's `detail`, which the CLI
@@ -119,7 +121,7 @@ def _converse(server: Server, launch: Launch, on_step: Callable[[str], None], se
 def _check(result: SelftestResult, server: Server) -> None:
     if result.audio_samples == 0:
         raise SelftestError("moshi.server answered the handshake but sent no audio",
-                            f"run `jmoshi doctor` (a sphn 0.2 install breaks audio at the first frame); {SEE_LOG}",
+                            f"run `jmoshi doctor` (a sphn that does not fit moshi breaks audio); {SEE_LOG}",
                             _server_lines(server))
     if not result.text_pieces:
         raise SelftestError("moshi.server sent audio but no text pieces", f"run `jmoshi doctor`; {SEE_LOG}",

@@ -11,14 +11,14 @@ import ipaddress
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from . import artifacts, preflight, tls
+from . import artifacts, preflight, recordings, runtime, tls
 from .artifacts import ModelFiles
 from .child import Launch
-from .errors import UsageError
+from .errors import CacheError, UsageError
 from .variants import Variant, load_catalogue
 
 
@@ -39,6 +39,13 @@ class ServeOptions:
     gpus: str | None = None
     queue_timeout_s: float = 180.0
     drain_timeout_s: float = 60.0
+    # Research use: every conversation saved under this folder (recordings.py), and the generator's sampling.
+    record: Path | None = None
+    temp: float | None = None
+    temp_text: float | None = None
+    top_k: int | None = None
+    top_k_text: int | None = None
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class Prepared:
     variant: Variant
     ssl_dir: Path | None
     placements: list | None = None  # replicas.Placement for each replica, with --replicas
+    record_dir: Path | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -76,6 +84,7 @@ class ServeHooks:
     make_relay: Callable[[str], Callable[[str], None] | None] = lambda name: None
     on_load: Callable[[object], None] = lambda load: None
     on_event: Callable[[str], None] = lambda text: None
+    on_recording: Callable[[Path], None] = lambda folder: None  # --record: where conversations go
 
 
 def run(options: ServeOptions, hooks: ServeHooks | None = None) -> int:
@@ -85,15 +94,19 @@ def run(options: ServeOptions, hooks: ServeHooks | None = None) -> int:
     hooks = hooks or ServeHooks()
     prepared = prepare(options, hooks)
     hooks.on_starting(prepared.variant, prepared.launch)
-    if prepared.placements is not None:
-        return _run_replicas(options, prepared, hooks)
-    server = child.Server(prepared.launch, relay=hooks.relay)
-    return child.supervise(server, lambda seconds: hooks.on_ready(prepared.launch, seconds))
+    if prepared.record_dir is not None:
+        hooks.on_recording(prepared.record_dir)
+    try:
+        if prepared.placements is not None:
+            return _run_replicas(options, prepared, hooks)
+        server = child.Server(prepared.launch, relay=hooks.relay)
+        return child.supervise(server, lambda seconds: hooks.on_ready(prepared.launch, seconds))
+    finally:
+        if prepared.record_dir is not None:
+            _settle_recordings(prepared.record_dir, hooks)
 
 
 def _run_replicas(options: ServeOptions, prepared: Prepared, hooks: ServeHooks) -> int:
-    from dataclasses import replace
-
     from . import haproxy, replicas
 
     front = haproxy.Front(options.host, options.port, replicas.backends_for(prepared.placements),
@@ -111,6 +124,10 @@ def prepare(options: ServeOptions, hooks: ServeHooks) -> Prepared:
     """Everything before a child starts: seconds of checks, then the files, then the command line."""
     catalogue = load_catalogue()
     chosen = catalogue.get(options.variant)
+    sampling = sampling_overrides(options)
+    record_dir = recordings.check_dir(options.record) if options.record is not None else None
+    if record_dir is not None:
+        _settle_recordings(record_dir, hooks)  # left "running" by a server that was killed
     if options.https and options.ssl_dir:
         raise UsageError("--https and --ssl both given", "--https makes a certificate; --ssl DIR uses yours")
     preflight.check_address(options.host, options.port)
@@ -121,12 +138,16 @@ def prepare(options: ServeOptions, hooks: ServeHooks) -> Prepared:
     device = preflight.check_device(first_device, chosen.vram_min_gb, chosen.name)
     for note in device.notes:
         hooks.on_note(note)
-    _, files = artifacts.ensure_local(catalogue, chosen, options.revision, offline=options.offline, web_ui=True,
-                                      moshi_weight=weight, watch=hooks.watch_download, on_note=hooks.on_note)
+    plan, files = artifacts.ensure_local(catalogue, chosen, options.revision, offline=options.offline, web_ui=True,
+                                         moshi_weight=weight, watch=hooks.watch_download, on_note=hooks.on_note)
+    if sampling:
+        files = replace(files, config=sampling_config(files.config, sampling))
     if options.https:
         ssl_dir = tls.ensure_certificate(artifacts.data_dir() / "tls", certificate_names(options.host))
     launch = build_launch(files, chosen.repo, options, ssl_dir, half=options.half or device.half)
-    return Prepared(launch, chosen, ssl_dir, placements)
+    facts = _recording_facts(plan, chosen, options, files)
+    launch = replace(launch, env=session_env(launch.env, options, sampling, record_dir, facts))
+    return Prepared(launch, chosen, ssl_dir, placements, record_dir)
 
 
 def _place_replicas(options: ServeOptions, chosen: Variant) -> list:
@@ -138,6 +159,86 @@ def _place_replicas(options: ServeOptions, chosen: Variant) -> list:
         if not value >= 0:
             raise UsageError(f"{name} {value} must be 0 or more seconds", f"e.g. {name} 60")
     return replicas.place(count, options.device, replicas.parse_gpus(options.gpus), chosen.vram_min_gb)
+
+
+# --- sampling, seed and recording: what the child gets besides its command line -------------------
+
+
+def sampling_overrides(options: ServeOptions) -> dict:
+    """The sampling values given, checked as `jmoshi infer` checks them (same flags, same messages)."""
+    from .infer import InferOptions
+
+    checked = InferOptions(temp=options.temp, temp_text=options.temp_text, top_k=options.top_k,
+                           top_k_text=options.top_k_text, seed=options.seed)
+    if options.seed is not None and options.seed >= 2**32:  # moshi.server also seeds numpy, which stops there
+        raise UsageError(f"--seed {options.seed} is too large", "use a seed below 4294967296")
+    return checked.sampling_overrides()
+
+
+def sampling_config(config: Path | None, overrides: dict) -> Path:
+    """An LM config whose lm_gen_config holds the sampling values: moshi.server reads them from there.
+
+    It is the variant's config.json with lm_gen_config updated, or, for a repo without one (J-Moshi's),
+    moshi's built-in Moshi-7B kwargs, which is what the server builds when it finds no config.json. The
+    file is named by its content in jmoshi's data folder, so servers started alike share it.
+    """
+    import hashlib
+    import json
+
+    from .fsutil import atomic_write_text
+
+    if config is not None:
+        lm_config = json.loads(Path(config).read_text(encoding="utf-8"))
+    else:
+        from moshi.models import loaders  # imports torch: only here, when sampling flags are given
+
+        lm_config = dict(loaders._lm_kwargs)
+    lm_config["lm_gen_config"] = {**(lm_config.get("lm_gen_config") or {}), **overrides}
+    text = json.dumps(lm_config, indent=2, sort_keys=True) + "\n"
+    path = artifacts.data_dir() / "lm-configs" / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, text)
+    except OSError as exc:
+        raise CacheError(f"cannot write the LM config with the sampling values to {path.parent}: "
+                         f"{exc.strerror or exc}", "set JMOSHI_HOME to a folder you can write to") from exc
+    return path
+
+
+def _recording_facts(plan, chosen: Variant, options: ServeOptions, files: ModelFiles) -> dict:
+    """What only jmoshi knows of the model, for each recording's meta.json."""
+    from . import __version__
+
+    entry = next((e for e in plan.entries if e.artifact.repo == chosen.repo), None)
+    return {"variant": chosen.name, "repo": chosen.repo, "revision": options.revision or chosen.revision,
+            "commit": entry.artifact.commit if entry else None,
+            "moshi_weight": str(files.moshi_weight) if options.moshi_weight else None,
+            "lm_config": str(files.config) if files.config else None, "jmoshi": __version__}
+
+
+SESSION_ENV = ("JMOSHI_RECORD", "JMOSHI_SEED", "JMOSHI_SAMPLING", "JMOSHI_REPLICA")
+
+
+def session_env(env: dict[str, str], options: ServeOptions, sampling: dict, record_dir: Path | None,
+                facts: dict) -> dict[str, str]:
+    """The child's environment with what recorder.Settings reads (nothing left over from ours)."""
+    import json
+
+    out = {k: v for k, v in env.items() if k not in SESSION_ENV}
+    if record_dir is not None:
+        out["JMOSHI_RECORD"] = json.dumps({"dir": str(record_dir), **facts}, ensure_ascii=False)
+    if options.seed is not None:
+        out["JMOSHI_SEED"] = str(options.seed)
+    if sampling:
+        out["JMOSHI_SAMPLING"] = json.dumps(sampling)
+    return out
+
+
+def _settle_recordings(record_dir: Path, hooks: ServeHooks) -> None:
+    for session in recordings.settle(record_dir):
+        hooks.on_note(f"a recording was cut when its server died; its files are closed: {session.path} "
+                      f"({session.duration_s:.1f} s)")
 
 
 # --- the child's command line ----------------------------------------------------------------------
@@ -160,6 +261,7 @@ def build_launch(files: ModelFiles, repo: str, options: ServeOptions, ssl_dir: P
         argv += ["--ssl", str(ssl_dir)]
     env = dict(os.environ if base_env is None else base_env)
     env.update(HF_HUB_OFFLINE="1", JMOSHI_BIND_HOST=options.host, PYTHONUNBUFFERED="1")
+    env.update(runtime.compile_setup(options.device, env)[0])  # NO_TORCH_COMPILE=1 on the CPU (runtime.py)
     env.pop("JMOSHI_CONFIG_PATH", None)
     if files.config is not None:
         env["JMOSHI_CONFIG_PATH"] = str(files.config)

@@ -1,9 +1,11 @@
-"""Small but real model artifacts that moshi 0.2.2's own loaders accept.
+"""Small but real model artifacts that moshi's own loaders accept (0.2.2 and 0.2.13 alike).
 
 ``build_tiny_repo`` writes the four files of a J-Moshi style repository:
 
 - ``config.json``: moshi's built-in LM config with only the sizes shrunk;
-- ``model.safetensors``: an ``LMModel`` built from that config, random weights, bf16 (a few MB);
+- ``model.safetensors``: an ``LMModel`` built from that config, random weights, bf16 (a few MB), saved
+  under moshi 0.2.2's key names as J-Moshi's checkpoints are (see :func:`legacy_key_names`), so a
+  repository built under either runtime loads in both;
 - ``tokenizer_spm_32k_3.model``: a SentencePiece unigram model trained on a few dozen Japanese
   sentences (ids unk=0, bos=1, eos=2, pad=3);
 - ``tokenizer-e351c8d8-checkpoint125.safetensors``: Mimi with its real architecture, random
@@ -22,6 +24,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -203,8 +206,36 @@ def _randomize_codebooks(mimi, generator) -> int:
     return count
 
 
+_SPLIT_PROJ = re.compile(r"^(?P<prefix>.*)\.(?P<kind>in|out)_projs\.(?P<step>\d+)\.weight$")
+
+
+def legacy_key_names(state: dict) -> dict:
+    """The attention weights under moshi 0.2.2's names, which every moshi version loads.
+
+    moshi 0.2.4+ keeps one Linear per step (``self_attn.in_projs.{i}.weight``, ``out_projs.{i}.weight``)
+    and splits 0.2.2's ``in_proj_weight`` / ``out_proj.weight`` (the steps stacked on dim 0) when
+    loading them; 0.2.2 cannot load the split names. J-Moshi's own checkpoints use 0.2.2's names.
+    """
+    out: dict = {}
+    stacked: dict[str, dict[int, object]] = {}
+    for name, tensor in state.items():
+        match = _SPLIT_PROJ.match(name)
+        if match is None:
+            out[name] = tensor
+            continue
+        legacy = (f"{match['prefix']}.in_proj_weight" if match["kind"] == "in"
+                  else f"{match['prefix']}.out_proj.weight")
+        stacked.setdefault(legacy, {})[int(match["step"])] = tensor
+    if stacked:
+        import torch
+
+        for legacy, steps in stacked.items():
+            out[legacy] = torch.cat([steps[i] for i in range(len(steps))], dim=0)
+    return out
+
+
 def _save_state_dict(module, path: Path, dtype) -> None:
-    """Save a module's state dict with safetensors, casting floating tensors to ``dtype``."""
+    """Save a module's state dict with safetensors (0.2.2 key names), casting floating tensors to ``dtype``."""
     from safetensors.torch import save
 
     tensors = {}
@@ -217,6 +248,7 @@ def _save_state_dict(module, path: Path, dtype) -> None:
         if tensor.is_floating_point():
             tensor = tensor.to(dtype)
         tensors[name] = tensor.contiguous()
+    tensors = {name: tensor.contiguous() for name, tensor in legacy_key_names(tensors).items()}
     atomic_write(path, save(tensors, metadata={"format": "pt"}))
     del tensors
 

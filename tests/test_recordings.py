@@ -1,0 +1,214 @@
+"""The recording pieces without a server: timeline, writer thread, WAV headers, repair, listing, settings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jmoshi_cli import recorder, recordings, serve
+from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE, read_wav_pcm16
+from jmoshi_cli.recordings import Ended
+
+
+def frame(value: float) -> np.ndarray:
+    return np.full(FRAME_SIZE, value, dtype=np.float32)
+
+
+def positions(columns) -> list[tuple[int, float | None, float | None]]:
+    def value(pcm):
+        return None if pcm is None else round(float(pcm[0]), 3)
+
+    return [(c.position, value(c.user), value(c.model)) for c in columns]
+
+
+def test_aligner_puts_both_voices_on_the_model_timeline():
+    aligner = recorder.Aligner(max_delay=1)
+    # As the server calls: encode user frame s, step s, decode position s (none for position 0).
+    assert positions(aligner.add_user(0, frame(0.0))) == []
+    assert positions(aligner.add_user(1, frame(0.1))) == [(0, 0.0, None)]  # position 0: nothing from J-Moshi
+    assert positions(aligner.add_model(1, frame(-0.1))) == [(1, 0.1, -0.1)]
+    assert positions(aligner.add_user(2, frame(0.2))) == []
+    assert positions(aligner.add_model(2, frame(-0.2))) == [(2, 0.2, -0.2)]
+    # A frame lost on a full queue becomes silence once the next one shows it will not come.
+    assert positions(aligner.add_user(4, frame(0.4))) == [(3, None, None)]
+    assert positions(aligner.add_model(4, frame(-0.4))) == [(4, 0.4, -0.4)]
+    assert positions(aligner.add_user(5, frame(0.5))) == []
+    assert positions(aligner.flush()) == [(5, 0.5, None)]
+
+
+def test_aligner_waits_for_a_model_with_more_delay():
+    aligner = recorder.Aligner(max_delay=2)
+    out = [*aligner.add_user(0, frame(0.0)), *aligner.add_user(1, frame(0.1)), *aligner.add_user(2, frame(0.2))]
+    assert positions(out) == [(0, 0.0, None)]
+    assert positions(aligner.add_model(1, frame(-0.1))) == [(1, 0.1, -0.1)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import sentencepiece
+
+    from jmoshi_cli.tiny_model import cached_tiny_repo
+
+    return sentencepiece.SentencePieceProcessor(model_file=str(cached_tiny_repo() / "tokenizer_spm_32k_3.model"))
+
+
+def run_writer(root: Path, tokenizer, frames: int, text_ids: dict[int, int], drop: frozenset[int] = frozenset(),
+               ended: Ended = Ended.HANG_UP) -> tuple[recorder.SessionWriter, list[str]]:
+    """A writer fed as the tap feeds it: user frame s, then J-Moshi's position s (from s = 1)."""
+    notes: list[str] = []
+    writer = recorder.SessionWriter(root, {"format": recordings.FORMAT, "variant": "tiny"}, tokenizer, 1, notes.append)
+    writer.start()
+    for s in range(frames):
+        if s in drop:  # lost on a full queue
+            writer.dropped += 1
+        else:
+            writer.put(recorder.UserFrame(s, frame(s / 100)))
+        if s >= 1:
+            writer.put(recorder.ModelFrame(s, frame(-s / 100), text_ids.get(s, 3)))
+    writer.close(ended, None)
+    writer.join(10)
+    assert not writer.is_alive()
+    return writer, notes
+
+
+def test_writer_streams_three_aligned_wavs_a_transcript_and_meta(tmp_path, tokenizer):
+    ids = {2: 5, 4: 0, 5: 7}  # 0 and 3 (the default here) are never shown, as upstream
+    writer, notes = run_writer(tmp_path, tokenizer, 6, ids)
+    folder = writer.folder
+    assert folder.parent == tmp_path and {p.name for p in folder.iterdir()} == {
+        "dialogue.wav", "user.wav", "jmoshi.wav", "transcript.json", "meta.json"}
+    dialogue, rate = read_wav_pcm16(folder / "dialogue.wav")
+    user, _ = read_wav_pcm16(folder / "user.wav")
+    voice, _ = read_wav_pcm16(folder / "jmoshi.wav")
+    assert rate == SAMPLE_RATE and dialogue.shape == (2, 6 * FRAME_SIZE)
+    assert np.array_equal(dialogue[0], user[0]) and np.array_equal(dialogue[1], voice[0])
+    starts = np.arange(6) * FRAME_SIZE
+    assert np.allclose(user[0][starts], np.arange(6) / 100, atol=1e-4)
+    assert np.allclose(voice[0][starts], [0.0, *(-np.arange(1, 6) / 100)], atol=1e-4)
+    transcript = json.loads((folder / "transcript.json").read_text())
+    assert [(p["frame"], p["time_s"], p["id"]) for p in transcript["pieces"]] == [(2, 0.16, ids[2]), (5, 0.4, 7)]
+    assert transcript["text"] == recorder.join_pieces(p["piece"] for p in transcript["pieces"])
+    meta = json.loads((folder / "meta.json").read_text())
+    assert (meta["ended"], meta["frames"], meta["duration_s"], meta["dropped_frames"]) == ("hang-up", 6, 0.48, 0)
+    assert meta["start_utc"] <= meta["end_utc"] and meta["id"] == folder.name
+    assert notes == [f"jmoshi recorder: saved {folder} (0.5 s, hang-up)"]
+
+
+def test_a_dropped_frame_is_silence_and_counted(tmp_path, tokenizer):
+    writer, _ = run_writer(tmp_path, tokenizer, 5, {}, drop=frozenset({2}))
+    user, _ = read_wav_pcm16(writer.folder / "user.wav")
+    assert user.shape[1] == 5 * FRAME_SIZE and not user[0][2 * FRAME_SIZE:3 * FRAME_SIZE].any()
+    assert json.loads((writer.folder / "meta.json").read_text())["dropped_frames"] == 1
+
+
+def test_a_killed_writer_leaves_readable_wavs_that_settle_repairs(tmp_path):
+    path = tmp_path / "user.wav"
+    stream = recorder.WavStream(path, 1)
+    stream.write(np.arange(2 * FRAME_SIZE, dtype="<i2"))
+    stream.sync()
+    stream.write(np.arange(FRAME_SIZE + 7, dtype="<i2"))  # written, never synced: then the process died
+    stream.file.flush()
+    with wave.open(str(path)) as w:
+        assert w.getnframes() == 2 * FRAME_SIZE  # the header claims what was synced, never more
+    assert recordings.repair_wav(path, 1) == 3 * FRAME_SIZE + 7
+    with wave.open(str(path)) as w:
+        assert w.getnframes() == 3 * FRAME_SIZE + 7
+    assert path.stat().st_size == 44 + 2 * (3 * FRAME_SIZE + 7)
+
+
+def gone_server() -> dict:
+    """The identity of a process that has ended."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        identity = dict(recordings.server_identity(), pid=process.pid,
+                        start_ticks=recordings._start_ticks(process.pid))
+    finally:
+        process.kill()
+        process.wait()
+    return identity
+
+
+def make_session(root: Path, name: str, server: dict, ended: str = "running", frames: int = 3) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    for wav_name, channels in recordings.WAV_CHANNELS.items():
+        data = np.zeros(frames * FRAME_SIZE * channels, dtype="<i2").tobytes()
+        (folder / wav_name).write_bytes(recordings.wav_header(channels, 0) + data)  # header never updated
+    recordings.write_json(folder / "meta.json", {"format": 1, "variant": "ext", "ended": ended, "server": server,
+                                                 "start_utc": "2026-11-25T15:30:12.000Z", "frames": 0})
+    return folder
+
+
+def test_settle_closes_only_sessions_whose_server_is_gone(tmp_path):
+    dead = make_session(tmp_path, "20261125T153012Z-aaaaaa", gone_server())
+    alive = make_session(tmp_path, "20261125T153013Z-bbbbbb", recordings.server_identity())
+    elsewhere = make_session(tmp_path, "20261125T153014Z-cccccc", {"host": "another-machine", "pid": 1})
+    done = make_session(tmp_path, "20261125T153015Z-dddddd", gone_server(), ended="hang-up")
+    listed = {s.path.name: s.ended for s in recordings.list_sessions(tmp_path)}
+    assert listed == {dead.name: Ended.INTERRUPTED, alive.name: Ended.RUNNING, elsewhere.name: Ended.RUNNING,
+                      done.name: Ended.HANG_UP}
+    settled = recordings.settle(tmp_path)
+    assert [s.path for s in settled] == [dead]
+    meta = json.loads((dead / "meta.json").read_text())
+    assert (meta["ended"], meta["frames"], meta["duration_s"]) == ("interrupted", 3, 0.24) and meta["end_utc"]
+    with wave.open(str(dead / "dialogue.wav")) as w:
+        assert (w.getnchannels(), w.getnframes()) == (2, 3 * FRAME_SIZE)
+    with wave.open(str(alive / "dialogue.wav")) as w:
+        assert w.getnframes() == 0  # a running server's files are left alone
+    assert recordings.settle(tmp_path) == []
+
+
+def test_sampling_config_is_what_moshi_reads_lm_gen_config_from(tmp_path, monkeypatch):
+    from moshi.models import loaders
+
+    from jmoshi_cli.tiny_model import cached_tiny_repo
+
+    monkeypatch.setenv("JMOSHI_HOME", str(tmp_path / "home"))
+    overrides = {"temp": 0.6, "top_k_text": 20}
+    # J-Moshi's repos have no config.json: moshi's built-in Moshi-7B kwargs, plus the values.
+    built_in = serve.sampling_config(None, overrides)
+    config = json.loads(built_in.read_text())
+    assert {k: v for k, v in config.items() if k != "lm_gen_config"} == loaders._lm_kwargs
+    # A variant with a config.json keeps it and gets lm_gen_config added.
+    tiny = serve.sampling_config(cached_tiny_repo() / "config.json", overrides)
+    assert json.loads(tiny.read_text())["dim"] == json.loads((cached_tiny_repo() / "config.json").read_text())["dim"]
+    assert serve.sampling_config(None, overrides) == built_in  # named by content: made once
+    for path in (built_in, tiny):
+        info = loaders.CheckpointInfo.from_hf_repo("x/y", Path("lm"), Path("mimi"), Path("tok"), config_path=path)
+        assert info.lm_gen_config == overrides
+
+
+def test_the_child_reads_what_serve_hands_it(tmp_path):
+    options = serve.ServeOptions(seed=7, temp=0.5)
+    env = serve.session_env({"PATH": "/bin", "JMOSHI_SEED": "1", "JMOSHI_REPLICA": "stale"}, options, {"temp": 0.5},
+                            tmp_path, {"variant": "ext", "commit": "c" * 40})
+    assert env["PATH"] == "/bin" and "JMOSHI_REPLICA" not in env
+    settings = recorder.Settings.from_env(env)
+    assert settings == recorder.Settings(tmp_path, {"variant": "ext", "commit": "c" * 40}, 7, {"temp": 0.5}, None)
+    assert recorder.Settings.from_env({"JMOSHI_REPLICA": "r1"}) == recorder.Settings(replica="r1")
+    assert not recorder.Settings.from_env({}).wanted
+
+
+def test_the_tap_refuses_a_server_without_the_chat_handler():
+    from aiohttp import web
+
+    app = web.Application()
+
+    async def index(request):
+        return web.Response(text="hi")
+
+    app.router.add_get("/", index)
+    with pytest.raises(RuntimeError, match="no /api/chat handler"):
+        recorder.Recorder(recorder.Settings(seed=1), lambda line: None).attach(app)
+
+
+def test_check_dir_creates_the_folder_and_leaves_nothing_behind(tmp_path):
+    folder = recordings.check_dir(tmp_path / "a" / "b")
+    assert folder.is_dir() and list(folder.iterdir()) == []
+    assert recordings.folder_name(recordings.utc_now()) != recordings.folder_name(recordings.utc_now())
