@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -195,6 +196,7 @@ def main() -> None:
         _wait_port(up_port)
         upstream_at_once = asyncio.run(served_at_once(f"ws://127.0.0.1:{up_port}/api/chat", args.replicas + 1))
         stop(upstream)
+    shutil.rmtree(work, ignore_errors=True)
     direct, proxied = front_latency(args.messages)
     print(f"jmoshi serve --replicas {args.replicas}: {url}")
     print(f"conversations served at once ({args.replicas + 1} clients): jmoshi {at_once}, "
