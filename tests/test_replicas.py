@@ -59,10 +59,10 @@ def test_busy_page_is_a_complete_http_response():
 def test_stat_csv_gives_active_and_queued_conversations():
     text = ("# pxname,svname,qcur,qmax,scur,smax,slim,stot,status,check_status,\n"
             "jmoshi,FRONTEND,,,3,3,2000,9,OPEN,,\n"
-            "chat,r0,0,0,1,1,1,4,UP,L7OK,\n"
+            "chat,r0,0,0,1,1,1,4,UP,L4OK,\n"
             "chat,r1,0,0,1,1,1,3,DOWN,L4CON,\n"
             "chat,BACKEND,2,2,2,2,200,7,UP,,\n"
-            "ui,r0,0,0,0,1,,5,UP,L7OK,\n"
+            "ui,r0,0,0,0,1,,5,UP,L4OK,\n"
             "ui,r1,0,0,0,1,,5,UP,INI,\n")
     load = haproxy.parse_stat(text)
     assert (load.active, load.queued, load.healthy, load.ui_up) == (2, 2, 1, 1)
@@ -281,7 +281,7 @@ def test_a_killed_replica_is_replaced_while_the_other_keeps_talking(tiny_env, ha
     whole = [r for r in done if not isinstance(r, Exception) and r.sent_frames == 75]
     assert len(whole) >= 1, done  # the conversation on the other replica went on to the end
     assert after.audio_samples > 0
-    assert "out of rotation" in err and "back in rotation" in err
+    assert "out of rotation" in err and "back in rotation" in err, err
 
 
 async def _release_all(held) -> None:

@@ -3,9 +3,11 @@
 moshi.server holds one conversation per process. HAProxy gives each replica `maxconn 1` on the
 `/api/chat` websocket and queues the rest in arrival order (`balance leastconn`, `timeout queue`);
 a request still queued when that timeout ends gets our 503 page ("all replicas are busy"). The
-static web UI goes to any healthy replica without a limit. Health checks use `GET /`, which does not
-take the conversation lock. The runtime API (a unix socket) reports active and queued conversations
-and drains replicas before they stop.
+static web UI goes to any healthy replica without a limit. Health checks are TCP connections: a
+replica that is talking may not answer HTTP for seconds (moshi.server runs the model on its event
+loop, and on a slow device a backlog of frames holds the loop), but the kernel still accepts its
+connections, while a dead or restarting one refuses them at once. The runtime API (a unix socket)
+reports active and queued conversations and drains replicas before they stop.
 """
 
 from __future__ import annotations
@@ -132,15 +134,11 @@ frontend jmoshi
 
 backend {CHAT_BACKEND}
     balance leastconn
-    option httpchk GET /
-    http-check expect status 200
     errorfile 503 {cfg.busy_page}
 {chat}
 
 backend {UI_BACKEND}
     balance roundrobin
-    option httpchk GET /
-    http-check expect status 200
 {ui}
 """
 
@@ -176,12 +174,12 @@ class ServerState:
     status: str  # HAProxy's own word: UP, DOWN, MAINT, DRAIN, "UP 1/2"...
     active: int  # current sessions (a conversation on the chat backend)
     queued: int
-    check: str = ""  # the last health check: L7OK once GET / answered 200
+    check: str = ""  # the last health check: L4OK once a TCP connection was accepted
 
     @property
     def up(self) -> bool:
         # HAProxy calls a server UP before its first check; only a passed check means it listens.
-        return self.status.startswith("UP") and self.check.startswith("L7OK")
+        return self.status.startswith("UP") and self.check.startswith(("L4OK", "L7OK"))
 
 
 @dataclass(frozen=True)
