@@ -216,3 +216,23 @@ def test_haproxy_on_this_machine_is_found_with_its_version():
         pytest.skip(f"no HAProxy here: {probe.error}")
     check = by_name(doctor.evaluate(facts(haproxy=probe), EXT))["haproxy"]
     assert check.status == "OK" and check.detail.startswith("HAProxy 2.")
+
+
+CURRENT_PACKAGES = {"moshi": "0.2.13", "sphn": "0.2.1", "torch": "2.9.1", "huggingface_hub": "0.36.2",
+                    "bitsandbytes": "0.49.2"}
+
+
+def test_each_gpu_says_whether_it_fits_bf16_int8_only_or_nothing():
+    gpus = [GPU(0, "NVIDIA GeForce RTX 4090", int(25.4e9), int(24.9e9), (8, 9)),
+            GPU(1, "NVIDIA GeForce RTX 5080", int(17.1e9), int(15.6e9), (12, 0)),
+            GPU(2, "NVIDIA GeForce RTX 4060", int(8.6e9), int(7.9e9), (8, 9))]
+    checks = by_name(doctor.evaluate(facts(gpus, packages=CURRENT_PACKAGES), EXT))
+    assert checks["fit:0"].status == "OK" and "fits bf16" in checks["fit:0"].detail
+    assert checks["fit:1"].status == "WARN" and "fits int8 only" in checks["fit:1"].detail
+    assert "picks int8" in checks["fit:1"].hint
+    assert checks["fit:2"].status == "FAIL" and "does not fit" in checks["fit:2"].detail
+    # A 16 GB card on the documented runtime: int8 is one install away.
+    old = by_name(doctor.evaluate(facts(gpus[1:2]), EXT))
+    assert old["fit:1"].status == "WARN" and "needs the current runtime" in old["fit:1"].detail
+    assert old["vram"].status == "FAIL"
+    assert by_name(doctor.evaluate(facts(gpus[1:2], packages=CURRENT_PACKAGES), EXT))["vram"].status == "WARN"

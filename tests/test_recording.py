@@ -273,7 +273,7 @@ def test_a_killed_server_leaves_valid_files_and_says_so(tiny_env, tmp_path):
     assert frames >= 10 * FRAME_SIZE and assert_consistent_wav(killed / "jmoshi.wav", 1) > 0
     info = meta(killed)
     assert info["ended"] == "interrupted" and info["frames"] == frames // FRAME_SIZE and info["end_utc"]
-    json.loads((killed / "transcript.json").read_text())
+    assert {p.name for p in killed.iterdir()} == FILES and json.loads((killed / "transcript.json").read_text())
 
     # jmoshi itself killed with SIGKILL: its child dies with it and nobody closes anything. The files
     # still open; the listing says the conversation was interrupted; settling fixes the headers.
@@ -294,9 +294,11 @@ def test_a_killed_server_leaves_valid_files_and_says_so(tiny_env, tmp_path):
     assert meta(cut)["ended"] == "running"
     rows = json.loads(jmoshi("recordings", str(folder), "--json", env=child_env(tiny_env)).stdout)
     assert [r["ended"] for r in rows] == ["interrupted", "interrupted"]
+    assert (cut / ".transcript.jsonl").exists()  # the text so far, as it streamed
     assert [s.path for s in recordings.settle(folder)] == [cut]
     frames = assert_consistent_wav(cut / "dialogue.wav", 2)
     assert meta(cut)["ended"] == "interrupted" and meta(cut)["frames"] == frames // FRAME_SIZE
+    assert {p.name for p in cut.iterdir()} == FILES and json.loads((cut / "transcript.json").read_text())["pieces"]
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import pytest
 from jmoshi_cli import recorder, recordings, serve
 from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE, read_wav_pcm16
 from jmoshi_cli.recordings import Ended
+from jmoshi_cli.transcript import join_pieces
 
 
 def frame(value: float) -> np.ndarray:
@@ -93,7 +94,8 @@ def test_writer_streams_three_aligned_wavs_a_transcript_and_meta(tmp_path, token
     assert np.allclose(voice[0][starts], [0.0, *(-np.arange(1, 6) / 100)], atol=1e-4)
     transcript = json.loads((folder / "transcript.json").read_text())
     assert [(p["frame"], p["time_s"], p["id"]) for p in transcript["pieces"]] == [(2, 0.16, ids[2]), (5, 0.4, 7)]
-    assert transcript["text"] == recorder.join_pieces(p["piece"] for p in transcript["pieces"])
+    assert transcript["text"] == join_pieces(p["piece"] for p in transcript["pieces"])
+    assert not (folder / ".transcript.jsonl").exists()  # the journal the text streamed to is gone
     meta = json.loads((folder / "meta.json").read_text())
     assert (meta["ended"], meta["frames"], meta["duration_s"], meta["dropped_frames"]) == ("hang-up", 6, 0.48, 0)
     assert meta["start_utc"] <= meta["end_utc"] and meta["id"] == folder.name
@@ -142,6 +144,9 @@ def make_session(root: Path, name: str, server: dict, ended: str = "running", fr
         (folder / wav_name).write_bytes(recordings.wav_header(channels, 0) + data)  # header never updated
     recordings.write_json(folder / "meta.json", {"format": 1, "variant": "ext", "ended": ended, "server": server,
                                                  "start_utc": "2026-11-25T15:30:12.000Z", "frames": 0})
+    recordings.write_transcript(folder)
+    (folder / ".transcript.jsonl").write_text(recordings.piece_line(1, 5, "\u2581今日は") + recordings.piece_line(
+        2, 6, "\u2581晴れ") + '{"frame": 3, "ti')  # the last line cut short by the kill
     return folder
 
 
@@ -157,6 +162,10 @@ def test_settle_closes_only_sessions_whose_server_is_gone(tmp_path):
     assert [s.path for s in settled] == [dead]
     meta = json.loads((dead / "meta.json").read_text())
     assert (meta["ended"], meta["frames"], meta["duration_s"]) == ("interrupted", 3, 0.24) and meta["end_utc"]
+    transcript = json.loads((dead / "transcript.json").read_text())
+    assert [(p["frame"], p["time_s"], p["piece"]) for p in transcript["pieces"]] == [(1, 0.08, "\u2581今日は"),
+                                                                                     (2, 0.16, "\u2581晴れ")]
+    assert transcript["text"] == "今日は晴れ" and not (dead / ".transcript.jsonl").exists()
     with wave.open(str(dead / "dialogue.wav")) as w:
         assert (w.getnchannels(), w.getnframes()) == (2, 3 * FRAME_SIZE)
     with wave.open(str(alive / "dialogue.wav")) as w:

@@ -1,5 +1,5 @@
 """What the child process runs: tie its life to jmoshi, adjust what the installed moshi lacks (see
-runtime.py: three things in 0.2.2, one in 0.2.13), then run moshi.server unchanged.
+runtime.py: three things in 0.2.2; in 0.2.13 one, and the int8 scales), then run moshi.server unchanged.
 
 moshi.server runs main() when imported, so it is executed here with runpy, never imported by jmoshi
 itself. This is where the running server's behaviour is patched. Two other modules lean on
@@ -17,6 +17,8 @@ test model from loaders' private `_*_kwargs`, so that it has upstream's architec
 - config.json: 0.2.2 has no --config-path and looks the config up on the hub by --hf-repo at
   revision main; JMOSHI_CONFIG_PATH hands it the file of the revision jmoshi resolved (0.2.4+: as
   --config-path).
+- int8 (JMOSHI_INT8): moshi casts every floating tensor of a checkpoint to the model's dtype, the
+  int8 scales included, which its QLinear then refuses; the float32 scales are put back after loading.
 - Recording and seed (JMOSHI_RECORD, JMOSHI_SEED, JMOSHI_SAMPLING): recorder.install taps the
   conversation handler's model calls once moshi.server calls web.run_app, and seeds with --seed
   where the server seeds 42424242.
@@ -59,6 +61,7 @@ class Plan:
     argv: list[str]
     bind_host: str | None = None  # patch web.run_app to listen there (moshi < 0.2.5 ignores --host)
     patch_config: str | None = None  # patch CheckpointInfo.from_hf_repo (moshi < 0.2.4 has no --config-path)
+    int8_scales: bool = False  # put back the float32 int8 scales moshi casts on load (quantize.py)
 
 
 def plan_for(rt: runtime.Runtime, env: Mapping[str, str], argv: list[str]) -> Plan:
@@ -69,7 +72,7 @@ def plan_for(rt: runtime.Runtime, env: Mapping[str, str], argv: list[str]) -> Pl
     if config and rt.has_config_path and "--config-path" not in argv:
         argv += ["--config-path", config]
     return Plan(argv, bind_host=None if rt.honours_host else host,
-                patch_config=None if rt.has_config_path else config)
+                patch_config=None if rt.has_config_path else config, int8_scales=env.get("JMOSHI_INT8") == "1")
 
 
 def _bind_host(host: str) -> None:
@@ -103,6 +106,25 @@ def _config_path(path: str) -> None:
     loaders.CheckpointInfo.from_hf_repo = staticmethod(with_config)
 
 
+def _int8_scales() -> None:
+    from pathlib import Path
+
+    from moshi.models import loaders
+
+    from .quantize import restore_scales
+
+    get_moshi_lm = loaders.get_moshi_lm
+
+    @functools.wraps(get_moshi_lm)
+    def with_float32_scales(filename, lm_kwargs=None, *args, **kwargs):
+        model = get_moshi_lm(filename, lm_kwargs, *args, **kwargs)
+        if filename is not None and (lm_kwargs or {}).get("quantize"):
+            restore_scales(model, Path(filename))
+        return model
+
+    loaders.get_moshi_lm = with_float32_scales
+
+
 def _say(line: str) -> None:
     # The child's console is its stdout, which jmoshi relays; one write keeps a line whole between threads.
     sys.stdout.write(line + "\n")
@@ -124,6 +146,8 @@ def main() -> None:
     _cpu_synchronize()
     if plan.patch_config:
         _config_path(plan.patch_config)
+    if plan.int8_scales:
+        _int8_scales()
     sys.argv[1:] = plan.argv
     _record_and_seed()
     sys.argv = ["moshi.server", *sys.argv[1:]]

@@ -41,6 +41,10 @@ HalfOpt = Annotated[bool, typer.Option("--half", help="float16 instead of bfloat
 MoshiWeightOpt = Annotated[Optional[Path], typer.Option(
     "--moshi-weight", help="A local LM checkpoint (e.g. fine-tuned J-Moshi) instead of the variant's.",
     show_default=False)]
+QuantizeOpt = Annotated[str, typer.Option(
+    "--quantize", help="auto, bf16 or int8. int8 (moshi's own bitsandbytes int8, made once from the bf16 weights "
+    "and kept in jmoshi's data folder) needs ~11 GB of GPU memory instead of ~19 GB; auto picks it, with a note, "
+    "when bf16 does not fit. Current runtime only.")]
 
 
 ReplicasOpt = Annotated[Optional[str], typer.Option(
@@ -236,6 +240,7 @@ def serve(
                                                 show_default=False)] = None,
     revision: RevisionOpt = None,
     moshi_weight: MoshiWeightOpt = None,
+    quantize: QuantizeOpt = "auto",
     open_browser: Annotated[bool, typer.Option("--open", help="Open the browser when the server is ready.")] = False,
     replicas: ReplicasOpt = None,
     gpus: Annotated[Optional[str], typer.Option(
@@ -256,7 +261,8 @@ def serve(
     verbose = ui.settings.verbose
     options = srv.ServeOptions(variant, host, port, device, half, offline, https, ssl, revision, moshi_weight,
                                replicas, gpus, queue_timeout, drain_timeout, record=record, temp=temp,
-                               temp_text=temp_text, top_k=top_k, top_k_text=top_k_text, seed=seed)
+                               temp_text=temp_text, top_k=top_k, top_k_text=top_k_text, seed=seed,
+                               quantize=quantize)
     hooks = srv.ServeHooks(
         on_note=show_note, watch_download=DownloadView, on_starting=show_starting,
         on_ready=lambda launch, seconds: _announce_ready(launch, seconds, open_browser, replicas),
@@ -353,6 +359,7 @@ def infer(
     half: HalfOpt = False,
     offline: OfflineOpt = False,
     moshi_weight: MoshiWeightOpt = None,
+    quantize: QuantizeOpt = "auto",
     temp: Annotated[Optional[float], typer.Option("--temp", help="Audio sampling temperature [default: 0.8]",
                                                   show_default=False)] = None,
     temp_text: Annotated[Optional[float], typer.Option("--temp-text", help="Text temperature [default: 0.7]",
@@ -370,7 +377,7 @@ def infer(
     from .render import DownloadView, InferView, show_infer_summary, show_note
 
     options = inf.InferOptions(device=device, half=half, channel=channel, temp=temp, temp_text=temp_text,
-                               top_k=top_k, top_k_text=top_k_text, seed=seed)
+                               top_k=top_k, top_k_text=top_k_text, seed=seed, quantize=quantize)
     request = inf.InferRequest(inputs, out, variant, revision, offline, moshi_weight, options)
     hooks = inf.InferHooks(on_note=show_note, watch_download=DownloadView, loading=console.status,
                            progress=InferView)

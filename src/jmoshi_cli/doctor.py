@@ -200,8 +200,25 @@ def _gpu_checks(facts: Facts, variant: Variant) -> list[Check]:
     checks.append(_torch_cuda(facts, best))
     checks.append(_compiler(facts))
     checks.append(_bf16(best))
-    checks.append(_vram(best, variant))
+    checks.append(_vram(best, variant, facts.runtime))
+    checks += [_fits(gpu, variant, facts.runtime) for gpu in gpus]
     return checks
+
+
+def _fits(gpu: GPU, variant: Variant, rt: runtime.Runtime) -> Check:
+    """Per GPU, from its free memory now: fits bf16, fits int8 only, or does not fit."""
+    free, name = gpu.free_bytes / 1e9, f"fit:{gpu.index}"
+    where = f"cuda:{gpu.index} {gpu.name}, {_gb(gpu.free_bytes)} free"
+    if free >= variant.vram_min_gb:
+        return Check(name, OK, f"{where}: fits bf16 (~{variant.vram_min_gb:g} GB)")
+    if free >= variant.vram_min_int8_gb:
+        if rt.has_int8:
+            return Check(name, WARN, f"{where}: fits int8 only (~{variant.vram_min_int8_gb:g} GB; bf16 needs "
+                         f"~{variant.vram_min_gb:g} GB)", "`jmoshi serve` picks int8 by itself (--quantize int8)")
+        return Check(name, WARN, f"{where}: fits int8 only, which needs the current runtime",
+                     f"install it: {runtime.INSTALL[runtime.CURRENT]}")
+    return Check(name, FAIL, f"{where}: does not fit (int8 needs ~{variant.vram_min_int8_gb:g} GB, bf16 "
+                 f"~{variant.vram_min_gb:g} GB)", "stop other GPU processes (see `nvidia-smi`)")
 
 
 def _compiler(facts: Facts) -> Check:
@@ -253,8 +270,12 @@ def _bf16(gpu: GPU) -> Check:
                  "serve with --half (float16); jmoshi turns it on by itself for such GPUs")
 
 
-def _vram(gpu: GPU, variant: Variant) -> Check:
+def _vram(gpu: GPU, variant: Variant, rt: runtime.Runtime) -> Check:
     need_min = variant.vram_min_gb * 1e9
+    if gpu.total_bytes < need_min and rt.has_int8 and gpu.total_bytes >= variant.vram_min_int8_gb * 1e9:
+        return Check("vram", WARN, f"{gpu.name} has {_gb(gpu.total_bytes)}: too little for bf16 "
+                     f"(~{variant.vram_min_gb:g} GB), enough for int8 (~{variant.vram_min_int8_gb:g} GB)",
+                     "`jmoshi serve` and `jmoshi infer` use int8 by themselves on this GPU")
     if gpu.total_bytes < need_min:
         return Check("vram", FAIL, f"{gpu.name} has {_gb(gpu.total_bytes)}; {variant.name} uses about "
                      f"{variant.vram_min_gb:g} GB", f"use a GPU with {variant.vram_gb:g} GB or more")

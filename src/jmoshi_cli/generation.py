@@ -330,6 +330,10 @@ def load_model(files: ModelFiles, device: str = "cuda", half: bool = False,
         _import_bitsandbytes()
         mimi, tokenizer, lm = _load_modules(files, config, torch_device,
                                             torch.float16 if half else torch.bfloat16, captured)
+    if (config.lm_config or {}).get("quantize"):
+        from .quantize import restore_scales
+
+        restore_scales(lm, Path(files.moshi_weight))  # moshi cast them to the LM's dtype (quantize.py)
     _check_loaded(mimi, lm)
     lm_gen = _generator(lm, sampling, files.config)
     mimi.streaming_forever(1)

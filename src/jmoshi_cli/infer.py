@@ -64,6 +64,7 @@ class InferOptions:
     top_k: int | None = None
     top_k_text: int | None = None
     seed: int | None = None
+    quantize: str = "auto"  # auto, bf16 or int8 (quantize.Precision)
 
     def __post_init__(self) -> None:
         if self.channel not in audio_io.CHANNELS:
@@ -238,7 +239,7 @@ def run(request: InferRequest, hooks: InferHooks | None = None) -> list[FileResu
     """Check inputs, output folder and device (seconds), make the model local, load it once, process
     every input. Raises JMoshiError for problems of the whole run; per-file problems are in the results.
     """
-    from . import artifacts, preflight
+    from . import artifacts, preflight, quantize
     from .console import settings
     from .variants import load_catalogue
 
@@ -249,13 +250,16 @@ def run(request: InferRequest, hooks: InferHooks | None = None) -> list[FileResu
     catalogue = load_catalogue()
     chosen = catalogue.get(request.variant)
     weight = preflight.check_moshi_weight(request.moshi_weight)
-    device = preflight.check_device(options.device, chosen.vram_min_gb, chosen.name)
+    device = preflight.check_device(options.device, chosen.vram_min_gb, chosen.name,
+                                    quantize.parse_precision(options.quantize), chosen.vram_min_int8_gb)
     for note in device.notes:
         hooks.on_note(note)
     if device.half:
         options = replace(options, half=True)
-    _, files = artifacts.ensure_local(catalogue, chosen, request.revision, offline=request.offline, web_ui=False,
-                                      moshi_weight=weight, watch=hooks.watch_download, on_note=hooks.on_note)
+    plan, files = artifacts.ensure_local(catalogue, chosen, request.revision, offline=request.offline, web_ui=False,
+                                         moshi_weight=weight, watch=hooks.watch_download, on_note=hooks.on_note)
+    if device.int8:
+        files = quantize.int8_files(plan, files, artifacts.data_dir(), hooks.on_note)
     if options.channel == "left":
         hooks.on_note("the user is the left channel of stereo inputs (--channel right|mix to change)")
     with hooks.loading(f"loading {chosen.name} on {options.device}"):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import hardware, runtime
 from .errors import PreflightError, UsageError
+from .quantize import Precision
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class DeviceCheck:
     """What the device check decided, and what to tell the user about it."""
 
     half: bool = False
+    int8: bool = False  # serve the LM's weights as int8 (asked, or chosen because bf16 does not fit)
     notes: tuple[str, ...] = ()
 
 
@@ -59,12 +61,30 @@ def check_kernels(rt: runtime.Runtime, gpu: hardware.GPU) -> None:
         raise PreflightError(problem.detail, problem.fix)
 
 
-def check_device(device: str, vram_min_gb: float, variant_name: str) -> DeviceCheck:
-    """Refuse a run that cannot work (packages, GPU, kernels, memory); choose fp16 for a pre-Ampere GPU."""
+def check_device(device: str, vram_min_gb: float, variant_name: str, precision: Precision = Precision.AUTO,
+                 int8_gb: float | None = None) -> DeviceCheck:
+    """Refuse a run that cannot work (packages, GPU, kernels, memory); choose fp16 for a pre-Ampere GPU
+    and int8 when bf16 does not fit the GPU's free memory but int8 does (`int8_gb` given, `precision` auto)."""
+    from . import quantize
+
     rt = check_runtime()
+    if precision is Precision.INT8:
+        quantize.check_runtime(rt)
     if device == "cpu":
-        return DeviceCheck(notes=("--device cpu: a 7B model on a CPU is far slower than real time "
-                                  "(for tests and development)",))
+        return DeviceCheck(int8=precision is Precision.INT8, notes=(
+            "--device cpu: a 7B model on a CPU is far slower than real time (for tests and development)",))
+    gpu = _gpu(device)
+    int8, notes = _precision_for(gpu, rt, vram_min_gb, variant_name, precision, int8_gb)
+    check_kernels(rt, gpu)
+    _, compile_note = runtime.compile_setup(device)
+    notes += (compile_note,) if compile_note else ()
+    if gpu.capability and gpu.capability < (8, 0):
+        return DeviceCheck(half=True, int8=int8, notes=notes + (
+            f"{gpu.name} (cc {gpu.capability[0]}.{gpu.capability[1]}) lacks fast bfloat16: using --half",))
+    return DeviceCheck(int8=int8, notes=notes)
+
+
+def _gpu(device: str) -> hardware.GPU:
     index = device_index(device)
     probe = hardware.nvidia()
     if not probe.ok or not probe.value.gpus:
@@ -74,18 +94,29 @@ def check_device(device: str, vram_min_gb: float, variant_name: str) -> DeviceCh
     gpus = probe.value.gpus
     if index is not None and index >= len(gpus):
         raise UsageError(f"--device {device}: this machine has {len(gpus)} GPU(s)", "use cuda:0 .. cuda:N-1")
-    gpu = gpus[index] if index is not None else gpus[0]
-    if gpu.free_bytes < vram_min_gb * 1e9:
-        raise PreflightError(
-            f"{gpu.name} has {gpu.free_bytes / 1e9:.1f} GB free; {variant_name} needs about {vram_min_gb:g} GB",
-            "stop other GPU processes (`nvidia-smi`), or pick another GPU with --device cuda:N")
-    check_kernels(rt, gpu)
-    _, compile_note = runtime.compile_setup(device)
-    notes = (compile_note,) if compile_note else ()
-    if gpu.capability and gpu.capability < (8, 0):
-        return DeviceCheck(half=True, notes=notes + (
-            f"{gpu.name} (cc {gpu.capability[0]}.{gpu.capability[1]}) lacks fast bfloat16: using --half",))
-    return DeviceCheck(notes=notes)
+    return gpus[index] if index is not None else gpus[0]
+
+
+def _precision_for(gpu: hardware.GPU, rt: runtime.Runtime, bf16_gb: float, variant_name: str,
+                   precision: Precision, int8_gb: float | None) -> tuple[bool, tuple[str, ...]]:
+    """(int8?, notes) for this GPU's free memory; PreflightError when neither fits."""
+    free = gpu.free_bytes / 1e9
+    int8_ok = int8_gb is not None and free >= int8_gb
+    if precision is Precision.INT8:
+        if int8_gb is not None and not int8_ok:
+            raise PreflightError(f"{gpu.name} has {free:.1f} GB free; {variant_name} in int8 needs about "
+                                 f"{int8_gb:g} GB",
+                                 "stop other GPU processes (`nvidia-smi`), or pick another GPU with --device cuda:N")
+        return True, ()
+    if free >= bf16_gb:
+        return False, ()
+    can_int8 = precision is Precision.AUTO and int8_gb is not None and rt.has_int8 and rt.bitsandbytes is not None
+    if can_int8 and int8_ok:
+        return True, (f"{gpu.name} has {free:.1f} GB free, too little for bf16 (~{bf16_gb:g} GB): "
+                      f"serving int8 (~{int8_gb:g} GB; --quantize bf16 to refuse instead)",)
+    also = f" (bf16) or about {int8_gb:g} GB (int8)" if int8_gb is not None and rt.has_int8 else ""
+    raise PreflightError(f"{gpu.name} has {free:.1f} GB free; {variant_name} needs about {bf16_gb:g} GB{also}",
+                         "stop other GPU processes (`nvidia-smi`), or pick another GPU with --device cuda:N")
 
 
 def device_index(device: str) -> int | None:

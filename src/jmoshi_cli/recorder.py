@@ -32,15 +32,15 @@ audio to disk as it comes, so memory stays flat however long the conversation. I
 alignment holds. A write that fails (a full disk) stops that recording with one line on the
 console; the conversation goes on.
 
-Nothing corrupt. WAV headers are brought up to date every second, after the data they count;
-transcript.json and meta.json are replaced in one step (transcript.json every 5 s, less often once
-rewriting it would take more than 1 % of the time). A server killed outright leaves WAVs whose
-headers lag by at most a second, which jmoshi's :func:`jmoshi_cli.recordings.settle` then completes.
+Nothing corrupt. WAV headers are brought up to date every second, after the data they count. J-Moshi's
+text goes to a journal, a JSON line a piece, flushed every second; transcript.json is made from it when
+the conversation ends. meta.json is replaced in one step. A server killed outright leaves WAVs whose
+headers lag by at most a second and a journal, which jmoshi's :func:`jmoshi_cli.recordings.settle`
+then turns into complete files.
 """
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextvars
 import functools
@@ -53,22 +53,20 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TextIO
 
 import numpy as np
 
 from . import recordings
 from .audio_io import FRAME_S, FRAME_SIZE, SAMPLE_RATE, to_pcm16
 from .recordings import Ended
-from .transcript import SKIPPED_TEXT_IDS, join_pieces
+from .transcript import SKIPPED_TEXT_IDS
 
 CHAT_PATH = "/api/chat"
 UPSTREAM_SEED = 42424242  # what moshi.server seeds at start
 SAMPLING_KEYS = ("temp", "temp_text", "top_k", "top_k_text")
 QUEUE_ITEMS = 256  # two items per frame: ~10 s of audio, ~2 MB, before frames are dropped
-SYNC_EVERY_S = 1.0  # WAV headers brought up to date
-TRANSCRIPT_EVERY_S = 5.0  # transcript.json rewritten (it is rewritten whole, so not every second)...
-TRANSCRIPT_SHARE = 0.01  # ...and, as it grows, spaced out so that it takes at most 1 % of the time
+SYNC_EVERY_S = 1.0  # WAV headers and the text journal brought up to date
 SHUTDOWN_WAIT_S = 5.0  # on SIGTERM, how long the server waits for its writers (jmoshi waits 10 s)
 PREFIX = "jmoshi recorder: "
 
@@ -559,13 +557,8 @@ class SessionWriter(threading.Thread):
         self.failed: str | None = None  # why recording stopped early; read by the event loop
         self.dropped = 0  # counted on the event loop, read here once the conversation has ended
         self.wavs: dict[str, WavStream] = {}
-        # The text so far, 8 bytes a piece (frame, token id): a whole conversation's text stays small, and
-        # transcript.json is made from it, whole, every few seconds.
-        self.piece_frames = array.array("l")
-        self.piece_ids = array.array("l")
+        self.journal: TextIO | None = None
         self.pieces: dict[int, str] = {}  # token id -> piece, bounded by the vocabulary
-        self.transcript_written = (0.0, 0)  # when, and how many pieces it held
-        self.transcript_cost_s = 0.0  # how long writing it took last time
 
     # --- called from the event loop ---------------------------------------------------------------
 
@@ -601,12 +594,14 @@ class SessionWriter(threading.Thread):
                 last_sync = time.monotonic()
         self._guarded(self._finish)
         self._close_quietly()
+        self._guarded(self._write_transcript)
         self._guarded(self._write_meta)
         if self.failed is None:
             self.notify(f"{PREFIX}saved {self.folder} ({self.meta['duration_s']:.1f} s, {self.meta['ended']})")
 
     def _guarded(self, step: Callable, *args) -> None:
-        if self.failed is not None and step is not self._write_meta:
+        # After a failure only the closing steps are tried: what was written should still be usable.
+        if self.failed is not None and step not in (self._write_meta, self._write_transcript):
             return
         try:
             step(*args)
@@ -623,7 +618,8 @@ class SessionWriter(threading.Thread):
                 self.folder = self.folder.parent / recordings.folder_name(self.start_at)
         self.meta["id"] = self.folder.name
         self._write_meta()
-        self._write_transcript()
+        recordings.write_transcript(self.folder)  # an empty one: every file is there from the start
+        self.journal = open(self.folder / recordings.TEXT_JOURNAL, "w", encoding="utf-8")
         for name, channels in recordings.WAV_CHANNELS.items():
             self.wavs[name] = WavStream(self.folder / name, channels)
 
@@ -638,8 +634,7 @@ class SessionWriter(threading.Thread):
     def _text(self, position: int, text_id: int) -> None:
         if text_id in SKIPPED_TEXT_IDS:  # never sent by the server either
             return
-        self.piece_frames.append(position)
-        self.piece_ids.append(text_id)
+        self.journal.write(recordings.piece_line(position, text_id, self._piece(text_id)))
 
     def _piece(self, text_id: int) -> str:
         piece = self.pieces.get(text_id)
@@ -660,35 +655,27 @@ class SessionWriter(threading.Thread):
     def _sync(self) -> None:
         for wav in self.wavs.values():
             wav.sync()
-        when, pieces = self.transcript_written
-        wait = max(TRANSCRIPT_EVERY_S, self.transcript_cost_s / TRANSCRIPT_SHARE)
-        if pieces != len(self.piece_ids) and time.monotonic() - when >= wait:
-            self._write_transcript()
+        if self.journal is not None:
+            self.journal.flush()
 
     def _finish(self) -> None:
         self._write(self.aligner.flush())
         wavs, self.wavs = self.wavs, {}
         for wav in wavs.values():
             wav.close()
-        self._write_transcript()
 
     def _close_quietly(self) -> None:
-        wavs, self.wavs = self.wavs, {}
-        for wav in wavs.values():
+        files: list = [*self.wavs.values(), *([self.journal] if self.journal is not None else [])]
+        self.wavs, self.journal = {}, None
+        for file in files:
             try:
-                wav.close()
+                file.close()
             except OSError:
                 pass  # the disk refused the rest too; the header still claims only what was written
 
     def _write_transcript(self) -> None:
-        started = time.monotonic()
-        pieces = [{"frame": frame, "time_s": round(frame * FRAME_S, 3), "id": text_id, "piece": self._piece(text_id)}
-                  for frame, text_id in zip(self.piece_frames, self.piece_ids, strict=True)]
-        document = {"sample_rate": SAMPLE_RATE, "frame_s": FRAME_S, "alignment": recordings.ALIGNMENT,
-                    "pieces": pieces, "text": join_pieces(p["piece"] for p in pieces)}
-        recordings.write_json(self.folder / recordings.TRANSCRIPT, document)
-        self.transcript_written = (time.monotonic(), len(pieces))
-        self.transcript_cost_s = self.transcript_written[0] - started
+        if (self.folder / recordings.TEXT_JOURNAL).exists():
+            recordings.write_transcript(self.folder)
 
     def _write_meta(self) -> None:
         end = self.end_info

@@ -15,7 +15,9 @@ and close the files of a conversation whose server died mid-way (:func:`settle`)
 
 A WAV's header is brought up to date every second while it grows, after its data: a server killed
 with SIGKILL leaves a header that claims at most what the file holds, which every reader accepts.
-:func:`settle` then makes the header count every whole sample in the file.
+J-Moshi's text streams to a journal (``.transcript.jsonl``) that becomes transcript.json when the
+conversation ends. :func:`settle` finishes both for a server that died: headers that count every whole
+sample in the file, transcript.json from the journal, meta.json saying "interrupted".
 """
 
 from __future__ import annotations
@@ -31,13 +33,17 @@ from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 
-from .audio_io import FRAME_SIZE, SAMPLE_RATE
+from .audio_io import FRAME_S, FRAME_SIZE, SAMPLE_RATE
 from .errors import UsageError
 from .fsutil import atomic_write_text
+from .transcript import join_pieces
 
 FORMAT = 1
 DIALOGUE, USER, JMOSHI = "dialogue.wav", "user.wav", "jmoshi.wav"
 TRANSCRIPT, META = "transcript.json", "meta.json"
+# J-Moshi's text as it comes, one JSON line a piece; made into transcript.json when the conversation
+# ends (or by settle), then removed.
+TEXT_JOURNAL = ".transcript.jsonl"
 WAV_CHANNELS = {DIALOGUE: 2, USER: 1, JMOSHI: 1}
 HEADER_BYTES = 44
 SAMPLE_BYTES = 2  # 16-bit PCM
@@ -83,6 +89,28 @@ def wav_header(channels: int, data_bytes: int, sample_rate: int = SAMPLE_RATE) -
 
 def write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+
+
+def piece_line(frame: int, text_id: int, piece: str) -> str:
+    """One piece of J-Moshi's text as a journal line: its frame, start time (s), token id and piece."""
+    return json.dumps({"frame": frame, "time_s": round(frame * FRAME_S, 3), "id": text_id, "piece": piece},
+                      ensure_ascii=False) + "\n"
+
+
+def write_transcript(folder: Path) -> None:
+    """transcript.json from the text journal (none: no text), then the journal goes.
+
+    A line cut short by a killed server is left out.
+    """
+    journal = folder / TEXT_JOURNAL
+    pieces = []
+    with contextlib.suppress(FileNotFoundError), open(journal, encoding="utf-8") as lines:
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                pieces.append(json.loads(line))
+    write_json(folder / TRANSCRIPT, {"sample_rate": SAMPLE_RATE, "frame_s": FRAME_S, "alignment": ALIGNMENT,
+                                     "pieces": pieces, "text": join_pieces(p["piece"] for p in pieces)})
+    journal.unlink(missing_ok=True)
 
 
 # --- is the server that writes a session still there? --------------------------------------------
@@ -242,8 +270,10 @@ def settle(root: Path) -> list[Session]:
 def _settle_one(session: Session) -> Session:
     frames = {name: repair_wav(session.path / name, channels)
               for name, channels in WAV_CHANNELS.items() if (session.path / name).exists()}
+    if (session.path / TEXT_JOURNAL).exists():
+        write_transcript(session.path)
     samples = frames.get(DIALOGUE, max(frames.values(), default=0))
-    last_write = max((p.stat().st_mtime for p in session.path.iterdir()), default=None)
+    last_write = max((p.stat().st_mtime for p in session.path.glob("*.wav")), default=None)
     meta = dict(session.meta, ended=Ended.INTERRUPTED.value, frames=samples // FRAME_SIZE,
                 duration_s=round(samples / SAMPLE_RATE, 3),
                 end_utc=iso(datetime.fromtimestamp(last_write, timezone.utc)) if last_write else None,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from . import artifacts, preflight, recordings, runtime, tls
+from . import artifacts, preflight, quantize, recordings, runtime, tls
 from .artifacts import ModelFiles
 from .child import Launch
 from .errors import CacheError, UsageError
@@ -46,6 +46,7 @@ class ServeOptions:
     top_k: int | None = None
     top_k_text: int | None = None
     seed: int | None = None
+    quantize: str = "auto"  # auto, bf16 or int8 (quantize.Precision)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ def prepare(options: ServeOptions, hooks: ServeHooks) -> Prepared:
     catalogue = load_catalogue()
     chosen = catalogue.get(options.variant)
     sampling = sampling_overrides(options)
+    precision = quantize.parse_precision(options.quantize)
     record_dir = recordings.check_dir(options.record) if options.record is not None else None
     if record_dir is not None:
         _settle_recordings(record_dir, hooks)  # left "running" by a server that was killed
@@ -133,24 +135,27 @@ def prepare(options: ServeOptions, hooks: ServeHooks) -> Prepared:
     preflight.check_address(options.host, options.port)
     ssl_dir = tls.check_ssl_dir(options.ssl_dir) if options.ssl_dir else None
     weight = preflight.check_moshi_weight(options.moshi_weight)
-    placements = _place_replicas(options, chosen) if options.replicas is not None else None
+    placements = _place_replicas(options, chosen, precision) if options.replicas is not None else None
     first_device = placements[0].device if placements else options.device
-    device = preflight.check_device(first_device, chosen.vram_min_gb, chosen.name)
+    device = preflight.check_device(first_device, chosen.vram_min_gb, chosen.name, precision,
+                                    chosen.vram_min_int8_gb)
     for note in device.notes:
         hooks.on_note(note)
     plan, files = artifacts.ensure_local(catalogue, chosen, options.revision, offline=options.offline, web_ui=True,
                                          moshi_weight=weight, watch=hooks.watch_download, on_note=hooks.on_note)
+    if device.int8:
+        files = quantize.int8_files(plan, files, artifacts.data_dir(), hooks.on_note)
     if sampling:
         files = replace(files, config=sampling_config(files.config, sampling))
     if options.https:
         ssl_dir = tls.ensure_certificate(artifacts.data_dir() / "tls", certificate_names(options.host))
-    launch = build_launch(files, chosen.repo, options, ssl_dir, half=options.half or device.half)
+    launch = build_launch(files, chosen.repo, options, ssl_dir, half=options.half or device.half, int8=device.int8)
     facts = _recording_facts(plan, chosen, options, files)
     launch = replace(launch, env=session_env(launch.env, options, sampling, record_dir, facts))
     return Prepared(launch, chosen, ssl_dir, placements, record_dir)
 
 
-def _place_replicas(options: ServeOptions, chosen: Variant) -> list:
+def _place_replicas(options: ServeOptions, chosen: Variant, precision: quantize.Precision) -> list:
     from . import haproxy, replicas
 
     haproxy.find()
@@ -158,7 +163,8 @@ def _place_replicas(options: ServeOptions, chosen: Variant) -> list:
     for name, value in (("--queue-timeout", options.queue_timeout_s), ("--drain-timeout", options.drain_timeout_s)):
         if not value >= 0:
             raise UsageError(f"{name} {value} must be 0 or more seconds", f"e.g. {name} 60")
-    return replicas.place(count, options.device, replicas.parse_gpus(options.gpus), chosen.vram_min_gb)
+    need = chosen.vram_min_int8_gb if precision is quantize.Precision.INT8 else chosen.vram_min_gb
+    return replicas.place(count, options.device, replicas.parse_gpus(options.gpus), need)
 
 
 # --- sampling, seed and recording: what the child gets besides its command line -------------------
@@ -245,7 +251,7 @@ def _settle_recordings(record_dir: Path, hooks: ServeHooks) -> None:
 
 
 def build_launch(files: ModelFiles, repo: str, options: ServeOptions, ssl_dir: Path | None, half: bool,
-                 base_env: dict[str, str] | None = None) -> Launch:
+                 base_env: dict[str, str] | None = None, int8: bool = False) -> Launch:
     """Everything the child gets, as data: explicit local paths and an offline hub."""
     argv = [sys.executable, "-m", "jmoshi_cli._moshi_entry",
             "--host", options.host, "--port", str(options.port),
@@ -263,6 +269,9 @@ def build_launch(files: ModelFiles, repo: str, options: ServeOptions, ssl_dir: P
     env.update(HF_HUB_OFFLINE="1", JMOSHI_BIND_HOST=options.host, PYTHONUNBUFFERED="1")
     env.update(runtime.compile_setup(options.device, env)[0])  # NO_TORCH_COMPILE=1 on the CPU (runtime.py)
     env.pop("JMOSHI_CONFIG_PATH", None)
+    env.pop("JMOSHI_INT8", None)
+    if int8:
+        env["JMOSHI_INT8"] = "1"  # the child puts back the float32 scales moshi casts (quantize.py)
     if files.config is not None:
         env["JMOSHI_CONFIG_PATH"] = str(files.config)
     return Launch(argv, env, options.host, options.port, "https" if ssl_dir else "http")

@@ -40,6 +40,7 @@ class Variant:
     mimi: str = DEFAULT_MIMI
     vram_gb: float = 24.0
     vram_min_gb: float = 18.7
+    vram_min_int8_gb: float = 11.0  # with --quantize int8 (moshi's QLinear: int8 weights, fp16 compute)
     license: str = ""
     license_url: str = ""
     source: str = "built-in"
@@ -94,6 +95,7 @@ def _read(path: Path) -> dict:
         raise ConfigError(f"{path} is not valid TOML: {exc}", "fix the file or unset JMOSHI_VARIANTS") from None
 
 
+_GB_FIELDS = ("vram_gb", "vram_min_gb", "vram_min_int8_gb")
 _FIELDS = {f for f in Variant.__dataclass_fields__ if f not in ("name", "source")}
 
 
@@ -107,10 +109,10 @@ def _variant(name: str, raw: object, path: Path) -> Variant:
     repo = raw.get("repo")
     if not isinstance(repo, str) or not REPO_ID.match(repo):
         raise ConfigError(f"{where}: 'repo' must look like 'org/name', got {repo!r}")
-    for key in ("vram_gb", "vram_min_gb"):
+    for key in _GB_FIELDS:
         if key in raw and (not isinstance(raw[key], (int, float)) or raw[key] < 0):
             raise ConfigError(f"{where}: '{key}' must be a number of GB")
-    for key in _FIELDS - {"vram_gb", "vram_min_gb"}:
+    for key in _FIELDS - set(_GB_FIELDS):
         if key in raw and not isinstance(raw[key], str):
             raise ConfigError(f"{where}: '{key}' must be a string")
     return Variant(name=name, source=str(path), **raw)

@@ -1,0 +1,424 @@
+"""int8 J-Moshi for 16 GB GPUs: made once from the bf16 checkpoint with moshi's own quantization code.
+
+J-Moshi publishes bf16 weights only (~15.4 GB; ~18.7 GB of GPU memory to serve). moshi >= 0.2.13
+runs an LM whose config says ``"quantize": true`` with every ``nn.Linear`` replaced by its
+``QLinear`` (bitsandbytes int8 weights + a float32 scale per row, ``weight_scb``), about 10-12 GB of
+GPU memory. Loading such a checkpoint expects the int8 weights already made, so jmoshi makes them:
+
+- Every Linear weight goes through ``moshi.utils.quantize.QLinear`` itself, one tensor at a time,
+  and is streamed into a new safetensors file: peak host memory is a few tensors (a few hundred MB
+  for J-Moshi), not the model. Names are the model's own (the attention's legacy ``in_proj_weight``
+  is split by the model's own load hook first), so the file loads with ``strict`` key checks.
+- The result lives outside the Hugging Face snapshot, in ``<data dir>/int8/<sha256 of the source>/``,
+  beside the LM config that says ``quantize`` and a manifest with the file's size and sha256. The
+  weights are written to a ``.partial`` file, hashed while written, read back and hashed again, then
+  renamed; the manifest comes last. A folder without a manifest is never used.
+- moshi 0.2.13 casts every floating tensor of a checkpoint to the model's dtype when it loads it,
+  ``weight_scb`` included, and then its QLinear refuses the bfloat16 scales. :func:`restore_scales`
+  puts the float32 scales from the file back after loading (the server child and `jmoshi infer`).
+
+moshi 0.2.2 has another, older int8 scheme (``quantize_transformer``) and no config file: int8 is
+offered on the current runtime only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .errors import CacheError, UsageError
+
+FORMAT = 1
+WEIGHT, CONFIG, MANIFEST = "model.int8.safetensors", "config.json", "int8.json"
+DISK_MARGIN = 512 * 2**20  # left free after the int8 file is written
+# Keys of config.json that are not LMModel arguments (moshi's CheckpointInfo pops them).
+NON_LM_KEYS = ("moshi_name", "mimi_name", "tokenizer_name", "model_type", "lm_gen_config", "lora_name",
+               "lora", "lora_rank", "lora_scaling")
+_DTYPES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
+
+
+class Precision(str, Enum):
+    """How the LM's weights are held on the device."""
+
+    AUTO = "auto"  # bf16 when it fits the GPU, else int8 when that fits
+    BF16 = "bf16"
+    INT8 = "int8"
+
+
+def parse_precision(text: str | None) -> Precision:
+    try:
+        return Precision((text or "auto").lower())
+    except ValueError:
+        raise UsageError(f"--quantize {text!r} is not auto, bf16 or int8",
+                         "int8 halves the GPU memory J-Moshi needs (~11 GB instead of ~19 GB)") from None
+
+
+def check_runtime(rt) -> None:
+    """Refuse int8 where moshi or bitsandbytes cannot run it, before anything is made or loaded."""
+    from .runtime import CURRENT, INSTALL
+
+    if not rt.has_int8:
+        raise UsageError(f"int8 needs the current runtime (moshi 0.2.13); this is moshi {rt.moshi}",
+                         f"install it: {INSTALL[CURRENT]}, or serve bf16 on a GPU with ~19 GB free")
+    if rt.bitsandbytes is None:
+        raise UsageError("int8 needs bitsandbytes, which is not installed",
+                         "pip install 'bitsandbytes>=0.45,<0.50' (Linux), or serve bf16")
+
+
+# --- the int8 checkpoint in jmoshi's data folder -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Int8Checkpoint:
+    weight: Path
+    config: Path
+    source_sha256: str
+    size: int
+    made_s: float | None = None  # seconds it took to make, None when it was already there
+
+
+def folder_for(data_dir: Path, source_sha256: str) -> Path:
+    return data_dir / "int8" / source_sha256
+
+
+def cached(folder: Path) -> Int8Checkpoint | None:
+    """The int8 checkpoint in `folder` if it was finished (its manifest written) and is still whole."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        weight = folder / WEIGHT
+        if manifest.get("format") != FORMAT or weight.stat().st_size != manifest["size"] \
+                or not (folder / CONFIG).is_file():
+            return None
+        return Int8Checkpoint(weight, folder / CONFIG, manifest["source_sha256"], manifest["size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def verify(checkpoint: Int8Checkpoint) -> bool:
+    """Whether the int8 file still has the sha256 it was written with (reads it whole)."""
+    manifest = json.loads((checkpoint.weight.parent / MANIFEST).read_text(encoding="utf-8"))
+    return _sha256_of(checkpoint.weight) == manifest["sha256"]
+
+
+def int8_files(plan, files, data_dir: Path, on_note: Callable[[str], None]):
+    """`files` (artifacts.ModelFiles) with the int8 checkpoint and its config in place of the bf16 ones."""
+    from dataclasses import replace
+
+    entry = plan.entry("moshi")  # absent with --moshi-weight: that file is hashed instead
+    sha = entry.artifact.sha256 if entry is not None and entry.path == files.moshi_weight else None
+    made = ensure_int8(data_dir, files.moshi_weight, sha, files.config, on_note)
+    if made.made_s is not None:
+        on_note(f"int8 checkpoint made in {made.made_s:.0f} s: {made.size / 1e9:.1f} GB, sha256 verified")
+    return replace(files, moshi_weight=made.weight, config=made.config)
+
+
+def base_config(config: Path | None) -> dict:
+    """The bf16 model's config.json, or moshi's built-in Moshi-7B kwargs for a repo without one (J-Moshi)."""
+    if config is None:
+        from moshi.models import loaders
+
+        return dict(loaders._lm_kwargs)
+    try:
+        data = json.loads(Path(config).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"cannot read the model config {config}: {exc}", "download the model again") from exc
+    if not isinstance(data, dict):
+        raise CacheError(f"model config {config} is not a JSON object", "download the model again")
+    return data
+
+
+def ensure_int8(data_dir: Path, source: Path, source_sha256: str | None, config: Path | None,
+                on_note: Callable[[str], None] = lambda note: None) -> Int8Checkpoint:
+    """The int8 checkpoint of `source`, made now if it is not there yet (once per source file)."""
+    sha = source_sha256 or local_sha256(data_dir, source, on_note)
+    folder = folder_for(data_dir, sha)
+    found = cached(folder)
+    if found is not None:
+        return found
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CacheError(f"cannot create {folder}: {exc.strerror or exc}",
+                         "set JMOSHI_HOME to a folder you can write to") from exc
+    with _locked(folder):
+        found = cached(folder)  # made meanwhile by another jmoshi
+        if found is not None:
+            return found
+        on_note(f"making the int8 checkpoint of {source.name} once (moshi's QLinear, bitsandbytes); "
+                f"it is kept in {folder}")
+        return make_int8(source, folder, sha, base_config(config))
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    import fcntl
+
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def local_sha256(data_dir: Path, path: Path, on_note: Callable[[str], None]) -> str:
+    """sha256 of a local checkpoint, remembered by path, size and mtime so that it is read once."""
+    from .fsutil import atomic_write_text
+
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    memo = data_dir / "int8" / "local-sha256.json"
+    try:
+        known = json.loads(memo.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        on_note(f"hashing {path} ({stat.st_size / 1e9:.1f} GB) to key its int8 checkpoint")
+        known[key] = _sha256_of(path)
+        with contextlib.suppress(OSError):
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(memo, json.dumps(known, indent=1) + "\n")
+    return known[key]
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- making it -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Out:
+    """One tensor of the int8 file: where it comes from and what it becomes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: str  # the key in the bf16 checkpoint
+    part: str  # the model's name for the (split) source tensor
+    scale: bool = False  # the float32 scale of a quantized weight rather than the weight
+
+
+def lm_kwargs(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in NON_LM_KEYS and k != "quantize"}
+
+
+def make_int8(source: Path, folder: Path, source_sha256: str, lm_config: dict) -> Int8Checkpoint:
+    """Quantize `source` into `folder` (weights, config, manifest), one tensor in memory at a time."""
+    import torch
+
+    started = time.monotonic()
+    model = _meta_model(lm_config)
+    reader = _open(source)
+    layout = _layout(reader, model)
+    size = _file_size(layout)
+    _check_room(folder, size)
+    partial = folder / (WEIGHT + ".partial")
+    try:
+        with torch.no_grad():
+            written = _write(partial, layout, reader, model, source_sha256)
+        _check_written(partial, written, layout)
+        os.replace(partial, folder / WEIGHT)
+    except OSError as exc:
+        raise CacheError(f"could not write the int8 checkpoint in {folder}: {exc.strerror or exc}",
+                         "free some space there, or set JMOSHI_HOME to a disk with room") from exc
+    finally:
+        partial.unlink(missing_ok=True)
+    _finish(folder, lm_config, source_sha256, size, written)
+    return Int8Checkpoint(folder / WEIGHT, folder / CONFIG, source_sha256, size, time.monotonic() - started)
+
+
+def _open(source: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(source), "pt")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a bad header
+        raise CacheError(f"cannot read {source} to quantize it: {exc}",
+                         "run `jmoshi verify`; a damaged file is fetched again by `jmoshi download`") from exc
+
+
+def _check_written(partial: Path, written: str, layout: list[_Out]) -> None:
+    """Read the file back: the same bytes, and the real reader finds every tensor."""
+    if _sha256_of(partial) != written:
+        raise CacheError(f"the int8 checkpoint read back from {partial} differs from what was written",
+                         "check the disk (`dmesg`), then run the command again")
+    if set(_open(partial).keys()) != {o.name for o in layout}:
+        raise CacheError(f"the int8 checkpoint {partial} lost tensors", "run the command again")
+
+
+def _meta_model(lm_config: dict):
+    """The LM as moshi builds it, on the meta device (no memory): which tensors feed a Linear."""
+    from moshi.models import loaders
+
+    return loaders.get_moshi_lm(None, lm_kwargs=lm_kwargs(lm_config), device="meta")
+
+
+def _parts(model, key: str, tensor) -> dict[str, Any]:
+    """A checkpoint tensor under the model's names: attention's legacy names split by its own load hook."""
+    from moshi.modules.transformer import StreamingMultiheadAttention
+
+    prefix = key.rpartition(".")[0]
+    while prefix:
+        with contextlib.suppress(AttributeError):
+            module = model.get_submodule(prefix)
+            if isinstance(module, StreamingMultiheadAttention):
+                parts = {key: tensor}
+                StreamingMultiheadAttention._load_hook(module, parts, prefix + ".")
+                return parts
+        prefix = prefix.rpartition(".")[0]
+    return {key: tensor}
+
+
+def _quantized(model, name: str) -> bool:
+    import torch
+
+    if not name.endswith(".weight"):
+        return False
+    try:
+        return isinstance(model.get_submodule(name[: -len(".weight")]), torch.nn.Linear)
+    except AttributeError:
+        return False
+
+
+def _layout(reader, model) -> list[_Out]:
+    """Every tensor of the int8 file, in order, from the source's header only (no data read)."""
+    import torch
+
+    layout = []
+    for key in reader.keys():
+        piece = reader.get_slice(key)
+        dtype, shape = piece.get_dtype(), tuple(piece.get_shape())
+        meta = torch.empty(shape, dtype=torch.float32, device="meta")
+        for name, part in _parts(model, key, meta).items():
+            if _quantized(model, name):
+                layout.append(_Out(name, "I8", tuple(part.shape), key, name))
+                layout.append(_Out(name + "_scb", "F32", (part.shape[0],), key, name, scale=True))
+            else:
+                layout.append(_Out(name, dtype, tuple(part.shape), key, name))
+    return layout
+
+
+def _nbytes(out: _Out) -> int:
+    count = 1
+    for n in out.shape:
+        count *= n
+    return count * _DTYPES[out.dtype]
+
+
+def _header(layout: list[_Out], source_sha256: str) -> bytes:
+    entries: dict[str, Any] = {"__metadata__": {"format": "pt", "quantized_by": "moshi.utils.quantize.QLinear",
+                                                "source_sha256": source_sha256}}
+    offset = 0
+    for out in layout:
+        end = offset + _nbytes(out)
+        entries[out.name] = {"dtype": out.dtype, "shape": list(out.shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors aligns the data to 8 bytes
+    return struct.pack("<Q", len(text)) + text
+
+
+def _file_size(layout: list[_Out]) -> int:
+    return len(_header(layout, "0" * 64)) + sum(_nbytes(o) for o in layout)
+
+
+def _check_room(folder: Path, size: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < size + DISK_MARGIN:
+        raise CacheError(f"not enough disk to make the int8 checkpoint: it needs {size / 1e9:.1f} GB in "
+                         f"{folder}, {free / 1e9:.1f} GB is free",
+                         "free some space there, or set JMOSHI_HOME to a disk with room")
+
+
+def _write(path: Path, layout: list[_Out], reader, model, source_sha256: str) -> str:
+    """Stream the int8 file: each source tensor read, split, quantized and written, then dropped."""
+    digest = hashlib.sha256()
+    done: dict[str, Any] = {}  # the current source tensor's parts, quantized: at most one tensor's worth
+    current = None
+    with open(path, "wb") as f:
+        def put(data: bytes | memoryview) -> None:
+            f.write(data)
+            digest.update(data)
+
+        put(_header(layout, source_sha256))
+        for out in layout:
+            if out.source != current:
+                current, done = out.source, _convert(model, out.source, reader.get_tensor(out.source))
+            put(memoryview(_raw(done[out.name])))
+        f.flush()
+        os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def _convert(model, key: str, tensor) -> dict[str, Any]:
+    """The output tensors made from one source tensor: int8 weight and float32 scale, or as it was."""
+    from moshi.utils.quantize import QLinear
+    from torch import nn
+
+    converted = {}
+    for name, part in _parts(model, key, tensor).items():
+        if _quantized(model, name):
+            linear = nn.Linear(part.shape[1], part.shape[0], bias=False, device="meta")
+            linear.weight = nn.Parameter(part, requires_grad=False)
+            quantized = QLinear(linear)
+            converted[name], converted[name + "_scb"] = quantized.weight.data, quantized.weight_scb.data
+        else:
+            converted[name] = part
+    return converted
+
+
+def _raw(tensor):
+    import torch
+
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _finish(folder: Path, lm_config: dict, source_sha256: str, size: int, sha256: str) -> None:
+    from importlib import metadata
+
+    from .fsutil import atomic_write_text
+
+    atomic_write_text(folder / CONFIG, json.dumps({**lm_config, "quantize": True}, indent=2) + "\n")
+    versions = {}
+    for package in ("moshi", "bitsandbytes", "torch"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    manifest = {"format": FORMAT, "source_sha256": source_sha256, "size": size, "sha256": sha256, **versions}
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")  # last: the folder is complete
+
+
+# --- loading it ------------------------------------------------------------------------------------------
+
+
+def restore_scales(model, weight: Path) -> int:
+    """Put the float32 ``weight_scb`` scales of `weight` back into a loaded model (moshi cast them).
+
+    Returns how many were restored; a model without QLinear layers is left as it is.
+    """
+    import torch
+    from moshi.utils.quantize import QLinear
+    from safetensors import safe_open
+
+    restored = 0
+    with safe_open(str(weight), "pt") as reader:
+        for key in reader.keys():
+            if not key.endswith(".weight_scb"):
+                continue
+            module = model.get_submodule(key[: -len(".weight_scb")])
+            if isinstance(module, QLinear):
+                device = module.weight.device
+                module.weight_scb = torch.nn.Parameter(reader.get_tensor(key).to(device), requires_grad=False)
+                restored += 1
+    return restored
