@@ -46,6 +46,7 @@ class ModelFiles:
     config: Path | None = None
     # The unpacked web UI (a folder with index.html) when it was asked for.
     web_ui: Path | None = None
+    lora: Path | None = None  # a LoRA adapter over moshi_weight (finetune.py)
 
 
 class Status(str, Enum):

@@ -41,6 +41,10 @@ HalfOpt = Annotated[bool, typer.Option("--half", help="float16 instead of bfloat
 MoshiWeightOpt = Annotated[Optional[Path], typer.Option(
     "--moshi-weight", help="A local LM checkpoint (e.g. fine-tuned J-Moshi) instead of the variant's.",
     show_default=False)]
+LoraOpt = Annotated[Optional[Path], typer.Option(
+    "--lora", help="A LoRA adapter over the variant: a moshi-finetune run folder (its newest checkpoint), a "
+    "checkpoint folder, or lora.safetensors with its config.json beside it. Current runtime only.",
+    show_default=False)]
 QuantizeOpt = Annotated[str, typer.Option(
     "--quantize", help="auto, bf16 or int8. int8 (moshi's own bitsandbytes int8, made once from the bf16 weights "
     "and kept in jmoshi's data folder) needs ~11 GB of GPU memory instead of ~19 GB; auto picks it, with a note, "
@@ -240,6 +244,7 @@ def serve(
                                                 show_default=False)] = None,
     revision: RevisionOpt = None,
     moshi_weight: MoshiWeightOpt = None,
+    lora: LoraOpt = None,
     quantize: QuantizeOpt = "auto",
     open_browser: Annotated[bool, typer.Option("--open", help="Open the browser when the server is ready.")] = False,
     replicas: ReplicasOpt = None,
@@ -262,7 +267,7 @@ def serve(
     options = srv.ServeOptions(variant, host, port, device, half, offline, https, ssl, revision, moshi_weight,
                                replicas, gpus, queue_timeout, drain_timeout, record=record, temp=temp,
                                temp_text=temp_text, top_k=top_k, top_k_text=top_k_text, seed=seed,
-                               quantize=quantize)
+                               quantize=quantize, lora=lora)
     hooks = srv.ServeHooks(
         on_note=show_note, watch_download=DownloadView, on_starting=show_starting,
         on_ready=lambda launch, seconds: _announce_ready(launch, seconds, open_browser, replicas),
@@ -359,6 +364,7 @@ def infer(
     half: HalfOpt = False,
     offline: OfflineOpt = False,
     moshi_weight: MoshiWeightOpt = None,
+    lora: LoraOpt = None,
     quantize: QuantizeOpt = "auto",
     temp: Annotated[Optional[float], typer.Option("--temp", help="Audio sampling temperature [default: 0.8]",
                                                   show_default=False)] = None,
@@ -378,7 +384,7 @@ def infer(
 
     options = inf.InferOptions(device=device, half=half, channel=channel, temp=temp, temp_text=temp_text,
                                top_k=top_k, top_k_text=top_k_text, seed=seed, quantize=quantize)
-    request = inf.InferRequest(inputs, out, variant, revision, offline, moshi_weight, options)
+    request = inf.InferRequest(inputs, out, variant, revision, offline, moshi_weight, options, lora=lora)
     hooks = inf.InferHooks(on_note=show_note, watch_download=DownloadView, loading=console.status,
                            progress=InferView)
     results = inf.run(request, hooks)

@@ -267,12 +267,15 @@ def _load_modules(files: ModelFiles, config: ModelConfig, device, dtype, capture
     from moshi.models import loaders
 
     # By keyword: 0.2.4+ inserted fields (mimi_config, lora_weights, ...) between these.
+    adapter = {"lora_weights": Path(files.lora)} if files.lora is not None else {}
     info = loaders.CheckpointInfo(moshi_weights=Path(files.moshi_weight), mimi_weights=Path(files.mimi_weight),
                                   tokenizer=Path(files.tokenizer), lm_config=config.lm_config,
                                   raw_config=config.raw, model_type=config.model_type,
-                                  lm_gen_config=config.lm_gen_config or {})
+                                  lm_gen_config=config.lm_gen_config or {}, **adapter)
+    fuse = {"fuse_lora": True} if adapter else {}  # as moshi.server does; get_moshi alone would not fuse
     try:
-        return info.get_mimi(device=device), info.get_text_tokenizer(), info.get_moshi(device=device, dtype=dtype)
+        return (info.get_mimi(device=device), info.get_text_tokenizer(),
+                info.get_moshi(device=device, dtype=dtype, **fuse))
     except torch.cuda.OutOfMemoryError as exc:
         raise PreflightError("not enough GPU memory to load the model",
                              hint="close other GPU programs or use a smaller variant") from exc

@@ -117,6 +117,7 @@ class InferRequest:
     offline: bool = False
     moshi_weight: Path | None = None
     options: InferOptions = field(default_factory=InferOptions)
+    lora: Path | None = None  # a moshi-finetune adapter over the variant (finetune.py)
 
 
 @dataclass
@@ -239,7 +240,7 @@ def run(request: InferRequest, hooks: InferHooks | None = None) -> list[FileResu
     """Check inputs, output folder and device (seconds), make the model local, load it once, process
     every input. Raises JMoshiError for problems of the whole run; per-file problems are in the results.
     """
-    from . import artifacts, preflight, quantize
+    from . import artifacts, finetune, preflight, quantize, runtime
     from .console import settings
     from .variants import load_catalogue
 
@@ -249,15 +250,18 @@ def run(request: InferRequest, hooks: InferHooks | None = None) -> list[FileResu
     prepare_out_dir(request.out_dir)
     catalogue = load_catalogue()
     chosen = catalogue.get(request.variant)
-    weight = preflight.check_moshi_weight(request.moshi_weight)
-    device = preflight.check_device(options.device, chosen.vram_min_gb, chosen.name,
-                                    quantize.parse_precision(options.quantize), chosen.vram_min_int8_gb)
+    fine_tune = finetune.resolve(chosen, request.moshi_weight, request.lora)
+    precision = finetune.precision_for(fine_tune, runtime.detect(), quantize.parse_precision(options.quantize))
+    device = preflight.check_device(options.device, chosen.vram_min_gb, chosen.name, precision,
+                                    chosen.vram_min_int8_gb)
     for note in device.notes:
         hooks.on_note(note)
     if device.half:
         options = replace(options, half=True)
     plan, files = artifacts.ensure_local(catalogue, chosen, request.revision, offline=request.offline, web_ui=False,
-                                         moshi_weight=weight, watch=hooks.watch_download, on_note=hooks.on_note)
+                                         moshi_weight=fine_tune.weight, watch=hooks.watch_download,
+                                         on_note=hooks.on_note)
+    files = finetune.apply(fine_tune, files, chosen, artifacts.data_dir(), hooks.on_note)
     if device.int8:
         files = quantize.int8_files(plan, files, artifacts.data_dir(), hooks.on_note)
     if options.channel == "left":

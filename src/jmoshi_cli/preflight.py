@@ -129,9 +129,17 @@ def device_index(device: str) -> int | None:
 
 
 def check_moshi_weight(path: Path | None) -> Path | None:
+    """A local LM checkpoint: the file, or the one in a folder (nu-dialogue's model.safetensors,
+    moshi-finetune's consolidated.safetensors)."""
     if path is None:
         return None
     path = path.expanduser()
+    if path.is_dir():
+        inside = [path / name for name in ("model.safetensors", "consolidated.safetensors") if (path / name).is_file()]
+        if not inside:
+            raise UsageError(f"--moshi-weight {path}: no model.safetensors or consolidated.safetensors in it",
+                             "give the path of a .safetensors checkpoint")
+        path = inside[0]
     if not path.is_file():
         raise UsageError(f"--moshi-weight {path}: no such file", "give the path of a .safetensors checkpoint")
     return path.resolve()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from . import artifacts, preflight, quantize, recordings, runtime, tls
+from . import artifacts, finetune, preflight, quantize, recordings, runtime, tls
 from .artifacts import ModelFiles
 from .child import Launch
 from .errors import CacheError, UsageError
@@ -47,6 +47,7 @@ class ServeOptions:
     top_k_text: int | None = None
     seed: int | None = None
     quantize: str = "auto"  # auto, bf16 or int8 (quantize.Precision)
+    lora: Path | None = None  # a moshi-finetune adapter over the variant (finetune.py)
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,8 @@ def prepare(options: ServeOptions, hooks: ServeHooks) -> Prepared:
         raise UsageError("--https and --ssl both given", "--https makes a certificate; --ssl DIR uses yours")
     preflight.check_address(options.host, options.port)
     ssl_dir = tls.check_ssl_dir(options.ssl_dir) if options.ssl_dir else None
-    weight = preflight.check_moshi_weight(options.moshi_weight)
+    fine_tune = finetune.resolve(chosen, options.moshi_weight, options.lora)
+    precision = finetune.precision_for(fine_tune, runtime.detect(), precision)
     placements = _place_replicas(options, chosen, precision) if options.replicas is not None else None
     first_device = placements[0].device if placements else options.device
     device = preflight.check_device(first_device, chosen.vram_min_gb, chosen.name, precision,
@@ -142,7 +144,9 @@ def prepare(options: ServeOptions, hooks: ServeHooks) -> Prepared:
     for note in device.notes:
         hooks.on_note(note)
     plan, files = artifacts.ensure_local(catalogue, chosen, options.revision, offline=options.offline, web_ui=True,
-                                         moshi_weight=weight, watch=hooks.watch_download, on_note=hooks.on_note)
+                                         moshi_weight=fine_tune.weight, watch=hooks.watch_download,
+                                         on_note=hooks.on_note)
+    files = finetune.apply(fine_tune, files, chosen, artifacts.data_dir(), hooks.on_note)
     if device.int8:
         files = quantize.int8_files(plan, files, artifacts.data_dir(), hooks.on_note)
     if sampling:
@@ -219,7 +223,8 @@ def _recording_facts(plan, chosen: Variant, options: ServeOptions, files: ModelF
     entry = next((e for e in plan.entries if e.artifact.repo == chosen.repo), None)
     return {"variant": chosen.name, "repo": chosen.repo, "revision": options.revision or chosen.revision,
             "commit": entry.artifact.commit if entry else None,
-            "moshi_weight": str(files.moshi_weight) if options.moshi_weight else None,
+            "moshi_weight": str(files.moshi_weight) if options.moshi_weight or chosen.moshi_weight else None,
+            "lora": str(files.lora) if files.lora else None,
             "lm_config": str(files.config) if files.config else None, "jmoshi": __version__}
 
 
@@ -263,6 +268,8 @@ def build_launch(files: ModelFiles, repo: str, options: ServeOptions, ssl_dir: P
             "--device", options.device]
     if half:
         argv.append("--half")
+    if files.lora is not None:
+        argv += ["--lora-weight", str(files.lora)]  # with its config.json, which says `lora` (JMOSHI_CONFIG_PATH)
     if ssl_dir is not None:
         argv += ["--ssl", str(ssl_dir)]
     env = dict(os.environ if base_env is None else base_env)

@@ -448,3 +448,59 @@ __all__ = [
     "tiny_lm_config",
     "train_tokenizer_bytes",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA adapters (moshi >= 0.2.4: moshi.modules.lora)
+# --------------------------------------------------------------------------------------------
+
+LORA_NAME = "lora.safetensors"
+_TINY_LORA_SCALING = 2.0
+
+
+def build_tiny_lora(base_repo: Path, dest: Path, rank: int = 4, seed: int = 0) -> Path:
+    """A LoRA adapter for the tiny model in base_repo, as moshi-finetune writes a checkpoint's consolidated/
+    folder: dest/lora.safetensors (the LoRA tensors only) and dest/config.json (the base's config plus
+    lora, lora_rank, lora_scaling). Returns the weights' path. Deterministic for a seed."""
+    base_repo = Path(base_repo)
+    config = json.loads((base_repo / CONFIG_NAME).read_text(encoding="utf-8"))
+    return _write_lora(config, base_repo / MOSHI_NAME, Path(dest), rank, seed)
+
+
+def build_misfit_lora(base_repo: Path, dest: Path, dim: int = 32, rank: int = 4, seed: int = 0) -> Path:
+    """Like build_tiny_lora, but trained over a random LM whose ``dim`` differs from base_repo's: an adapter
+    that does not fit the tiny model (its config.json says so too)."""
+    config = json.loads((Path(base_repo) / CONFIG_NAME).read_text(encoding="utf-8"))
+    if config["dim"] == dim:
+        raise ValueError(f"dim {dim} is the base's own: the adapter would fit")
+    config["dim"] = dim
+    return _write_lora(config, None, Path(dest), rank, seed)
+
+
+def _write_lora(config: dict[str, tp.Any], base_weight: Path | None, dest: Path, rank: int, seed: int) -> Path:
+    """moshi's own LoRA layers over the LM as moshi's loaders build it, saved the way moshi-finetune saves
+    an adapter (bf16, the state-dict names get_lora_moshi loads)."""
+    import torch
+    from moshi.models import loaders
+    from moshi.modules.lora import replace_all_linear_with_lora
+    from safetensors.torch import save
+
+    dest.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        lm = loaders.get_moshi_lm(base_weight, lm_kwargs=lm_kwargs_from_config(config), device="cpu",
+                                  dtype=torch.float32)
+        replace_all_linear_with_lora(lm, rank, _TINY_LORA_SCALING)
+        for name, param in lm.named_parameters():
+            if name.endswith(".lora_B.weight"):
+                param.normal_(std=0.05)  # fine-tuning starts it at zero; a zero adapter would change nothing
+        tensors = {name: tensor.to(torch.bfloat16).contiguous() for name, tensor in lm.state_dict().items()
+                   if ".lora_A." in name or ".lora_B." in name}
+        del lm
+    atomic_write(dest / LORA_NAME, save(tensors))
+    adapter_config = {**config, "lora": True, "lora_rank": rank, "lora_scaling": _TINY_LORA_SCALING}
+    atomic_write(dest / CONFIG_NAME, json.dumps(adapter_config, indent=4).encode())
+    return dest / LORA_NAME
+
+
+__all__ += ["LORA_NAME", "build_misfit_lora", "build_tiny_lora"]

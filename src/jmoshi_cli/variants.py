@@ -43,6 +43,9 @@ class Variant:
     vram_min_int8_gb: float = 11.0  # with --quantize int8 (moshi's QLinear: int8 weights, fp16 compute)
     license: str = ""
     license_url: str = ""
+    # A fine-tune of `repo`, on this machine: a full checkpoint and/or a LoRA adapter (finetune.py).
+    moshi_weight: str = ""
+    lora: str = ""
     source: str = "built-in"
 
     @property
@@ -115,7 +118,14 @@ def _variant(name: str, raw: object, path: Path) -> Variant:
     for key in _FIELDS - set(_GB_FIELDS):
         if key in raw and not isinstance(raw[key], str):
             raise ConfigError(f"{where}: '{key}' must be a string")
-    return Variant(name=name, source=str(path), **raw)
+    local = {key: str(_beside(path, raw[key])) for key in ("moshi_weight", "lora") if raw.get(key)}
+    return Variant(name=name, source=str(path), **{**raw, **local})
+
+
+def _beside(toml: Path, value: str) -> Path:
+    """A path in a variants file: `~` expanded, relative ones taken from the file's folder."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else toml.parent / path
 
 
 def _merge(data: dict, path: Path, variants: dict[str, Variant], settings: dict) -> None:

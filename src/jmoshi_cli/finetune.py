@@ -1,0 +1,71 @@
+"""Fine-tuned J-Moshi for serve and infer: a local checkpoint (`--moshi-weight`) and a LoRA adapter (`--lora`).
+
+Either comes from the command line or from a user variant (`moshi_weight = ...`, `lora = ...` in
+variants.toml). Both are always combined with the chosen variant's tokenizer and Mimi, which jmoshi
+passes to moshi as local files, so nothing falls back to Kyutai's English defaults.
+
+- A checkpoint's LM config is the one beside it (lora.local_config: moshi-finetune's config.json,
+  nu-dialogue's moshi_lm_kwargs.json), else the variant's.
+- An adapter is checked against its base from the files' headers before anything loads
+  (lora.check_fits), then handed to moshi.server as `--lora-weight` with the adapter's config.json
+  (`--config-path`), which says `lora`, its rank and scaling. moshi fuses it into the weights.
+- moshi 0.2.2 has no LoRA, and moshi refuses LoRA on int8 weights: both are one line, before loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from . import lora, preflight
+from .artifacts import ModelFiles
+from .errors import UsageError
+from .quantize import Precision
+from .variants import Variant
+
+
+@dataclass(frozen=True)
+class FineTune:
+    weight: Path | None = None  # a local LM checkpoint instead of the variant's
+    adapter: lora.Adapter | None = None
+
+
+def resolve(variant: Variant, moshi_weight: Path | None, lora_path: Path | None) -> FineTune:
+    """The checkpoint and adapter asked for (flags win over the variant), checked to exist and be readable."""
+    weight = moshi_weight or (Path(variant.moshi_weight) if variant.moshi_weight else None)
+    adapter_path = lora_path or (Path(variant.lora) if variant.lora else None)
+    adapter = lora.find_adapter(adapter_path.expanduser()) if adapter_path is not None else None
+    return FineTune(preflight.check_moshi_weight(weight), adapter)
+
+
+def precision_for(fine_tune: FineTune, rt, precision: Precision) -> Precision:
+    """Refuse what cannot load an adapter; an adapter means bf16 (moshi has no LoRA over int8)."""
+    if fine_tune.adapter is None:
+        return precision
+    from .runtime import CURRENT, INSTALL
+
+    if not rt.has_lora:
+        raise UsageError(f"--lora needs the current runtime (moshi 0.2.13); this is moshi {rt.moshi}, which has "
+                         "no LoRA", f"install it: {INSTALL[CURRENT]}")
+    if precision is Precision.INT8:
+        raise UsageError("--lora and --quantize int8 do not go together: moshi loads LoRA over bf16 weights only",
+                         "drop --quantize int8, or merge the adapter into a full checkpoint and serve that")
+    return Precision.BF16
+
+
+def apply(fine_tune: FineTune, files: ModelFiles, variant: Variant, data_dir: Path,
+          on_note: Callable[[str], None] = lambda note: None) -> ModelFiles:
+    """The model files with the checkpoint's own config and the adapter in place, the adapter checked."""
+    if fine_tune.weight is not None:
+        config = lora.local_config(fine_tune.weight, data_dir)
+        if config is not None:
+            files = replace(files, config=config)
+    adapter = fine_tune.adapter
+    if adapter is None:
+        return files
+    base = f"variant {variant.name}" if fine_tune.weight is None else str(fine_tune.weight)
+    lora.check_fits(adapter, files.moshi_weight, lora.lm_kwargs(files.config), base_name=base)
+    step = f" (checkpoint {adapter.step})" if adapter.step is not None else ""
+    on_note(f"LoRA adapter {adapter.weight}{step}, rank {adapter.rank}, over {base}")
+    return replace(files, config=adapter.config, lora=adapter.weight)
