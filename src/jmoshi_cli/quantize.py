@@ -44,6 +44,7 @@ DISK_MARGIN = 512 * 2**20  # left free after the int8 file is written
 NON_LM_KEYS = ("moshi_name", "mimi_name", "tokenizer_name", "model_type", "lm_gen_config", "lora_name",
                "lora", "lora_rank", "lora_scaling")
 _DTYPES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
+_TORCH: dict = {}  # the same names as torch dtypes, filled on first use (torch is imported late)
 
 
 class Precision(str, Enum):
@@ -239,14 +240,69 @@ def make_int8(source: Path, folder: Path, source_sha256: str, lm_config: dict) -
     return Int8Checkpoint(folder / WEIGHT, folder / CONFIG, source_sha256, size, time.monotonic() - started)
 
 
-def _open(source: Path):
-    from safetensors import safe_open
+def _torch_dtypes() -> None:
+    import torch
 
+    _TORCH.update(BF16=torch.bfloat16, F16=torch.float16, F32=torch.float32, F64=torch.float64, I8=torch.int8,
+                  U8=torch.uint8, I16=torch.int16, I32=torch.int32, I64=torch.int64, BOOL=torch.bool)
+
+
+def _open(source: Path) -> "_Reader":
     try:
-        return safe_open(str(source), "pt")
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a bad header
+        return _Reader(source)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CacheError(f"cannot read {source} to quantize it: {exc}",
                          "run `jmoshi verify`; a damaged file is fetched again by `jmoshi download`") from exc
+
+
+class _Reader:
+    """A safetensors file read tensor by tensor with plain reads.
+
+    safetensors' own reader maps the file into memory, and every page it touches stays resident: to
+    quantize 15 GB that way is to hold 15 GB. Here only the tensor being converted is in memory.
+    """
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if not 2 <= length <= 100_000_000:
+                raise ValueError("not a safetensors file (bad header length)")
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        self.path, self.start, self.entries = path, 8 + length, header
+        for entry in header.values():
+            begin, end = entry["data_offsets"]
+            if entry["dtype"] not in _DTYPES or end - begin != _count(entry["shape"]) * _DTYPES[entry["dtype"]]:
+                raise ValueError("not a safetensors file (bad tensor entry)")
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def dtype_and_shape(self, key: str) -> tuple[str, tuple[int, ...]]:
+        return self.entries[key]["dtype"], tuple(self.entries[key]["shape"])
+
+    def get_tensor(self, key: str):
+        import torch
+
+        if not _TORCH:
+            _torch_dtypes()
+        entry = self.entries[key]
+        begin, end = entry["data_offsets"]
+        data = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self.start + begin)
+            if f.readinto(data) != len(data):
+                raise OSError(f"{self.path} ends before tensor {key}")
+        if not data:
+            return torch.empty(entry["shape"], dtype=_TORCH[entry["dtype"]])
+        return torch.frombuffer(data, dtype=_TORCH[entry["dtype"]]).reshape(entry["shape"])
+
+
+def _count(shape) -> int:
+    count = 1
+    for n in shape:
+        count *= n
+    return count
 
 
 def _check_written(partial: Path, written: str, layout: list[_Out]) -> None:
@@ -298,8 +354,7 @@ def _layout(reader, model) -> list[_Out]:
 
     layout = []
     for key in reader.keys():
-        piece = reader.get_slice(key)
-        dtype, shape = piece.get_dtype(), tuple(piece.get_shape())
+        dtype, shape = reader.dtype_and_shape(key)
         meta = torch.empty(shape, dtype=torch.float32, device="meta")
         for name, part in _parts(model, key, meta).items():
             if _quantized(model, name):
@@ -311,10 +366,7 @@ def _layout(reader, model) -> list[_Out]:
 
 
 def _nbytes(out: _Out) -> int:
-    count = 1
-    for n in out.shape:
-        count *= n
-    return count * _DTYPES[out.dtype]
+    return _count(out.shape) * _DTYPES[out.dtype]
 
 
 def _header(layout: list[_Out], source_sha256: str) -> bytes:
