@@ -131,3 +131,16 @@ def test_a_user_variant_naming_an_adapter_changes_what_jmoshi_says(tiny_env, ada
         outputs[name] = open(result["outputs"]["jmoshi"], "rb").read()
         assert ("LoRA adapter" in done.stderr) == (name == "tiny-ft")
     assert outputs["tiny"] != outputs["tiny-ft"]  # same seed and input: only the adapter differs
+
+
+def test_a_checkpoint_whose_config_contradicts_its_weights_is_one_line(tiny_env, tiny_repo, tmp_path):
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    shutil.copy(tiny_repo / "model.safetensors", folder / "model.safetensors")
+    config = json.loads((tiny_repo / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_layers": config["num_layers"] + 1}))
+    done = jmoshi("serve", "--variant", "tiny", "--device", "cpu", "--moshi-weight", str(folder),
+                  env=child_env(tiny_env))
+    assert done.returncode == 2, done.stderr
+    assert f"num_layers is {config['num_layers'] + 1} there, {config['num_layers']} in the weights" in done.stderr
+    assert "Traceback" not in done.stderr and "starting moshi.server" not in done.stderr

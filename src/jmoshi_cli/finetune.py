@@ -14,6 +14,7 @@ passes to moshi as local files, so nothing falls back to Kyutai's English defaul
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -61,6 +62,8 @@ def apply(fine_tune: FineTune, files: ModelFiles, variant: Variant, data_dir: Pa
         config = lora.local_config(fine_tune.weight, data_dir)
         if config is not None:
             files = replace(files, config=config)
+        check_checkpoint(fine_tune.weight, lora.lm_kwargs(files.config),
+                         str(config) if config is not None else f"variant {variant.name}'s config")
     adapter = fine_tune.adapter
     if adapter is None:
         return files
@@ -69,3 +72,33 @@ def apply(fine_tune: FineTune, files: ModelFiles, variant: Variant, data_dir: Pa
     step = f" (checkpoint {adapter.step})" if adapter.step is not None else ""
     on_note(f"LoRA adapter {adapter.weight}{step}, rank {adapter.rank}, over {base}")
     return replace(files, config=adapter.config, lora=adapter.weight)
+
+
+# What a checkpoint's tensors say about the LM kwargs it was trained with: (kwarg, what is counted).
+def _shape_facts(header: dict[str, lora.Tensor]) -> dict[str, int]:
+    facts: dict[str, int] = {}
+    if "text_emb.weight" in header:
+        rows, facts["dim"] = header["text_emb.weight"].shape[:2]
+        facts["text_card"] = rows - 1  # one extra row: the initial token
+    if "emb.0.weight" in header:
+        facts["card"] = header["emb.0.weight"].shape[0] - 1
+    counts = {"n_q": r"emb\.(\d+)\.weight", "dep_q": r"linears\.(\d+)\.weight",
+              "num_layers": r"transformer\.layers\.(\d+)\.", "depformer_num_layers": r"depformer\.layers\.(\d+)\."}
+    for kwarg, pattern in counts.items():
+        found = {m.group(1) for key in header if (m := re.match(pattern, key))}
+        if found:
+            facts[kwarg] = len(found)
+    return facts
+
+
+def check_checkpoint(weight: Path, kwargs: dict, config_name: str) -> None:
+    """UsageError when a local checkpoint's tensors contradict the LM config it would be built with.
+
+    From the file's header only (no torch): moshi would otherwise fail deep in loading, in the child.
+    """
+    for kwarg, found in _shape_facts(lora.read_header(weight)).items():
+        wanted = kwargs.get(kwarg)
+        if isinstance(wanted, int) and wanted != found:
+            raise UsageError(f"--moshi-weight {weight} does not match {config_name}: {kwarg} is {wanted} there, "
+                             f"{found} in the weights",
+                             "put the config.json (or moshi_lm_kwargs.json) it was trained with beside it")
