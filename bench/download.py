@@ -4,7 +4,11 @@ verified) of the same files from the same loopback hub, each into a fresh cache,
 The model file is generated (default 3 GB, --size-gb to change it) with a J-Moshi-shaped repo around
 it. The hub hashes its files for its metadata once, before any timing, so neither tool waits for it.
 
-    .venv/bin/python bench/download.py [--size-gb 3] [--repeat 1]
+    .venv/bin/python bench/download.py [--size-gb 3] [--repeat 1] [--rate-mb-s 200]
+
+Over loopback the hub sends as fast as the machine copies memory, so hashing (a third stream of work)
+competes with the server and the client for the cores; `--rate-mb-s` paces the hub like a real
+network link, where a client has time to spare.
 """
 
 from __future__ import annotations
@@ -85,10 +89,18 @@ def warm(hub: LocalHub) -> None:
     HfApi(endpoint=hub.endpoint).model_info(REPO, files_metadata=True)
 
 
+def pace(hub: LocalHub, rate_mb_s: float) -> None:
+    """Every GET of the next run sent at about `rate_mb_s` (the hub's "slow" fault, retuned)."""
+    hub.slow_delay = 0.005
+    hub.slow_chunk = max(int(rate_mb_s * 1e6 * hub.slow_delay), 64 * 1024)
+    hub.add_fault(REPO, "*", "slow", times=len(FILES) * 4)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-gb", type=float, default=3.0, help="size of the generated model file (GB)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each tool, alternating which goes first")
+    parser.add_argument("--rate-mb-s", type=float, help="pace the hub's downloads to this many MB/s")
     args = parser.parse_args()
     model_bytes = int(args.size_gb * 1e9)
     scratch = Path(tempfile.mkdtemp(prefix="jmoshi-bench-dl-"))
@@ -105,17 +117,20 @@ def main() -> None:
             for i in range(args.repeat):
                 order = list(commands) if i % 2 == 0 else list(reversed(commands))
                 for label in order:
+                    if args.rate_mb_s:
+                        pace(hub, args.rate_mb_s)
                     times[label].append(run_once(commands[label], hub.endpoint, scratch))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    report(times, total)
+    report(times, total, args.rate_mb_s)
 
 
-def report(times: dict[str, list[tuple[float, float]]], total: int) -> None:
+def report(times: dict[str, list[tuple[float, float]]], total: int, rate_mb_s: float | None = None) -> None:
     walls = {label: statistics.median(wall for wall, _ in runs) for label, runs in times.items()}
     base = walls["huggingface-cli download"]
     count = len(next(iter(times.values())))
-    print(f"{len(FILES)} files, {total / 1e9:.2f} GB, loopback hub, median of {count} run(s); "
+    link = f"hub paced to {rate_mb_s:g} MB/s" if rate_mb_s else "loopback hub"
+    print(f"{len(FILES)} files, {total / 1e9:.2f} GB, {link}, median of {count} run(s); "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for label, seconds in walls.items():
         runs = ", ".join(f"{wall:.1f}" for wall, _ in times[label])
