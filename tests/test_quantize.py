@@ -152,12 +152,13 @@ def test_serve_quantize_int8_on_the_documented_runtime_is_one_line(tiny_env):
 
 @pytest.mark.slow
 @needs_int8
-def test_serve_int8_on_the_cpu_makes_it_once_and_talks(tiny_env):
+def test_serve_int8_on_the_cpu_makes_it_once_and_talks(tiny_env, tmp_path):
     from jmoshi_cli.chat import chat_sync
     from jmoshi_cli.selftest import free_port
 
     port = free_port()
-    served = Served(["--variant", "tiny", "--device", "cpu", "--quantize", "int8", "--port", str(port)], tiny_env)
+    served = Served(["--variant", "tiny", "--device", "cpu", "--quantize", "int8", "--port", str(port),
+                     "--record", str(tmp_path / "rec")], tiny_env)
     try:
         served.wait_ready()
         result = chat_sync(f"ws://127.0.0.1:{port}/api/chat", user_audio(2.0), tail_s=2.0)
@@ -166,6 +167,8 @@ def test_serve_int8_on_the_cpu_makes_it_once_and_talks(tiny_env):
     assert "making the int8 checkpoint" in err and "sha256 verified" in err, err
     assert result.audio_samples > 0 and result.text_pieces, result
     assert "Traceback" not in err and code == 143
+    [session] = [p for p in (tmp_path / "rec").iterdir() if p.is_dir()]
+    assert json.loads((session / "meta.json").read_text())["precision"].startswith("int8 weights")
     int8_root = os.path.join(tiny_env["JMOSHI_HOME"], "int8")
     assert len([d for d in os.listdir(int8_root) if len(d) == 64]) == 1
 

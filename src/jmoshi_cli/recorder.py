@@ -170,6 +170,19 @@ def _cpu_copy(tensor) -> np.ndarray:
     return tensor.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy().reshape(-1)
 
 
+def _precision(lm, parameter) -> str | None:
+    """The LM's dtype, and whether its Linear weights are int8 (moshi's QLinear: `serve --quantize int8`)."""
+    if parameter is None:
+        return None
+    dtype = str(parameter.dtype).removeprefix("torch.")
+    from moshi.utils import quantize
+
+    qlinear = getattr(quantize, "QLinear", None)  # moshi 0.2.13; 0.2.2 has another int8 scheme, unused
+    if qlinear is not None and any(isinstance(module, qlinear) for module in lm.modules()):
+        return f"int8 weights (bitsandbytes), {dtype} elsewhere"
+    return dtype
+
+
 def _runtime() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -258,7 +271,7 @@ class Recorder:
         settings = self.settings
         return {"format": recordings.FORMAT, **settings.facts, "replica": settings.replica, "runtime": _runtime(),
                 "device": str(parameter.device) if parameter is not None else None,
-                "precision": str(parameter.dtype).removeprefix("torch.") if parameter is not None else None,
+                "precision": _precision(state.lm_gen.lm_model, parameter),
                 "sampling": sampling, "seed": UPSTREAM_SEED if settings.seed is None else settings.seed,
                 "seeded": "at server start" if settings.seed is None else "at the start of each conversation",
                 "sample_rate": SAMPLE_RATE, "frame_s": FRAME_S, "alignment": recordings.ALIGNMENT,
