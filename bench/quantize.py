@@ -61,7 +61,7 @@ def make_source(path: Path, layers: int) -> dict:
     config.pop("depformer_causal", None)
     model = loaders.get_moshi_lm(None, lm_kwargs=config, device="meta")
     names = [(name, tuple(t.shape)) for name, t in model.state_dict().items()]
-    layout = [quantize._Out(name, "BF16", shape, name, name) for name, shape in names]
+    layout = [quantize._Out(name, "BF16", shape, name) for name, shape in names]
     generator = torch.Generator().manual_seed(0)
     with open(path, "wb") as f:
         f.write(quantize._header(layout, "0" * 64))

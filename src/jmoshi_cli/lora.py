@@ -266,8 +266,12 @@ def lm_kwargs(config: Path | None) -> dict[str, tp.Any]:
         from moshi.models import loaders
 
         return json.loads(json.dumps(loaders._lm_kwargs))
-    data = read_json(config)
-    return {k: v for k, v in data.items() if k not in LOADER_KEYS + LORA_KEYS}
+    return lm_kwargs_of(read_json(config))
+
+
+def lm_kwargs_of(config: dict[str, tp.Any]) -> dict[str, tp.Any]:
+    """What moshi passes to LMModel from a config.json's content: it without the loader and LoRA keys."""
+    return {k: v for k, v in config.items() if k not in LOADER_KEYS + LORA_KEYS}
 
 
 def _config_difference(adapter_config: dict, base: dict) -> str | None:

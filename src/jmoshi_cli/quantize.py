@@ -40,9 +40,6 @@ from .errors import CacheError, UsageError
 FORMAT = 1
 WEIGHT, CONFIG, MANIFEST = "model.int8.safetensors", "config.json", "int8.json"
 DISK_MARGIN = 512 * 2**20  # left free after the int8 file is written
-# Keys of config.json that are not LMModel arguments (moshi's CheckpointInfo pops them).
-NON_LM_KEYS = ("moshi_name", "mimi_name", "tokenizer_name", "model_type", "lm_gen_config", "lora_name",
-               "lora", "lora_rank", "lora_scaling")
 _DTYPES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
 _TORCH: dict = {}  # the same names as torch dtypes, filled on first use (torch is imported late)
 
@@ -189,11 +186,9 @@ def local_sha256(data_dir: Path, path: Path, on_note: Callable[[str], None]) -> 
 
 
 def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * 2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from .artifacts import file_hash
+
+    return file_hash(path, "sha256")
 
 
 # --- making it -------------------------------------------------------------------------------------------
@@ -206,13 +201,15 @@ class _Out:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    source: str  # the key in the bf16 checkpoint
-    part: str  # the model's name for the (split) source tensor
-    scale: bool = False  # the float32 scale of a quantized weight rather than the weight
+    source: str  # the key in the bf16 checkpoint it is made from
 
 
 def lm_kwargs(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in NON_LM_KEYS and k != "quantize"}
+    """The LMModel arguments of a config, as moshi reads them, without `quantize` (jmoshi's meta model is
+    built with plain Linears, which tell what to quantize)."""
+    from .lora import lm_kwargs_of
+
+    return {k: v for k, v in lm_kwargs_of(config).items() if k != "quantize"}
 
 
 def make_int8(source: Path, folder: Path, source_sha256: str, lm_config: dict) -> Int8Checkpoint:
@@ -358,10 +355,10 @@ def _layout(reader, model) -> list[_Out]:
         meta = torch.empty(shape, dtype=torch.float32, device="meta")
         for name, part in _parts(model, key, meta).items():
             if _quantized(model, name):
-                layout.append(_Out(name, "I8", tuple(part.shape), key, name))
-                layout.append(_Out(name + "_scb", "F32", (part.shape[0],), key, name, scale=True))
+                layout.append(_Out(name, "I8", tuple(part.shape), key))
+                layout.append(_Out(name + "_scb", "F32", (part.shape[0],), key))
             else:
-                layout.append(_Out(name, dtype, tuple(part.shape), key, name))
+                layout.append(_Out(name, dtype, tuple(part.shape), key))
     return layout
 
 
