@@ -240,7 +240,7 @@ def run(request: InferRequest, hooks: InferHooks | None = None) -> list[FileResu
     """Check inputs, output folder and device (seconds), make the model local, load it once, process
     every input. Raises JMoshiError for problems of the whole run; per-file problems are in the results.
     """
-    from . import artifacts, finetune, preflight, quantize, runtime
+    from . import finetune, preflight, quantize, runtime
     from .console import settings
     from .variants import load_catalogue
 
@@ -258,12 +258,9 @@ def run(request: InferRequest, hooks: InferHooks | None = None) -> list[FileResu
         hooks.on_note(note)
     if device.half:
         options = replace(options, half=True)
-    plan, files = artifacts.ensure_local(catalogue, chosen, request.revision, offline=request.offline, web_ui=False,
-                                         moshi_weight=fine_tune.weight, watch=hooks.watch_download,
-                                         on_note=hooks.on_note)
-    files = finetune.apply(fine_tune, files, chosen, artifacts.data_dir(), hooks.on_note)
-    if device.int8:
-        files = quantize.int8_files(plan, files, artifacts.data_dir(), hooks.on_note)
+    _, files = finetune.local_model(catalogue, chosen, fine_tune, request.revision, offline=request.offline,
+                                    web_ui=False, int8=device.int8, watch=hooks.watch_download,
+                                    on_note=hooks.on_note)
     if options.channel == "left":
         hooks.on_note("the user is the left channel of stereo inputs (--channel right|mix to change)")
     with hooks.loading(f"loading {chosen.name} on {options.device}"):

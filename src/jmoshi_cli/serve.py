@@ -143,12 +143,9 @@ def prepare(options: ServeOptions, hooks: ServeHooks) -> Prepared:
                                     chosen.vram_min_int8_gb)
     for note in device.notes:
         hooks.on_note(note)
-    plan, files = artifacts.ensure_local(catalogue, chosen, options.revision, offline=options.offline, web_ui=True,
-                                         moshi_weight=fine_tune.weight, watch=hooks.watch_download,
-                                         on_note=hooks.on_note)
-    files = finetune.apply(fine_tune, files, chosen, artifacts.data_dir(), hooks.on_note)
-    if device.int8:
-        files = quantize.int8_files(plan, files, artifacts.data_dir(), hooks.on_note)
+    plan, files = finetune.local_model(catalogue, chosen, fine_tune, options.revision, offline=options.offline,
+                                       web_ui=True, int8=device.int8, watch=hooks.watch_download,
+                                       on_note=hooks.on_note)
     if sampling:
         files = replace(files, config=sampling_config(files.config, sampling))
     if options.https:
