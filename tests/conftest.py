@@ -118,3 +118,17 @@ def tiny_env(tmp_path, tiny_hub_root):
 
 def child_env(env: dict) -> dict:
     return {k: v for k, v in env.items() if isinstance(v, str)}
+
+
+@pytest.fixture(scope="session")
+def haproxy_binary() -> str:
+    """HAProxy is a system package: .ci/run installs it; elsewhere its absence skips the tests that need it."""
+    from jmoshi_cli import haproxy
+    from jmoshi_cli.errors import PreflightError
+
+    try:
+        return haproxy.find().path
+    except PreflightError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must install HAProxy: {exc.message}")
+        pytest.skip(exc.message)

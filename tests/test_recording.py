@@ -368,19 +368,6 @@ def test_replicas_record_into_one_folder_each_saying_which(tiny_env, tmp_path, h
         assert any(r.text_pieces and pieces[:len(r.text_pieces)] == r.text_pieces for r in results)
 
 
-@pytest.fixture(scope="module")
-def haproxy_binary() -> str:
-    from jmoshi_cli import haproxy
-    from jmoshi_cli.errors import PreflightError
-
-    try:
-        return haproxy.find().path
-    except PreflightError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must install HAProxy: {exc.message}")
-        pytest.skip(exc.message)
-
-
 def test_an_unwritable_record_folder_fails_in_preflight(tiny_env, tmp_path):
     in_the_way = tmp_path / "a-file"
     in_the_way.write_text("not a folder")

@@ -20,18 +20,6 @@ from jmoshi_cli.hardware import GPU, NvidiaFacts, Probe
 from jmoshi_cli.selftest import free_port, speech_like
 from test_serve import Served, children_of, listening
 
-
-@pytest.fixture(scope="module")
-def haproxy_binary() -> str:
-    """HAProxy is a system package: .ci/run installs it; elsewhere its absence skips these tests."""
-    try:
-        return haproxy.find().path
-    except PreflightError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must install HAProxy: {exc.message}")
-        pytest.skip(exc.message)
-
-
 # --- the pieces, without processes -----------------------------------------------------------------
 
 
