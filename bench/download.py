@@ -4,11 +4,11 @@ verified) of the same files from the same loopback hub, each into a fresh cache,
 The model file is generated (default 3 GB, --size-gb to change it) with a J-Moshi-shaped repo around
 it. The hub hashes its files for its metadata once, before any timing, so neither tool waits for it.
 
-    .venv/bin/python bench/download.py [--size-gb 3] [--repeat 1] [--rate-mb-s 200]
+    .venv/bin/python bench/download.py [--size-gb 3] [--repeat 5] [--rate-mb-s 200] [--settle-s 6]
 
-Over loopback the hub sends as fast as the machine copies memory, so hashing (a third stream of work)
-competes with the server and the client for the cores; `--rate-mb-s` paces the hub like a real
-network link, where a client has time to spare.
+Each run starts after a sync and a pause (`--settle-s`, see settle()), so that no run pays for the
+one before it. It reports each tool's median wall, the ratio, and the CPU seconds of the client and
+of the hub (the hub runs in this process). `--rate-mb-s` paces the hub like a real network link.
 """
 
 from __future__ import annotations
@@ -65,28 +65,59 @@ def environment(endpoint: str, work: Path) -> dict:
     return env
 
 
-def run_once(argv: list[str], endpoint: str, scratch: Path) -> tuple[float, float]:
-    """Wall seconds and CPU seconds (user + system) of one run into a fresh cache."""
+def run_once(argv: list[str], endpoint: str, scratch: Path, settle_s: float) -> tuple[float, float, float]:
+    """Wall seconds, the client's CPU seconds (user + system) and the hub's (this process), one run."""
     work = Path(tempfile.mkdtemp(prefix="run-", dir=scratch))
     try:
         env = environment(endpoint, work)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        hub_before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         seconds = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        hub_after = resource.getrusage(resource.RUSAGE_SELF)
         if done.returncode != 0:
             raise SystemExit(f"{argv[0]} failed: {done.stderr[-2000:]}")
-        return seconds, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        return seconds, _cpu(after) - _cpu(before), _cpu(hub_after) - _cpu(hub_before)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        settle(settle_s)
+
+
+def settle(seconds: float) -> None:
+    """Untimed: let what the last run wrote reach the disk and its memory go, so every run starts alike.
+
+    Without the sync a run pays for its predecessor's gigabytes still being written back. The wait
+    is for virtual machines that give freed memory back to their host (virtio-balloon free page
+    reporting, after about 2 s): a run that starts sooner writes its cache into memory still backed,
+    and takes a half or a third of the time of one that starts later, on the very same work.
+    """
+    os.sync()
+    time.sleep(seconds)
+
+
+def _cpu(usage: resource.struct_rusage) -> float:
+    return usage.ru_utime + usage.ru_stime
 
 
 def warm(hub: LocalHub) -> None:
-    """Make the hub hash its files (and read them into the page cache) before anything is timed."""
+    """Make the hub hash its files (and read them into the page cache) before anything is timed.
+
+    Also compile both tools' modules, as an installed wheel has them: an editable install (and uv)
+    leaves them to be compiled at each start where PYTHONDONTWRITEBYTECODE is set.
+    """
+    import compileall
+    import importlib.util
+
     from huggingface_hub import HfApi
 
     HfApi(endpoint=hub.endpoint).model_info(REPO, files_metadata=True)
+    for name in ("jmoshi_cli", "huggingface_hub", "requests", "urllib3", "typer", "click", "rich", "tqdm"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            for folder in spec.submodule_search_locations:
+                compileall.compile_dir(folder, quiet=1)
 
 
 def pace(hub: LocalHub, rate_mb_s: float) -> None:
@@ -101,6 +132,8 @@ def main() -> None:
     parser.add_argument("--size-gb", type=float, default=3.0, help="size of the generated model file (GB)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each tool, alternating which goes first")
     parser.add_argument("--rate-mb-s", type=float, help="pace the hub's downloads to this many MB/s")
+    parser.add_argument("--settle-s", type=float, default=6.0,
+                        help="pause between runs, after a sync (see settle(); 0 to run back to back)")
     args = parser.parse_args()
     model_bytes = int(args.size_gb * 1e9)
     scratch = Path(tempfile.mkdtemp(prefix="jmoshi-bench-dl-"))
@@ -111,32 +144,34 @@ def main() -> None:
             "huggingface-cli download": [str(BIN / "huggingface-cli"), "download", REPO, *FILES],
             "jmoshi download (verified)": [str(BIN / "jmoshi"), "download", "--variant", "big", "--no-web-ui"],
         }
-        times: dict[str, list[tuple[float, float]]] = {label: [] for label in commands}
+        times: dict[str, list[tuple[float, float, float]]] = {label: [] for label in commands}
         with LocalHub(scratch / "hub") as hub:
             warm(hub)
+            settle(args.settle_s)
             for i in range(args.repeat):
                 order = list(commands) if i % 2 == 0 else list(reversed(commands))
                 for label in order:
                     if args.rate_mb_s:
                         pace(hub, args.rate_mb_s)
-                    times[label].append(run_once(commands[label], hub.endpoint, scratch))
+                    times[label].append(run_once(commands[label], hub.endpoint, scratch, args.settle_s))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report(times, total, args.rate_mb_s)
 
 
-def report(times: dict[str, list[tuple[float, float]]], total: int, rate_mb_s: float | None = None) -> None:
-    walls = {label: statistics.median(wall for wall, _ in runs) for label, runs in times.items()}
+def report(times: dict[str, list[tuple[float, float, float]]], total: int, rate_mb_s: float | None = None) -> None:
+    walls = {label: statistics.median(wall for wall, _, _ in runs) for label, runs in times.items()}
     base = walls["huggingface-cli download"]
     count = len(next(iter(times.values())))
     link = f"hub paced to {rate_mb_s:g} MB/s" if rate_mb_s else "loopback hub"
     print(f"{len(FILES)} files, {total / 1e9:.2f} GB, {link}, median of {count} run(s); "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for label, seconds in walls.items():
-        runs = ", ".join(f"{wall:.1f}" for wall, _ in times[label])
-        cpu = statistics.median(cpu for _, cpu in times[label])
+        runs = ", ".join(f"{wall:.1f}" for wall, _, _ in times[label])
+        cpu = statistics.median(cpu for _, cpu, _ in times[label])
+        hub_cpu = statistics.median(hub for _, _, hub in times[label])
         print(f"{label:<28} {seconds:7.2f} s  {total / 1e6 / seconds:7.1f} MB/s  x{seconds / base:.3f} of "
-              f"huggingface-cli  (client CPU {cpu:.1f} s; runs: {runs} s)")
+              f"huggingface-cli  (CPU: client {cpu:.1f} s, hub {hub_cpu:.1f} s; runs: {runs} s)")
 
 
 if __name__ == "__main__":

@@ -15,11 +15,10 @@ The writer may start over, and the hash then starts again from byte 0:
   from byte 0; it may grow back past what was hashed before the thread looks again, so only the
   report makes such a truncate certain to be seen (hub._report_rewinds wires it).
 
-The bytes need not even be read back: the writer may also hand each block it writes to the
-follower (`note_write`, wired by hub._report_rewinds around huggingface_hub's file), which hashes it
-from memory on its own thread (hashlib lets go of the GIL), so the download's file is only written.
-What the follower misses that way (a block handed over while too much is already waiting, a partial
-file already on disk when a download resumes) it reads from the file, as above.
+The follower keeps no copy of what the writer wrote: it reads each block back into one reused
+buffer, from the page cache, right behind the writer. Holding on to the writer's blocks until they
+are hashed instead makes each new block land in freshly faulted memory, which on a virtual machine
+costs more than the read it saves (bench/download.py measured it).
 
 `finish` vouches for the digest only when the final file is the very inode that was followed,
 every one of its bytes was hashed, and no rewind was reported since the hash last started; else it
@@ -32,7 +31,6 @@ trusted: the caller hashes the final file again.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import os
 import threading
@@ -41,37 +39,20 @@ from pathlib import Path
 from typing import Callable
 
 BLOCK = 1024**2  # small enough to stay in the CPU cache between the read and the hash
-POLL_S = 0.05  # how long to wait for new bytes once the reader has caught up with the writer
+POLL_S = 0.01  # how long to wait for new bytes once caught up (less than a network read takes)
 REPORT_S = 0.1  # the least time between two progress reports
-
-MAX_WAITING = 64 * 1024**2  # bytes handed over and not yet hashed; beyond, the follower reads the file
 
 Report = Callable[[int], None]
 
 
 _rewinds: dict[tuple[int, int], int] = {}  # (device, inode) -> truncates reported by its writer
-# (device, inode) of a followed file -> blocks its writer wrote, (offset, bytes), oldest first
-_written: dict[tuple[int, int], collections.deque] = {}
-_written_lock = threading.Lock()
 
 
 def note_rewind(fd: int) -> None:
     """Record that the writer of this open file cut it back: a follower of it starts over."""
     stat = os.fstat(fd)
     key = (stat.st_dev, stat.st_ino)
-    with _written_lock:
-        if key in _written:
-            _written[key].clear()  # blocks of the content that is gone; before any block of the new one
     _rewinds[key] = _rewinds.get(key, 0) + 1
-
-
-def note_write(fd: int, offset: int, data: bytes) -> None:
-    """Hand a block just written at `offset` of this open file to its follower, if it has one."""
-    stat = os.fstat(fd)
-    with _written_lock:
-        waiting = _written.get((stat.st_dev, stat.st_ino))
-        if waiting is not None and sum(len(d) for _, d in waiting) + len(data) <= MAX_WAITING:
-            waiting.append((offset, data))
 
 
 def supported() -> bool:
@@ -105,7 +86,6 @@ class FollowingHash:
         self.growing = growing
         self.poll_s = poll_s
         self.restarts = 0  # how many times the writer started over (for tests and diagnostics)
-        self.read_bytes = 0  # bytes read back from the file rather than handed over (likewise)
         self._arrived = _Throttled(on_arrived)
         self._hashed = _Throttled(on_hashed)
         self._stop = threading.Event()
@@ -143,7 +123,7 @@ class FollowingHash:
             if (stat.st_dev, stat.st_ino) != self._identity or stat.st_size < self._offset:
                 return None
             while self._offset < stat.st_size:
-                if not (self._take_written() or self._read_block(self._read_limit(stat.st_size))):
+                if not self._read_block(stat.st_size):
                     return None
                 self._hashed(self._offset)
         except OSError:
@@ -176,32 +156,7 @@ class FollowingHash:
             self._restart(reopen=False)  # truncated under us: what was hashed may no longer be there
             return True
         self._arrived(size)
-        if self._take_written():
-            return True
-        return size > self._offset and self._read_block(self._read_limit(size))
-
-    def _take_written(self) -> bool:
-        """Hash the next block the writer handed over, when it starts where the hash is; else False."""
-        with _written_lock:
-            waiting = _written.get(self._identity)
-            while waiting:
-                offset, data = waiting[0]
-                if offset > self._offset:
-                    return False  # a block was not handed over: read up to this one from the file first
-                waiting.popleft()
-                if offset + len(data) > self._offset:
-                    break  # else: already read from the file
-            else:
-                return False
-        self._digest.update(memoryview(data)[self._offset - offset:])
-        self._offset = offset + len(data)
-        return True
-
-    def _read_limit(self, size: int) -> int:
-        """Read the file up to where the blocks handed over begin (they are hashed from memory)."""
-        with _written_lock:
-            waiting = _written.get(self._identity)
-            return min(size, waiting[0][0]) if waiting and waiting[0][0] > self._offset else size
+        return size > self._offset and self._read_block(size)
 
     def _open(self) -> bool:
         try:
@@ -211,8 +166,6 @@ class FollowingHash:
         stat = os.fstat(fd)
         self._fd, self._identity = fd, (stat.st_dev, stat.st_ino)
         self._rewinds_seen = _rewinds.get(self._identity, 0)
-        with _written_lock:
-            _written.setdefault(self._identity, collections.deque())
         return True
 
     def _rewound(self) -> bool:
@@ -244,7 +197,6 @@ class FollowingHash:
             return False  # shrank between fstat and read; the next step sees it and restarts
         self._digest.update(view[:got])
         self._offset += got
-        self.read_bytes += got
         return True
 
     # --- lifetime -------------------------------------------------------------------------------------
@@ -259,5 +211,3 @@ class FollowingHash:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-            with _written_lock:
-                _written.pop(self._identity, None)

@@ -257,17 +257,10 @@ def _followable(artifact: Artifact) -> bool:
 
 
 class _RewindReporting:
-    """The partial file huggingface_hub writes to, reporting each truncate and each block to its follower."""
+    """The partial file huggingface_hub writes to, reporting each truncate to its follower."""
 
     def __init__(self, stream):
         self._stream = stream
-
-    def write(self, data):
-        offset = self._stream.tell()  # opened to append: where this block goes
-        written = self._stream.write(data)
-        if isinstance(data, bytes) and written == len(data):
-            hashing.note_write(self._stream.fileno(), offset, data)  # hashed from memory, not read back
-        return written
 
     def truncate(self, *args):
         size = self._stream.truncate(*args)
