@@ -300,11 +300,12 @@ def test_embeddings_trained_in_full_next_to_the_adapter_must_match_the_base(tiny
                                                                            tmp_path):
     header = read_header(tiny_adapter.weight)
     config = json.loads(tiny_adapter.config.read_text())
-    good = consolidated(tmp_path / "good", config, {**header, "text_emb.weight": Tensor("BF16", (219, 64))})
+    rows = tiny_kwargs["text_card"] + 1  # the toy tokenizer's size depends on the sentencepiece that trained it
+    good = consolidated(tmp_path / "good", config, {**header, "text_emb.weight": Tensor("BF16", (rows, 64))})
     check_fits(find_adapter(good), tiny_repo / "model.safetensors", tiny_kwargs)
-    bad = consolidated(tmp_path / "bad", config, {**header, "text_emb.weight": Tensor("BF16", (300, 64))})
+    bad = consolidated(tmp_path / "bad", config, {**header, "text_emb.weight": Tensor("BF16", (rows + 81, 64))})
     message = _misfit_message(find_adapter(bad), tiny_repo / "model.safetensors", tiny_kwargs)
-    assert message.endswith("text_emb.weight is [300, 64] in the adapter, [219, 64] in the base")
+    assert message.endswith(f"text_emb.weight is [{rows + 81}, 64] in the adapter, [{rows}, 64] in the base")
 
 
 def test_stacked_legacy_adapter_names_fit(tiny_adapter, tiny_repo, tiny_kwargs, tmp_path):
@@ -340,7 +341,9 @@ def test_moshi_serves_the_adapter_and_it_changes_the_output(adapters, tiny_adapt
 
     monkeypatch.setenv("NO_TORCH_COMPILE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    codes = torch.randint(0, 200, (1, tiny_kwargs["n_q"] + 1, 6), generator=torch.Generator().manual_seed(0))
+    # Every code below text_card: text tokens and audio codes alike index their embeddings.
+    high = min(200, tiny_kwargs["text_card"], tiny_kwargs["card"])
+    codes = torch.randint(0, high, (1, tiny_kwargs["n_q"] + 1, 6), generator=torch.Generator().manual_seed(0))
     base = loaders.get_moshi_lm(tiny_repo / "model.safetensors", lm_kwargs=tiny_kwargs, dtype=torch.float32)
     # What moshi.server does with --moshi-weight, --config-path and --lora-weight.
     info = loaders.CheckpointInfo.from_hf_repo(
