@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 BLOCK = 1024**2  # small enough to stay in the CPU cache between the read and the hash
-POLL_S = 0.01  # how long to wait for new bytes once caught up (less than a network read takes)
+POLL_S = 0.01  # how long to wait for new bytes once caught up: short, so little is left when the last lands
 REPORT_S = 0.1  # the least time between two progress reports
 
 Report = Callable[[int], None]
