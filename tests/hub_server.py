@@ -174,6 +174,8 @@ class LocalHub:
     #: "slow" fault: bytes per write and pause after each write
     slow_chunk: int = 64 * 1024
     slow_delay: float = 0.05
+    #: every file body sent at about this many bytes per second, like a network link (None: as fast as it goes)
+    link_bytes_per_s: float | None = None
 
     def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 0):
         self.root = Path(root)
@@ -608,20 +610,26 @@ class _Handler(BaseHTTPRequestHandler):
                 yield block
                 left -= len(block)
 
+    def _link_pause(self, sent: int, started: float) -> float:
+        """How long to wait so that the body so far left at the link's rate (0 without a link)."""
+        rate = self.server.hub.link_bytes_per_s
+        return sent / rate - (time.monotonic() - started) if rate else 0.0
+
     def _send_body(self, path: Path, start: int, length: int, fault: str | None) -> None:
         hub = self.server.hub
         limit = length // 2 if fault == "cut" else length
         chunk = hub.slow_chunk if fault == "slow" else _CHUNK
         sent = 0
+        started = time.monotonic()
         try:
             for block in self._iter_file(path, start, limit, chunk):
                 if fault == "corrupt":
                     block = bytes([block[0] ^ 0xFF]) + block[1:]
                 self.wfile.write(block)
                 sent += len(block)
-                if fault == "slow":
-                    if hub._stopping.wait(hub.slow_delay):
-                        raise ConnectionAbortedError("server stopping")
+                pause = hub.slow_delay if fault == "slow" else self._link_pause(sent, started)
+                if pause > 0 and hub._stopping.wait(pause):
+                    raise ConnectionAbortedError("server stopping")
         except OSError:
             self.close_connection = True
             return

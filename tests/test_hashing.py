@@ -71,7 +71,7 @@ def test_the_follower_keeps_no_reference_to_the_blocks_written(tmp_path):
     block = os.urandom(2 * MIB)
     before = sys.getrefcount(block)
     with partial.open("ab") as raw:
-        hub._RewindReporting(raw).write(block)  # what huggingface_hub's http_get writes through
+        hub._PartialFile(raw, None).write(block)  # what huggingface_hub's http_get writes through
     assert sys.getrefcount(block) == before  # read back from the file: its memory is the writer's to reuse
     partial.rename(final)
     assert follower.finish(final) == digest(block)
@@ -155,7 +155,7 @@ def test_a_reported_truncate_restarts_the_hash(tmp_path):
         partial.write_bytes(old)
         wait_for(lambda: follower.hashed == len(old))
         with partial.open("ab") as raw:
-            stream = hub._RewindReporting(raw)  # what huggingface_hub's http_get writes through
+            stream = hub._PartialFile(raw, None)  # what huggingface_hub's http_get writes through
             stream.seek(0)
             stream.truncate()
             stream.write(new)
@@ -310,8 +310,12 @@ def test_a_body_corrupt_every_time_never_stays_in_the_cache(here):
     with pytest.raises(CacheError, match="arrived corrupt 2 times"):
         artifacts.download(plan_for())
     assert cached_files("snapshots/*/model.safetensors") == []
-    assert [p for p in cached_files("blobs/*") if not p.name.endswith(".incomplete")] == [], "no blob left"
+    bad = model(plan_for()).artifact.sha256
+    assert not (hub.repo_folder(EXT) / "blobs" / bad).exists(), "no blob left"
     assert model(plan_for()).status is Status.MISSING
+    # the files downloaded beside it are whole and verified, or not there at all
+    for blob in cached_files("blobs/*"):
+        assert blob.name.endswith(".incomplete") or artifacts.is_stamped(blob), blob
 
 
 def test_a_truncated_body_is_never_complete(here, hub_root):
@@ -321,6 +325,39 @@ def test_a_truncated_body_is_never_complete(here, hub_root):
     assert cached_files("snapshots/*/model.safetensors") == []
     entry = model(plan_for())
     assert entry.status is Status.PARTIAL and 0 < entry.partial_bytes < entry.artifact.size
+    here.clear_faults()
+    done = artifacts.download(plan_for())
+    assert sha256(model(done).path) == sha256(hub_root / EXT / "model.safetensors")
+
+
+def test_small_files_arrive_while_the_weights_still_download(here, hub_root):
+    here.slow_delay = 0.005  # the weights take about a second; the other files a fraction of one
+    here.add_fault(EXT, "model.safetensors", "slow")
+    finished: dict[str, float] = {}
+
+    def progress(entry, done):
+        if entry.status is Status.COMPLETE:
+            finished[entry.artifact.filename] = time.monotonic()
+
+    done = artifacts.download(plan_for(), on_progress=progress)
+    assert max(finished, key=finished.get) == "model.safetensors", finished
+    for entry in done.entries:
+        assert sha256(entry.path) == sha256(hub_root / EXT / entry.artifact.filename)
+        assert artifacts.is_stamped(entry.path)  # every stamp kept, though they were written side by side
+
+
+def test_a_failing_file_stops_the_download_beside_it_which_stays_resumable(here, hub_root):
+    here.slow_delay = 0.02  # the weights: 10 MiB (huggingface_hub's block) in ~3 s, all of them in ~8 s
+    here.add_fault(EXT, "model.safetensors", "slow")
+    here.add_fault(EXT, "tokenizer_spm_32k_3.model", "500", times=50)  # fails for good in about a second
+    with pytest.raises(HubError):
+        artifacts.download(plan_for())
+    weights = model(plan_for())
+    assert weights.status is Status.PARTIAL, "stopped at its next block, not left to finish"
+    assert 0 < weights.partial_bytes < weights.artifact.size
+    size = weights.partial_bytes
+    time.sleep(0.3)
+    assert model(plan_for()).partial_bytes == size, "nothing writes to the cache after the error"
     here.clear_faults()
     done = artifacts.download(plan_for())
     assert sha256(model(done).path) == sha256(hub_root / EXT / "model.safetensors")

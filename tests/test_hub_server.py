@@ -318,6 +318,20 @@ def test_raw_http_range_429_and_slow(hub: LocalHub, hub_root: Path) -> None:
     assert time.monotonic() - t0 >= 3 * hub.slow_delay
 
 
+def test_a_paced_link_sends_bodies_at_its_rate(hub: LocalHub, hub_root: Path) -> None:
+    hub.clear_faults()
+    url = f"{hub.endpoint}/acme/big/resolve/main/weights.bin"
+    data = (hub_root / "acme/big/weights.bin").read_bytes()
+    hub.link_bytes_per_s = len(data) / 0.5
+    try:
+        t0 = time.monotonic()
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            assert resp.read() == data
+        assert time.monotonic() - t0 >= 0.45  # the last 1 MiB block of 25 leaves at 0.48 s
+    finally:
+        hub.link_bytes_per_s = None
+
+
 def test_module_entry_point(hub_root: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("hub_server.py")), str(hub_root), "--port", "0"],

@@ -13,6 +13,7 @@ cached file can be verified with no network at all.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -20,12 +21,13 @@ import re
 import shutil
 import tarfile
 import tempfile
+import threading
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Callable, ContextManager, Protocol
 
-from . import hub
+from . import hub, side_by_side
 from .errors import CacheError, HubUnreachable, UsageError
 from .fsutil import atomic_write
 from .hub import Artifact
@@ -33,6 +35,7 @@ from .variants import Catalogue, Variant
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 DISK_MARGIN = 256 * 1024**2
+FETCH_AT_ONCE = 4  # J-Moshi's files: the weights, Mimi, the tokenizer, the web UI
 
 
 @dataclass(frozen=True)
@@ -259,12 +262,16 @@ def is_stamped(path: Path) -> bool:
     return _stamps().get(str(blob)) == [stat.st_size, stat.st_mtime_ns]
 
 
+_stamping = threading.Lock()  # files downloaded side by side finish together: no stamp may be lost
+
+
 def stamp_verified(path: Path) -> None:
     blob = Path(os.path.realpath(path))
-    stamps = _stamps()
     stat = blob.stat()
-    stamps[str(blob)] = [stat.st_size, stat.st_mtime_ns]
-    _write_json(data_dir() / "verified.json", stamps)
+    with _stamping:
+        stamps = _stamps()
+        stamps[str(blob)] = [stat.st_size, stat.st_mtime_ns]
+        _write_json(data_dir() / "verified.json", stamps)
 
 
 def _stamps() -> dict:
@@ -337,7 +344,10 @@ def download(plan: Plan, on_progress: Progress | None = None, on_retry: Retry | 
     """Fetch what is missing, verify each file's hash, and return the plan with everything complete.
 
     `on_progress` gets each file's bytes on disk while it downloads (once at its start, once when it
-    is verified); `on_hash` the bytes hashed while a file is checked without downloading it.
+    is verified); `on_hash` the bytes hashed while a file is checked without downloading it. Up to
+    FETCH_AT_ONCE files download at once, the biggest first, so the small ones (Mimi, the tokenizer,
+    the web UI) arrive while the weights do, as huggingface_hub's own snapshot_download does; the
+    callbacks are then called from several threads.
     """
     if plan.offline and plan.missing:
         names = ", ".join(e.artifact.filename for e in plan.missing)
@@ -349,16 +359,14 @@ def download(plan: Plan, on_progress: Progress | None = None, on_retry: Retry | 
     elif not plan.offline:
         check_writable(hub.cache_dir())
     _remember_refs(plan)
-    entries, fetched = [], []
-    for entry in plan.entries:
-        if entry.status is Status.COMPLETE and not is_stamped(entry.path):
-            # Put there by another tool, or changed since we hashed it: trust only its content.
-            entry = verify(entry, on_bytes=_for(on_hash, entry))
-        if not entry.status.usable:
-            entry = _fetch_verified(entry, on_progress, on_retry, attempts_on_corruption, on_hash)
-            fetched.append(entry.artifact.label)
-        entries.append(replace(entry, status=Status.COMPLETE))
-    done = replace(plan, entries=entries, fetched=tuple(fetched))
+    entries = [verify(e, on_bytes=_for(on_hash, e)) if e.status is Status.COMPLETE and not is_stamped(e.path)
+               else e for e in plan.entries]  # put there by another tool, or changed since we hashed it
+    todo = [i for i, e in enumerate(entries) if not e.status.usable]
+    for i, entry in zip(todo, _fetch_all([entries[i] for i in todo], on_progress, on_retry,
+                                         attempts_on_corruption, on_hash), strict=True):
+        entries[i] = entry
+    entries = [replace(e, status=Status.COMPLETE) for e in entries]
+    done = replace(plan, entries=entries, fetched=tuple(entries[i].artifact.label for i in todo))
     if done.entry("web_ui") is not None:
         unpack_web_ui(done.entry("web_ui"))
     return done
@@ -373,8 +381,21 @@ def _for(callback: Progress | None, entry: Entry) -> Callable[[int], None] | Non
     return (lambda n: callback(entry, n)) if callback else None
 
 
+def _fetch_all(entries: list[Entry], on_progress: Progress | None, on_retry: Retry | None, attempts: int,
+               on_hash: Progress | None) -> list[Entry]:
+    """_fetch_verified for each entry, up to FETCH_AT_ONCE at once, the biggest started first.
+
+    The first failure stops the others at their next block (their partial files stay, resumable).
+    """
+    hub.prepare_downloads()
+    stop = threading.Event()
+    calls = [functools.partial(_fetch_verified, e, on_progress, on_retry, attempts, on_hash, stop) for e in entries]
+    biggest_first = sorted(range(len(entries)), key=lambda i: -(entries[i].artifact.size or 0))
+    return side_by_side.run_all(calls, FETCH_AT_ONCE, stop, order=biggest_first)
+
+
 def _fetch_verified(entry: Entry, on_progress: Progress | None, on_retry: Retry | None, attempts: int,
-                    on_hash: Progress | None = None) -> Entry:
+                    on_hash: Progress | None = None, stop: threading.Event | None = None) -> Entry:
     artifact = entry.artifact
     for _ in range(attempts):
         if on_progress:
@@ -383,7 +404,7 @@ def _fetch_verified(entry: Entry, on_progress: Progress | None, on_retry: Retry 
         entry = _clear_for_fetch(entry)
         retry = (lambda i, exc, delay, e=entry: on_retry(e, i, exc, delay)) if on_retry else None
         fetched = hub.fetch(artifact, on_bytes=_for(on_progress, entry), on_retry=retry,
-                            on_hashed=_for(on_hash, entry))
+                            on_hashed=_for(on_hash, entry), stop=stop)
         arrived = inspect(artifact)
         entry = verify(arrived, on_bytes=_for(on_hash, arrived), sha256=fetched.sha256)
         if entry.status.usable:

@@ -186,6 +186,8 @@ def with_retries(call: Callable[[], T], what: str, attempts: int = 5,
     for attempt in range(1, attempts + 1):
         try:
             return call()
+        except Stopped:
+            raise
         except Exception as exc:  # noqa: BLE001 - every error is either retried or explained
             if attempt == attempts or not is_transient(exc):
                 raise explain(exc, what) from exc
@@ -256,11 +258,26 @@ def _followable(artifact: Artifact) -> bool:
             and not (xet is not None and xet()) and _report_rewinds())
 
 
-class _RewindReporting:
-    """The partial file huggingface_hub writes to, reporting each truncate to its follower."""
+class Stopped(Exception):
+    """A download told to stop because another one failed: not an error of its own."""
 
-    def __init__(self, stream):
+
+_this_thread = threading.local()  # .stop: the event that stops the download running on this thread
+
+
+class _PartialFile:
+    """The partial file huggingface_hub writes to: reports each truncate to its follower, and ends the
+    download after its next block once its thread's stop event is set (the partial stays, resumable)."""
+
+    def __init__(self, stream, stop: threading.Event | None):
         self._stream = stream
+        self._stop = stop
+
+    def write(self, data):
+        written = self._stream.write(data)  # first: a block that arrived is kept for the resume
+        if self._stop is not None and self._stop.is_set():
+            raise Stopped()
+        return written
 
     def truncate(self, *args):
         size = self._stream.truncate(*args)
@@ -289,8 +306,8 @@ def _report_rewinds() -> bool:
 
     @functools.wraps(get)
     def reporting(url, temp_file, *args, **kwargs):
-        if not isinstance(temp_file, _RewindReporting):  # it calls itself again to resume
-            temp_file = _RewindReporting(temp_file)
+        if not isinstance(temp_file, _PartialFile):  # it calls itself again to resume
+            temp_file = _PartialFile(temp_file, getattr(_this_thread, "stop", None))
         return get(url, temp_file, *args, **kwargs)
 
     reporting.jmoshi_reports_rewinds = True
@@ -298,18 +315,34 @@ def _report_rewinds() -> bool:
     return True
 
 
+def prepare_downloads() -> None:
+    """Wrap huggingface_hub's download functions once, before any thread downloads through them."""
+    _one_try_per_request()
+    _report_rewinds()
+
+
 def fetch(artifact: Artifact, on_bytes: Callable[[int], None] | None = None,
           on_retry: Callable[[int, BaseException, float], None] | None = None,
-          on_hashed: Callable[[int], None] | None = None) -> Fetched:
+          on_hashed: Callable[[int], None] | None = None, stop: threading.Event | None = None) -> Fetched:
     """Download one file into the standard cache (resuming a partial one), hashing it as it arrives.
 
     `on_bytes` gets the bytes on disk as they grow; `on_hashed` the bytes hashed when the hash is
-    still catching up after the last byte landed.
+    still catching up after the last byte landed. Once `stop` is set the download ends with Stopped
+    after its next block (huggingface_hub writes 10 MB at a time; needs prepare_downloads first).
     """
     blob = repo_folder(artifact.repo) / "blobs" / str(artifact.etag)
     partial = blob.with_name(f"{blob.name}.incomplete")
-    if _followable(artifact):
-        return _fetch_followed(artifact, blob, partial, on_bytes, on_retry, on_hashed)
+    _this_thread.stop = stop
+    try:
+        if _followable(artifact):
+            return _fetch_followed(artifact, blob, partial, on_bytes, on_retry, on_hashed)
+        return _fetch_watched(artifact, partial, on_bytes, on_retry)
+    finally:
+        _this_thread.stop = None
+
+
+def _fetch_watched(artifact: Artifact, partial: Path, on_bytes: Callable[[int], None] | None,
+                   on_retry: Callable[[int, BaseException, float], None] | None) -> Fetched:
     stop = threading.Event()
     watcher = None
     if on_bytes is not None and artifact.etag:

@@ -1,0 +1,67 @@
+"""Run a few calls at once on daemon threads: results in the calls' order, the first error ends them all.
+
+Not concurrent.futures: the interpreter joins its worker threads when it exits, so a Ctrl-C during
+a 15 GB download would wait for that download to end. Here the first error (or a Ctrl-C while
+waiting) sets `stop`, which the calls are expected to watch, waits up to `grace_s` for them to wind
+down (clean up their partial files), then raises. A call still running after that is a daemon
+thread: it ends with the process, and what it leaves is a partial file the next run resumes.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Callable, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+def run_all(calls: Sequence[Callable[[], T]], at_once: int, stop: threading.Event,
+            order: Sequence[int] | None = None, grace_s: float = 10.0) -> list[T]:
+    """Each call's result, in the order of `calls`; at most `at_once` run together.
+
+    `order` is the order to start them in (indexes into `calls`; default: as given).
+    """
+    waiting = list(order if order is not None else range(len(calls)))
+    if at_once <= 1 or len(calls) <= 1:
+        return [calls[i]() for i in sorted(waiting)]  # nothing to overlap: no thread
+    finished: queue.Queue = queue.Queue()
+    results: dict[int, T] = {}
+    running = 0
+    try:
+        while waiting or running:
+            while waiting and running < at_once:
+                _start(calls, waiting.pop(0), finished)
+                running += 1
+            index, error, result = finished.get()
+            running -= 1
+            if error is not None:
+                raise error
+            results[index] = result
+    except BaseException:
+        stop.set()
+        _wind_down(finished, running, grace_s)
+        raise
+    return [results[i] for i in range(len(calls))]
+
+
+def _start(calls: Sequence[Callable[[], T]], index: int, finished: queue.Queue) -> None:
+    def work() -> None:
+        try:
+            finished.put((index, None, calls[index]()))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, raised there
+            finished.put((index, exc, None))
+
+    threading.Thread(target=work, name=f"call {index}", daemon=True).start()
+
+
+def _wind_down(finished: queue.Queue, running: int, grace_s: float) -> None:
+    """Wait until the calls still running have ended, or `grace_s` has passed."""
+    deadline = time.monotonic() + grace_s
+    while running:
+        try:
+            finished.get(timeout=max(deadline - time.monotonic(), 0.001))
+        except queue.Empty:
+            return
+        running -= 1
