@@ -72,3 +72,17 @@ def test_a_call_that_ignores_stop_is_left_behind_after_the_grace_time():
 
 def test_one_call_runs_on_the_callers_thread():
     assert run_all([threading.current_thread], 4, threading.Event()) == [threading.current_thread()]
+
+
+def test_a_ctrl_c_while_waiting_is_raised_at_once():
+    stop, release = threading.Event(), threading.Event()
+
+    def interrupt():
+        time.sleep(0.05)
+        raise KeyboardInterrupt  # as the main thread would get it while waiting
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_all([lambda: release.wait(30), interrupt], 2, stop, grace_s=20)
+    assert time.monotonic() - started < 5 and stop.is_set()
+    release.set()

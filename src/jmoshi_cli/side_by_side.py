@@ -1,10 +1,10 @@
 """Run a few calls at once on daemon threads: results in the calls' order, the first error ends them all.
 
 Not concurrent.futures: the interpreter joins its worker threads when it exits, so a Ctrl-C during
-a 15 GB download would wait for that download to end. Here the first error (or a Ctrl-C while
-waiting) sets `stop`, which the calls are expected to watch, waits up to `grace_s` for them to wind
-down (clean up their partial files), then raises. A call still running after that is a daemon
-thread: it ends with the process, and what it leaves is a partial file the next run resumes.
+a 15 GB download would wait for that download to end. Here the first error sets `stop`, which the
+calls are expected to watch, waits up to `grace_s` for them to wind down (clean up their partial
+files), then raises; a Ctrl-C sets it and raises at once. A call still running after that is a
+daemon thread: it ends with the process, and what it leaves is a partial file the next run resumes.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ def run_all(calls: Sequence[Callable[[], T]], at_once: int, stop: threading.Even
             if error is not None:
                 raise error
             results[index] = result
+    except KeyboardInterrupt:
+        stop.set()  # a person is waiting: no grace, the calls end with the process
+        raise
     except BaseException:
         stop.set()
         _wind_down(finished, running, grace_s)
