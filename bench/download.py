@@ -7,11 +7,13 @@ it. The hub hashes its files for its metadata once, before any timing, so neithe
     .venv/bin/python bench/download.py [--size-gb 3] [--repeat 3] [--rate-mb-s 0 1250 125] [--settle-s 6]
 
 Each link rate is measured in turn: 0 is the loopback hub unpaced, any other paces every body the hub
-sends to that many MB/s, like a network link (1250 MB/s is 10 Gbit/s). Each run starts after a sync
-and a pause (`--settle-s`, see settle()), so that no run pays for the one before it. Per link it
-reports each tool's median wall, the ratio, and the CPU seconds of the client and of the hub (the
-hub runs in this process); first, how long sha256 alone takes over the same files on one core, the
-least a verified download can take whatever the link. The defaults take about six minutes.
+sends to that many MB/s, like a network link (1250 MB/s is 10 Gbit/s), each connection on its own
+as a CDN limits each one; both tools fetch a repo's files side by side, the small ones beside the
+weights. Each run starts after a sync and a pause (`--settle-s`, see settle()), so that no run pays
+for the one before it. Per link it reports each tool's median wall, the ratio, and the CPU seconds
+of the client and of the hub (the hub runs in this process); first, how long sha256 alone takes
+over the same files on one core, the least a verified download can take whatever the link.
+The defaults take about six minutes.
 """
 
 from __future__ import annotations
