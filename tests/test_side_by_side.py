@@ -86,3 +86,10 @@ def test_a_ctrl_c_while_waiting_is_raised_at_once():
         run_all([lambda: release.wait(30), interrupt], 2, stop, grace_s=20)
     assert time.monotonic() - started < 5 and stop.is_set()
     release.set()
+
+
+def test_one_at_a_time_still_starts_them_in_the_given_order():
+    started: list[int] = []
+    calls = [lambda i=i: started.append(i) or i for i in range(3)]
+    assert run_all(calls, 1, threading.Event(), order=[2, 0, 1]) == [0, 1, 2]
+    assert started == [2, 0, 1]

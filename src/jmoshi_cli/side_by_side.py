@@ -24,10 +24,11 @@ def run_all(calls: Sequence[Callable[[], T]], at_once: int, stop: threading.Even
     `order` is the order to start them in (indexes into `calls`; default: as given).
     """
     waiting = list(order if order is not None else range(len(calls)))
-    if at_once <= 1 or len(calls) <= 1:
-        return [calls[i]() for i in sorted(waiting)]  # nothing to overlap: no thread
-    finished: queue.Queue = queue.Queue()
     results: dict[int, T] = {}
+    if at_once <= 1 or len(calls) <= 1:  # nothing to overlap: no thread, in the same order
+        results = {i: calls[i]() for i in waiting}
+        return [results[i] for i in range(len(calls))]
+    finished: queue.Queue = queue.Queue()
     running = 0
     try:
         while waiting or running:
