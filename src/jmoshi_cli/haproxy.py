@@ -238,11 +238,14 @@ def load(runtime_socket: Path) -> Load:
     return parse_stat(command(runtime_socket, "show stat"))
 
 
-def set_state(runtime_socket: Path, server: str, state: str) -> None:
-    """state: ready, drain or maint, on both backends (the UI stays served while a replica drains)."""
+def set_state(runtime_socket: Path, server: str, state: str) -> bool:
+    """state: ready, drain or maint, on both backends (the UI stays served while a replica drains).
+
+    True when HAProxy took it on every backend: it answers a change it made with an empty line.
+    """
     backends = (CHAT_BACKEND,) if state == "drain" else (CHAT_BACKEND, UI_BACKEND)
-    for backend in backends:
-        command(runtime_socket, f"set server {backend}/{server} state {state}")
+    answers = [command(runtime_socket, f"set server {backend}/{server} state {state}") for backend in backends]
+    return all(not answer.strip() for answer in answers)
 
 
 # --- the HAProxy process ---------------------------------------------------------------------------
@@ -292,11 +295,12 @@ class Front:
         except OSError:
             return None
 
-    def set_state(self, server: str, state: str) -> None:
+    def set_state(self, server: str, state: str) -> bool:
+        """False when HAProxy did not take it (busy or gone); the caller may try again."""
         try:
-            set_state(self.config.runtime_socket, server, state)
+            return set_state(self.config.runtime_socket, server, state)
         except OSError:
-            pass  # HAProxy is gone: there is nothing left to route
+            return False
 
     def stop(self) -> None:
         process = self.process

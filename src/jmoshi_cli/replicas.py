@@ -209,8 +209,8 @@ class Fleet:
             self.hooks.on_event(f"{name}: restarting")
             self._start(replica)
         elif process is not None and not replica.in_rotation and _listens(replica.where.port):
-            self.front.set_state(name, "ready")
-            replica.in_rotation = True
+            # Not taken (the runtime socket timed out): the next tick asks again, or it would stay out.
+            replica.in_rotation = self.front.set_state(name, "ready")
         state = next((s for s in load.servers if s.name == name), None) if load else None
         if state is not None and state.up and replica.server is not None:
             if replica.healthy_since is None:
