@@ -315,10 +315,15 @@ def _report_rewinds() -> bool:
     return True
 
 
-def prepare_downloads() -> None:
-    """Wrap huggingface_hub's download functions once, before any thread downloads through them."""
-    _one_try_per_request()
-    _report_rewinds()
+_wrapping = threading.Lock()  # files fetched side by side: only one thread wraps huggingface_hub
+
+
+def _wrap_downloads() -> None:
+    """Wrap huggingface_hub's download functions once: one try per request, and the partial file
+    seen through _PartialFile (its truncates reported, its thread's stop obeyed) on every path."""
+    with _wrapping:
+        _one_try_per_request()
+        _report_rewinds()
 
 
 def fetch(artifact: Artifact, on_bytes: Callable[[int], None] | None = None,
@@ -328,8 +333,9 @@ def fetch(artifact: Artifact, on_bytes: Callable[[int], None] | None = None,
 
     `on_bytes` gets the bytes on disk as they grow; `on_hashed` the bytes hashed when the hash is
     still catching up after the last byte landed. Once `stop` is set the download ends with Stopped
-    after its next block (huggingface_hub writes 10 MB at a time; needs prepare_downloads first).
+    after its next block (huggingface_hub writes 10 MB at a time).
     """
+    _wrap_downloads()
     blob = repo_folder(artifact.repo) / "blobs" / str(artifact.etag)
     partial = blob.with_name(f"{blob.name}.incomplete")
     _this_thread.stop = stop
@@ -424,8 +430,6 @@ def _one_try_per_request() -> None:
 
 def _download(artifact: Artifact, on_retry: Callable[[int, BaseException, float], None] | None) -> Path:
     from huggingface_hub import hf_hub_download
-
-    _one_try_per_request()
 
     def call() -> Path:
         return Path(hf_hub_download(
