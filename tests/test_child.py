@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from jmoshi_cli import selftest
+from jmoshi_cli.backends.contract import ChildContract
 from jmoshi_cli.child import Launch, Server, supervise
 from jmoshi_cli.errors import ServerError
 from jmoshi_cli.selftest import SelftestError, free_port
@@ -128,7 +129,7 @@ def test_a_child_whose_parent_is_already_gone_leaves_at_once():
     The child is told its parent is a process that is not its parent, which is what it sees when it
     was handed to another one; it must leave before it imports anything or starts moshi.server.
     """
-    env = dict(os.environ, JMOSHI_PARENT_PID=str(os.getppid()))
+    env = dict(os.environ, **ChildContract(parent_pid=os.getppid()).to_env())
     done = subprocess.run([sys.executable, "-X", "importtime", "-m", "jmoshi_cli._moshi_entry", "--help"], env=env,
                           capture_output=True, text=True, timeout=60)
     imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in done.stderr.splitlines() if "|" in line}
@@ -140,12 +141,14 @@ def test_a_child_whose_parent_is_already_gone_leaves_at_once():
 
 
 def python_child(script: str, port: int) -> Launch:
-    return Launch([sys.executable, "-c", script, str(port)], dict(os.environ), "127.0.0.1", port, "http")
+    return Launch([sys.executable, "-c", script, str(port)], dict(os.environ), "127.0.0.1", port, "http",
+                  ChildContract())
 
 
 LISTENER = """
 import os, socket, sys, time
-print("parent", os.environ["JMOSHI_PARENT_PID"] == str(os.getppid()), flush=True)
+from jmoshi_cli.backends.contract import ChildContract
+print("parent", ChildContract.from_env(os.environ).parent_pid == os.getppid(), flush=True)
 sock = socket.socket(); sock.bind(("127.0.0.1", int(sys.argv[1]))); sock.listen()
 while True:
     time.sleep(1)
@@ -165,7 +168,7 @@ def test_supervise_reports_ready_once_then_stops_the_child_on_sigterm():
     server = Server(python_child(LISTENER, port), relay=lines.append)
     assert supervise(server, on_ready) == 143
     assert len(ready) == 1 and server.process.returncode == -signal.SIGTERM
-    assert lines == ["parent True\n", ""]  # JMOSHI_PARENT_PID names jmoshi; "" marks the end of output
+    assert lines == ["parent True\n", ""]  # the contract names jmoshi; "" marks the end of output
     assert signal.getsignal(signal.SIGTERM) == before
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))  # the port is free again

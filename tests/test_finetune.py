@@ -16,7 +16,7 @@ from conftest import TINY_VARIANTS, child_env, jmoshi
 from jmoshi_cli import finetune, runtime
 from jmoshi_cli.artifacts import ModelFiles
 from jmoshi_cli.errors import UsageError
-from jmoshi_cli.quantize import Precision
+from jmoshi_cli.precision import Precision
 from jmoshi_cli.variants import Variant
 from test_serve import Served, _a_wav, user_audio
 

@@ -14,10 +14,10 @@ import shutil
 import pytest
 
 from conftest import child_env, jmoshi
-from jmoshi_cli import preflight, quantize, runtime
+from jmoshi_cli import precision, preflight, quantize, runtime
 from jmoshi_cli.errors import CacheError, PreflightError, UsageError
 from jmoshi_cli.hardware import GPU
-from jmoshi_cli.quantize import Precision
+from jmoshi_cli.precision import Precision
 from test_serve import Served, fake_gpus, user_audio
 
 RT = runtime.detect()
@@ -105,8 +105,10 @@ def test_int8_on_the_documented_runtime_is_refused_with_the_fix():
     missing = runtime.Runtime.from_versions({**runtime.installed_versions(), "moshi": "0.2.13", "bitsandbytes": None})
     with pytest.raises(UsageError, match="bitsandbytes"):
         quantize.check_runtime(missing)
-    with pytest.raises(UsageError, match="not auto, bf16 or int8"):
-        quantize.parse_precision("int4")
+    with pytest.raises(UsageError, match="int4 is not offered by this backend"):
+        precision.parse("int4", (Precision.AUTO, Precision.BF16, Precision.INT8))
+    with pytest.raises(UsageError, match="is not one of auto, bf16, int8"):
+        precision.parse("fp8", (Precision.AUTO, Precision.BF16, Precision.INT8))
 
 
 # --- which precision a GPU gets (the GPU faked, as in test_serve.py) ---------------------------------------
@@ -122,12 +124,14 @@ def test_a_16_gb_gpu_gets_int8_with_a_note_and_a_24_gb_one_bf16(monkeypatch):
     _current(monkeypatch)
     fake_gpus(monkeypatch, GPU(0, "NVIDIA GeForce RTX 5080", int(17.1e9), int(15.6e9), (12, 0)))
     check = preflight.check_device("cuda", 18.7, "ext", Precision.AUTO, 11.0)
-    assert check.int8 and "15.6 GB free, too little for bf16 (~18.7 GB): serving int8 (~11 GB" in check.notes[0]
+    assert check.precision is Precision.INT8
+    assert "15.6 GB free, too little for bf16 (~18.7 GB): serving int8 (~11 GB" in check.notes[0]
     with pytest.raises(PreflightError, match="15.6 GB free; ext needs about 18.7 GB"):
         preflight.check_device("cuda", 18.7, "ext", Precision.BF16, 11.0)
     fake_gpus(monkeypatch, GPU(0, "NVIDIA GeForce RTX 4090", int(25.4e9), int(24.9e9), (8, 9)))
-    assert not preflight.check_device("cuda", 18.7, "ext", Precision.AUTO, 11.0).int8
-    assert preflight.check_device("cuda", 18.7, "ext", Precision.INT8, 11.0).int8
+    check = preflight.check_device("cuda", 18.7, "ext", Precision.AUTO, 11.0)
+    assert check.precision is Precision.BF16
+    assert preflight.check_device("cuda", 18.7, "ext", Precision.INT8, 11.0).precision is Precision.INT8
 
 
 def test_a_gpu_too_small_for_int8_too_is_refused_naming_both(monkeypatch):
@@ -168,7 +172,7 @@ def test_serve_int8_on_the_cpu_makes_it_once_and_talks(tiny_env, tmp_path):
     assert result.audio_samples > 0 and result.text_pieces, result
     assert "Traceback" not in err and code == 143
     [session] = [p for p in (tmp_path / "rec").iterdir() if p.is_dir()]
-    assert json.loads((session / "meta.json").read_text())["precision"].startswith("int8 weights")
+    assert json.loads((session / "meta.json").read_text())["precision"] == "int8"
     int8_root = os.path.join(tiny_env["JMOSHI_HOME"], "int8")
     assert len([d for d in os.listdir(int8_root) if len(d) == 64]) == 1
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from conftest import child_env, jmoshi
-from jmoshi_cli import recordings
 from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE, read_wav_pcm16
-from jmoshi_cli.recordings import Ended
+from jmoshi_cli.recording import Ended, store
+from jmoshi_cli.recording import format as recordings
 from jmoshi_cli.selftest import free_port, speech_like
 from test_serve import Served, children_of, user_audio
 
@@ -188,7 +188,7 @@ def check_first(session: Path, sent: np.ndarray, result) -> None:
     assert (info["variant"], info["repo"], info["replica"]) == ("tiny", "jmoshi-test/tiny", None)
     assert re.fullmatch(r"[0-9a-f]{40}", info["commit"]) and info["revision"] == "main"
     assert info["runtime"]["moshi"] and info["runtime"]["torch"] and info["runtime"]["sphn"]
-    assert (info["device"], info["precision"]) == ("cpu", "bfloat16")
+    assert (info["device"], info["precision"], info["dtype"]) == ("cpu", "bf16", "bfloat16")
     assert info["frames"] * FRAME_SIZE == frames and info["duration_s"] == round(frames / SAMPLE_RATE, 3)
     assert info["start_utc"] < info["end_utc"] and info["dropped_frames"] == 0
 
@@ -295,7 +295,7 @@ def test_a_killed_server_leaves_valid_files_and_says_so(tiny_env, tmp_path):
     rows = json.loads(jmoshi("recordings", str(folder), "--json", env=child_env(tiny_env)).stdout)
     assert [r["ended"] for r in rows] == ["interrupted", "interrupted"]
     assert (cut / ".transcript.jsonl").exists()  # the text so far, as it streamed
-    assert [s.path for s in recordings.settle(folder)] == [cut]
+    assert [s.path for s in store.settle(folder)] == [cut]
     frames = assert_consistent_wav(cut / "dialogue.wav", 2)
     assert meta(cut)["ended"] == "interrupted" and meta(cut)["frames"] == frames // FRAME_SIZE
     assert {p.name for p in cut.iterdir()} == FILES and json.loads((cut / "transcript.json").read_text())["pieces"]

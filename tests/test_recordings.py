@@ -11,9 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jmoshi_cli import recorder, recordings, serve
+from jmoshi_cli import lm_config
 from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE, read_wav_pcm16
-from jmoshi_cli.recordings import Ended
+from jmoshi_cli.backends.contract import ChildContract, Recording
+from jmoshi_cli.recording import format as recordings
+from jmoshi_cli.recording import store, tap
+from jmoshi_cli.recording import writer as rec_writer
+from jmoshi_cli.recording.format import Ended
 from jmoshi_cli.transcript import join_pieces
 
 
@@ -29,7 +33,7 @@ def positions(columns) -> list[tuple[int, float | None, float | None]]:
 
 
 def test_aligner_puts_both_voices_on_the_model_timeline():
-    aligner = recorder.Aligner(max_delay=1)
+    aligner = rec_writer.Aligner(max_delay=1)
     # As the server calls: encode user frame s, step s, decode position s (none for position 0).
     assert positions(aligner.add_user(0, frame(0.0))) == []
     assert positions(aligner.add_user(1, frame(0.1))) == [(0, 0.0, None)]  # position 0: nothing from J-Moshi
@@ -44,7 +48,7 @@ def test_aligner_puts_both_voices_on_the_model_timeline():
 
 
 def test_aligner_waits_for_a_model_with_more_delay():
-    aligner = recorder.Aligner(max_delay=2)
+    aligner = rec_writer.Aligner(max_delay=2)
     out = [*aligner.add_user(0, frame(0.0)), *aligner.add_user(1, frame(0.1)), *aligner.add_user(2, frame(0.2))]
     assert positions(out) == [(0, 0.0, None)]
     assert positions(aligner.add_model(1, frame(-0.1))) == [(1, 0.1, -0.1)]
@@ -60,18 +64,19 @@ def tokenizer():
 
 
 def run_writer(root: Path, tokenizer, frames: int, text_ids: dict[int, int], drop: frozenset[int] = frozenset(),
-               ended: Ended = Ended.HANG_UP) -> tuple[recorder.SessionWriter, list[str]]:
+               ended: Ended = Ended.HANG_UP) -> tuple[rec_writer.SessionWriter, list[str]]:
     """A writer fed as the tap feeds it: user frame s, then J-Moshi's position s (from s = 1)."""
     notes: list[str] = []
-    writer = recorder.SessionWriter(root, {"format": recordings.FORMAT, "variant": "tiny"}, tokenizer, 1, notes.append)
+    writer = rec_writer.SessionWriter(root, {"format": recordings.FORMAT, "variant": "tiny"}, tokenizer, 1,
+                                      notes.append)
     writer.start()
     for s in range(frames):
         if s in drop:  # lost on a full queue
             writer.dropped += 1
         else:
-            writer.put(recorder.UserFrame(s, frame(s / 100)))
+            writer.put(rec_writer.UserFrame(s, frame(s / 100)))
         if s >= 1:
-            writer.put(recorder.ModelFrame(s, frame(-s / 100), text_ids.get(s, 3)))
+            writer.put(rec_writer.ModelFrame(s, frame(-s / 100), text_ids.get(s, 3)))
     writer.close(ended, None)
     writer.join(10)
     assert not writer.is_alive()
@@ -111,14 +116,14 @@ def test_a_dropped_frame_is_silence_and_counted(tmp_path, tokenizer):
 
 def test_a_killed_writer_leaves_readable_wavs_that_settle_repairs(tmp_path):
     path = tmp_path / "user.wav"
-    stream = recorder.WavStream(path, 1)
+    stream = rec_writer.WavStream(path, 1)
     stream.write(np.arange(2 * FRAME_SIZE, dtype="<i2"))
     stream.sync()
     stream.write(np.arange(FRAME_SIZE + 7, dtype="<i2"))  # written, never synced: then the process died
     stream.file.flush()
     with wave.open(str(path)) as w:
         assert w.getnframes() == 2 * FRAME_SIZE  # the header claims what was synced, never more
-    assert recordings.repair_wav(path, 1) == 3 * FRAME_SIZE + 7
+    assert store.repair_wav(path, 1) == 3 * FRAME_SIZE + 7
     with wave.open(str(path)) as w:
         assert w.getnframes() == 3 * FRAME_SIZE + 7
     assert path.stat().st_size == 44 + 2 * (3 * FRAME_SIZE + 7)
@@ -155,10 +160,10 @@ def test_settle_closes_only_sessions_whose_server_is_gone(tmp_path):
     alive = make_session(tmp_path, "20261125T153013Z-bbbbbb", recordings.server_identity())
     elsewhere = make_session(tmp_path, "20261125T153014Z-cccccc", {"host": "another-machine", "pid": 1})
     done = make_session(tmp_path, "20261125T153015Z-dddddd", gone_server(), ended="hang-up")
-    listed = {s.path.name: s.ended for s in recordings.list_sessions(tmp_path)}
+    listed = {s.path.name: s.ended for s in store.list_sessions(tmp_path)}
     assert listed == {dead.name: Ended.INTERRUPTED, alive.name: Ended.RUNNING, elsewhere.name: Ended.RUNNING,
                       done.name: Ended.HANG_UP}
-    settled = recordings.settle(tmp_path)
+    settled = store.settle(tmp_path)
     assert [s.path for s in settled] == [dead]
     meta = json.loads((dead / "meta.json").read_text())
     assert (meta["ended"], meta["frames"], meta["duration_s"]) == ("interrupted", 3, 0.24) and meta["end_utc"]
@@ -170,7 +175,7 @@ def test_settle_closes_only_sessions_whose_server_is_gone(tmp_path):
         assert (w.getnchannels(), w.getnframes()) == (2, 3 * FRAME_SIZE)
     with wave.open(str(alive / "dialogue.wav")) as w:
         assert w.getnframes() == 0  # a running server's files are left alone
-    assert recordings.settle(tmp_path) == []
+    assert store.settle(tmp_path) == []
 
 
 def test_sampling_config_is_what_moshi_reads_lm_gen_config_from(tmp_path, monkeypatch):
@@ -181,31 +186,31 @@ def test_sampling_config_is_what_moshi_reads_lm_gen_config_from(tmp_path, monkey
     monkeypatch.setenv("JMOSHI_HOME", str(tmp_path / "home"))
     overrides = {"temp": 0.6, "top_k_text": 20}
     # J-Moshi's repos have no config.json: moshi's built-in Moshi-7B kwargs, plus the values.
-    built_in = serve.sampling_config(None, overrides)
+    built_in = lm_config.with_sampling(None, overrides, tmp_path / "home")
     config = json.loads(built_in.read_text())
     assert {k: v for k, v in config.items() if k != "lm_gen_config"} == loaders._lm_kwargs
     # A variant with a config.json keeps it and gets lm_gen_config added.
-    tiny = serve.sampling_config(cached_tiny_repo() / "config.json", overrides)
+    tiny = lm_config.with_sampling(cached_tiny_repo() / "config.json", overrides, tmp_path / "home")
     assert json.loads(tiny.read_text())["dim"] == json.loads((cached_tiny_repo() / "config.json").read_text())["dim"]
-    assert serve.sampling_config(None, overrides) == built_in  # named by content: made once
+    assert lm_config.with_sampling(None, overrides, tmp_path / "home") == built_in  # named by content: made once
     for path in (built_in, tiny):
         info = loaders.CheckpointInfo.from_hf_repo("x/y", Path("lm"), Path("mimi"), Path("tok"), config_path=path)
         assert info.lm_gen_config == overrides
 
 
-def test_the_child_reads_what_serve_hands_it(tmp_path):
-    options = serve.ServeOptions(seed=7, temp=0.5)
-    env = serve.session_env({"PATH": "/bin", "JMOSHI_SEED": "1", "JMOSHI_REPLICA": "stale"}, options, {"temp": 0.5},
-                            tmp_path, {"variant": "ext", "commit": "c" * 40})
-    assert env["PATH"] == "/bin" and "JMOSHI_REPLICA" not in env
-    settings = recorder.Settings.from_env(env)
-    assert settings == recorder.Settings(tmp_path, {"variant": "ext", "commit": "c" * 40}, 7, {"temp": 0.5}, None)
-    assert recorder.Settings.from_env({"JMOSHI_REPLICA": "r1"}) == recorder.Settings(replica="r1")
-    assert not recorder.Settings.from_env({}).wanted
+def test_the_recorder_reads_what_serve_hands_the_child(tmp_path):
+    contract = ChildContract(record=Recording(str(tmp_path), {"variant": "ext", "commit": "c" * 40}), seed=7,
+                             sampling={"temp": 0.5})
+    settings = tap.Settings.from_contract(ChildContract.from_env(contract.to_env()))
+    assert settings == tap.Settings(tmp_path, {"variant": "ext", "commit": "c" * 40}, 7, {"temp": 0.5}, None)
+    assert tap.Settings.from_contract(ChildContract(replica="r1")) == tap.Settings(replica="r1")
+    assert not tap.Settings.from_contract(ChildContract()).wanted
 
 
 def test_the_tap_refuses_a_server_without_the_chat_handler():
     from aiohttp import web
+
+    from jmoshi_cli.upstream import moshi_server
 
     app = web.Application()
 
@@ -214,10 +219,10 @@ def test_the_tap_refuses_a_server_without_the_chat_handler():
 
     app.router.add_get("/", index)
     with pytest.raises(RuntimeError, match="no /api/chat handler"):
-        recorder.Recorder(recorder.Settings(seed=1), lambda line: None).attach(app)
+        moshi_server.server_state(app)
 
 
 def test_check_dir_creates_the_folder_and_leaves_nothing_behind(tmp_path):
-    folder = recordings.check_dir(tmp_path / "a" / "b")
+    folder = store.check_dir(tmp_path / "a" / "b")
     assert folder.is_dir() and list(folder.iterdir()) == []
     assert recordings.folder_name(recordings.utc_now()) != recordings.folder_name(recordings.utc_now())

@@ -17,6 +17,7 @@ from conftest import child_env
 from jmoshi_cli import haproxy, hardware, replicas
 from jmoshi_cli.errors import PreflightError, UsageError
 from jmoshi_cli.hardware import GPU, NvidiaFacts, Probe
+from jmoshi_cli.precision import Precision
 from jmoshi_cli.selftest import free_port, speech_like
 from test_serve import Served, children_of, listening
 
@@ -62,24 +63,43 @@ def fake_gpus(monkeypatch, *free_gb: float) -> None:
     monkeypatch.setattr(hardware, "nvidia", lambda: Probe(True, NvidiaFacts("550.54", "12.4", gpus)))
 
 
+BF16_ONLY = replicas.Need(18.7)
+EXT = replicas.Need(18.7, 11.0)  # J-Moshi ext where int8 can run (current runtime, no LoRA)
+
+
 def test_auto_fills_each_gpu_by_free_memory(monkeypatch):
     fake_gpus(monkeypatch, 80, 40)
-    placed = replicas.place(None, "cuda", None, 18.7)
+    placed, chosen = replicas.place(None, "cuda", None, EXT)
     assert [p.device for p in placed] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0", "cuda:0"]
-    assert len({p.port for p in placed}) == 6
+    assert len({p.port for p in placed}) == 6 and chosen is Precision.BF16
+
+
+def test_auto_falls_back_to_int8_where_bf16_does_not_fit_as_a_single_serve_does(monkeypatch):
+    fake_gpus(monkeypatch, 16, 16)  # two 16 GB cards: no room for bf16 (18.7 GB), one int8 replica each
+    placed, chosen = replicas.place(None, "cuda", None, EXT)
+    assert chosen is Precision.INT8 and [p.device for p in placed] == ["cuda:0", "cuda:1"]
+    fake_gpus(monkeypatch, 24, 24)  # bf16 fits two; four asked for fit only in int8
+    placed, chosen = replicas.place(4, "cuda", None, EXT)
+    assert chosen is Precision.INT8 and len(placed) == 4
+    assert replicas.place(2, "cuda", None, EXT)[1] is Precision.BF16
+    with pytest.raises(PreflightError, match="no GPU has room"):  # int8 not possible here: no fallback
+        fake_gpus(monkeypatch, 16)
+        replicas.place(None, "cuda", None, BF16_ONLY)
+    with pytest.raises(PreflightError, match="no GPU has room"):  # bf16 asked for: never int8 by itself
+        replicas.place(1, "cuda", None, EXT, Precision.BF16)
 
 
 def test_asking_for_more_than_fits_says_how_many_do(monkeypatch):
     fake_gpus(monkeypatch, 80, 40)
     with pytest.raises(PreflightError) as caught:
-        replicas.place(7, "cuda", [1], 18.7)
+        replicas.place(7, "cuda", [1], BF16_ONLY)
     assert "room for 2" in caught.value.message and "--replicas 2" in caught.value.hint
 
 
-def test_cpu_replicas_share_the_cores():
-    placed = replicas.place(3, "cpu", None, 0, cpu_count=8)
+def test_cpu_replicas_share_the_cores_and_leave_one_to_the_rest():
+    placed, _ = replicas.place(3, "cpu", None, BF16_ONLY, cores=8)
     assert [p.threads for p in placed] == [2, 2, 2]
-    assert replicas.place(4, "cpu", None, 0, cpu_count=2)[0].threads == 1
+    assert replicas.place(4, "cpu", None, BF16_ONLY, cores=2)[0][0].threads == 1
 
 
 @pytest.mark.parametrize("text", ["0", "-1", "two", "1.5"])
@@ -91,7 +111,7 @@ def test_bad_replica_counts_are_usage_errors(text):
 def test_unknown_gpu_is_named(monkeypatch):
     fake_gpus(monkeypatch, 80)
     with pytest.raises(UsageError) as caught:
-        replicas.place(1, "cuda", replicas.parse_gpus("0,3"), 18.7)
+        replicas.place(1, "cuda", replicas.parse_gpus("0,3"), BF16_ONLY)
     assert "no GPU 3" in caught.value.message
 
 

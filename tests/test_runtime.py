@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from jmoshi_cli import _moshi_entry, child, runtime
+from jmoshi_cli.backends.contract import ChildContract
 from jmoshi_cli.runtime import CURRENT, DOCUMENTED, INSTALL, UNTESTED, Runtime
+from jmoshi_cli.upstream.moshi_server import Patches
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_26 = "sm_50 sm_60 sm_70 sm_75 sm_80 sm_86 sm_90"  # torch._C._cuda_getArchFlags() of torch 2.6.0+cu124
@@ -139,20 +141,20 @@ def test_compiler_lookup_follows_cc_and_path(tmp_path):
 
 
 def test_entry_patches_everything_on_022():
-    plan = _moshi_entry.plan_for(rt(**DOC), {"JMOSHI_BIND_HOST": "127.0.0.1", "JMOSHI_CONFIG_PATH": "/c.json"},
-                                 ["--host", "127.0.0.1", "--port", "1"])
-    assert plan == _moshi_entry.Plan(["--host", "127.0.0.1", "--port", "1"], bind_host="127.0.0.1",
-                                     patch_config="/c.json")
+    contract = ChildContract(bind_host="127.0.0.1", config_path="/c.json", precision="int8", seed=4)
+    plan = _moshi_entry.plan_for(rt(**DOC), contract, ["--host", "127.0.0.1", "--port", "1"])
+    assert plan == _moshi_entry.Plan(["--host", "127.0.0.1", "--port", "1"], Patches(
+        bind_host="127.0.0.1", config_path="/c.json", int8_scales=True, seed=4))
 
 
 def test_entry_passes_flags_on_0213():
-    plan = _moshi_entry.plan_for(rt(), {"JMOSHI_BIND_HOST": "::1", "JMOSHI_CONFIG_PATH": "/c.json"},
-                                 ["--host", "::1"])
-    assert plan == _moshi_entry.Plan(["--host", "::1", "--config-path", "/c.json"])
-    assert _moshi_entry.plan_for(rt(), {}, ["--port", "1"]) == _moshi_entry.Plan(["--port", "1"])
-    between = _moshi_entry.plan_for(rt(moshi="0.2.4", sphn="0.1.12"), {"JMOSHI_BIND_HOST": "0.0.0.0",
-                                                                      "JMOSHI_CONFIG_PATH": "/c"}, [])
-    assert between == _moshi_entry.Plan(["--config-path", "/c"], bind_host="0.0.0.0")
+    plan = _moshi_entry.plan_for(rt(), ChildContract(bind_host="::1", config_path="/c.json"), ["--host", "::1"])
+    assert plan == _moshi_entry.Plan(["--host", "::1", "--config-path", "/c.json"], Patches())
+    assert _moshi_entry.plan_for(rt(), ChildContract(), ["--port", "1"]) == _moshi_entry.Plan(["--port", "1"],
+                                                                                              Patches())
+    between = _moshi_entry.plan_for(rt(moshi="0.2.4", sphn="0.1.12"),
+                                    ChildContract(bind_host="0.0.0.0", config_path="/c"), [])
+    assert between == _moshi_entry.Plan(["--config-path", "/c"], Patches(bind_host="0.0.0.0"))
 
 
 # --- what a dying server says, for the runtime in use ------------------------------------------------------

@@ -19,8 +19,12 @@ from conftest import SHARED_AUDIO, child_env, jmoshi
 from jmoshi_cli import hardware, preflight, runtime, serve
 from jmoshi_cli.artifacts import ModelFiles
 from jmoshi_cli.audio_io import SAMPLE_RATE
+from jmoshi_cli.backends import Kind, ServerSpec
+from jmoshi_cli.backends import contract as contract_env
+from jmoshi_cli.backends.contract import ChildContract, Recording
 from jmoshi_cli.errors import PreflightError
 from jmoshi_cli.hardware import GPU, NvidiaFacts, Probe
+from jmoshi_cli.precision import Precision
 from jmoshi_cli.selftest import free_port, speech_like
 
 
@@ -294,34 +298,55 @@ def test_bad_flags_are_one_line_errors(tiny_env, tmp_path):
 # --- the pure parts: exact child command line, GPU rules (the GPU is the one mocked piece) -----------
 
 
+def _spec(files: ModelFiles, **kw) -> ServerSpec:
+    fields = {"backend": Kind.TORCH, "files": files, "repo": "r/x", "precision": Precision.BF16, "host": "127.0.0.1",
+              "port": 8998, "device": "cuda", "base_env": {}}
+    return ServerSpec(**{**fields, **kw})
+
+
 def test_launch_argv_and_env_are_exact(tmp_path, monkeypatch):
     monkeypatch.setattr(runtime, "c_compiler", lambda env=None: "/usr/bin/gcc")  # GPU compile needs, made exact
     monkeypatch.setattr(runtime, "python_headers", lambda: True)
     files = ModelFiles(tmp_path / "m.safetensors", tmp_path / "mimi.safetensors", tmp_path / "tok.model",
                        tmp_path / "config.json", tmp_path / "dist")
-    options = serve.ServeOptions(host="0.0.0.0", port=9000, device="cuda")
-    launch = serve.build_launch(files, "nu-dialogue/j-moshi-ext", options, tmp_path / "tls",
-                                half=True, base_env={"PATH": "/bin", "JMOSHI_CONFIG_PATH": "stale"})
+    contract = ChildContract(bind_host="0.0.0.0", config_path=str(files.config))
+    stale = {"PATH": "/bin", contract_env.ENV: "{}"}  # a contract left in jmoshi's own environment is not passed on
+    launch = _spec(files, repo="nu-dialogue/j-moshi-ext", host="0.0.0.0", port=9000, half=True,
+                   ssl_dir=tmp_path / "tls", contract=contract, base_env=stale).render()
     assert launch.argv == [
         sys.executable, "-m", "jmoshi_cli._moshi_entry", "--host", "0.0.0.0", "--port", "9000",
         "--hf-repo", "nu-dialogue/j-moshi-ext", "--moshi-weight", str(files.moshi_weight),
         "--mimi-weight", str(files.mimi_weight), "--tokenizer", str(files.tokenizer),
         "--static", str(tmp_path / "dist"), "--device", "cuda", "--half", "--ssl", str(tmp_path / "tls")]
-    assert launch.env == {"PATH": "/bin", "HF_HUB_OFFLINE": "1", "JMOSHI_BIND_HOST": "0.0.0.0",
-                          "PYTHONUNBUFFERED": "1", "JMOSHI_CONFIG_PATH": str(files.config)}
+    assert launch.env == {"PATH": "/bin", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    assert launch.contract == contract
     assert launch.url == "https://127.0.0.1:9000/"
-    no_config = serve.build_launch(ModelFiles(files.moshi_weight, files.mimi_weight, files.tokenizer,
-                                              web_ui=tmp_path / "dist"),
-                                   "r/x", serve.ServeOptions(), None, half=False, base_env={})
-    assert "JMOSHI_CONFIG_PATH" not in no_config.env and "--half" not in no_config.argv
+    assert "--half" not in _spec(files).render().argv
     # The CPU runs moshi uncompiled (runtime.compile_env); a GPU without triton's C compiler too.
-    cpu = serve.build_launch(files, "r/x", serve.ServeOptions(device="cpu"), None, half=False, base_env={})
-    assert cpu.env["NO_TORCH_COMPILE"] == "1"
+    assert _spec(files, device="cpu").render().env["NO_TORCH_COMPILE"] == "1"
     monkeypatch.setattr(runtime, "c_compiler", lambda env=None: None)
-    assert serve.build_launch(files, "r/x", options, None, half=False, base_env={}).env["NO_TORCH_COMPILE"] == "1"
-    kept = serve.build_launch(files, "r/x", serve.ServeOptions(device="cpu"), None, half=False,
-                              base_env={"NO_TORCH_COMPILE": ""})
+    assert _spec(files).render().env["NO_TORCH_COMPILE"] == "1"
+    kept = _spec(files, device="cpu", base_env={"NO_TORCH_COMPILE": ""}).render()
     assert kept.env["NO_TORCH_COMPILE"] == ""
+
+
+def test_a_replica_is_the_same_server_on_loopback_without_tls(tmp_path):
+    files = ModelFiles(tmp_path / "m", tmp_path / "mimi", tmp_path / "tok", None, tmp_path / "dist")
+    spec = _spec(files, host="0.0.0.0", ssl_dir=tmp_path / "tls", contract=ChildContract(bind_host="0.0.0.0", seed=3))
+    replica = spec.on_loopback(4321, "cpu", threads=1, replica="r1").render()
+    assert (replica.host, replica.port, replica.scheme) == ("127.0.0.1", 4321, "http")
+    assert "--ssl" not in replica.argv and replica.argv[replica.argv.index("--device") + 1] == "cpu"
+    assert replica.contract == ChildContract(bind_host="127.0.0.1", seed=3, threads=1, replica="r1")
+
+
+def test_the_child_contract_round_trips_through_one_variable():
+    contract = ChildContract(parent_pid=7, bind_host="::1", config_path="/c.json", precision="int8", threads=2,
+                             record=Recording("/rec", {"variant": "ext", "commit": "c" * 40}), seed=5,
+                             sampling={"temp": 0.5}, replica="r0")
+    env = contract.to_env()
+    assert list(env) == [contract_env.ENV]
+    assert ChildContract.from_env(env) == contract
+    assert ChildContract.from_env({}) == ChildContract()  # run by hand
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,11 @@
-"""The moshi.server child: start it, relay its output, see when it listens, stop it, explain its exit.
+"""The process supervisor: every child of jmoshi (a server of any backend, its replicas, HAProxy,
+selftest's server) is started, relayed, watched and stopped here.
 
 The child runs in its own session, so a terminal's Ctrl-C reaches jmoshi alone, which then stops the
 child in order (SIGTERM, SIGKILL after a grace period). If jmoshi dies without that chance (kill -9,
-the OOM killer), the kernel kills the child: it asks for that first thing in its bootstrap
-(_moshi_entry, PR_SET_PDEATHSIG), told by JMOSHI_PARENT_PID which process it must outlive no longer.
+the OOM killer), the kernel kills the child: a server child asks for that first thing in its
+bootstrap, told by its contract (backends/contract.py) which process it must outlive no longer; any
+other program is started through lifetime.tied_argv.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from . import server_log
+from .backends.contract import ChildContract
 from .errors import ServerError
 
 POLL_S = 0.1  # how often supervise looks at the stop signal, the child's exit and the port
@@ -29,11 +32,14 @@ READY_TIMEOUT_S = 1800.0  # a 7B load from a slow disk takes minutes; half an ho
 
 @dataclass(frozen=True)
 class Launch:
+    """A child's command line, rendered: argv, environment, where it listens, and its contract."""
+
     argv: list[str]
     env: dict[str, str]
     host: str
     port: int
     scheme: str
+    contract: ChildContract | None = None  # a server child's; None for any other program
 
     @property
     def url(self) -> str:
@@ -126,7 +132,9 @@ class Server:
         # only with jmoshi itself.
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("Server.start must run on the main thread (the child dies with its forking thread)")
-        env = dict(self.launch.env, JMOSHI_PARENT_PID=str(os.getpid()))
+        env = dict(self.launch.env)
+        if self.launch.contract is not None:
+            env.update(self.launch.contract.with_parent(os.getpid()).to_env())
         # Own session: a terminal's Ctrl-C reaches jmoshi only, which stops the child in order.
         self.process = subprocess.Popen(self.launch.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
@@ -161,18 +169,27 @@ class Server:
 
         unknown_hint: where to look when the cause is not a known one (the caller knows what was shown).
         """
-        assert self.process
         started = time.monotonic()
-        while time.monotonic() - started < timeout_s:
-            code = self.process.poll()
-            if code is not None:
-                self.drain()
-                raise explain_exit(code, list(self.tail), unknown_hint)
-            if self.listening():
-                return time.monotonic() - started
-            time.sleep(POLL_S)
-        self.stop()
-        raise ServerError(f"moshi.server did not listen within {timeout_s:.0f} s", unknown_hint)
+        try:
+            while not self.check_ready(started, timeout_s, unknown_hint):
+                time.sleep(POLL_S)
+        except ServerError:
+            self.stop()
+            raise
+        return time.monotonic() - started
+
+    def check_ready(self, started: float, timeout_s: float = READY_TIMEOUT_S, unknown_hint: str = SEE_OUTPUT) -> bool:
+        """One look: True once the port accepts; ServerError if the child died or the time is up."""
+        assert self.process
+        code = self.process.poll()
+        if code is not None:
+            self.drain()
+            raise explain_exit(code, list(self.tail), unknown_hint)
+        if self.listening():
+            return True
+        if time.monotonic() - started > timeout_s:
+            raise ServerError(f"the server did not listen within {timeout_s:.0f} s", unknown_hint)
+        return False
 
     def drain(self) -> None:
         """Wait (briefly) for the pump to pass on the child's last lines."""
@@ -221,8 +238,8 @@ def _kill_group(pid: int, sig: int) -> None:
 
 
 @dataclass
-class _StopSignals:
-    """SIGINT/SIGTERM, recorded by the handler and read by the main loop (nothing else runs in it)."""
+class StopSignals:
+    """SIGINT/SIGTERM, latched by the handler and read by the main loop (nothing else runs in it)."""
 
     received: list[int] = field(default_factory=list)
 
@@ -230,7 +247,7 @@ class _StopSignals:
         self.received.append(signum)
 
     @contextmanager
-    def installed(self) -> Iterator["_StopSignals"]:
+    def installed(self) -> Iterator["StopSignals"]:
         previous = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield self
@@ -247,7 +264,7 @@ def supervise(server: Server, on_ready: Callable[[float], None], ready_timeout_s
     to accept. The only other thread is the output pump, which never stops the child; only this
     loop's `finally` does.
     """
-    with _StopSignals().installed() as signals:
+    with StopSignals().installed() as signals:
         try:
             server.start()
             return _watch(server, on_ready, signals, ready_timeout_s)
@@ -255,18 +272,15 @@ def supervise(server: Server, on_ready: Callable[[float], None], ready_timeout_s
             server.stop()
 
 
-def _watch(server: Server, on_ready: Callable[[float], None], signals: _StopSignals, ready_timeout_s: float) -> int:
+def _watch(server: Server, on_ready: Callable[[float], None], signals: StopSignals, ready_timeout_s: float) -> int:
     started = time.monotonic()
     ready = False
     while not signals.received:
-        code = server.process.poll()
-        if code is not None:
-            server.drain()
-            raise explain_exit(code, list(server.tail))
-        if not ready and server.listening():
+        if not ready and server.check_ready(started, ready_timeout_s):
             ready = True
             on_ready(time.monotonic() - started)
-        elif not ready and time.monotonic() - started > ready_timeout_s:
-            raise ServerError(f"moshi.server did not listen within {ready_timeout_s:.0f} s", SEE_OUTPUT)
+        elif ready and server.process.poll() is not None:
+            server.drain()
+            raise explain_exit(server.process.returncode, list(server.tail))
         time.sleep(POLL_S)
     return 128 + signals.received[0]

@@ -19,10 +19,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from . import artifacts, lora, preflight, quantize
+from . import lora, preflight
 from .artifacts import ModelFiles
 from .errors import UsageError
-from .quantize import Precision
+from .precision import Precision
 from .variants import Variant
 
 
@@ -72,19 +72,6 @@ def apply(fine_tune: FineTune, files: ModelFiles, variant: Variant, data_dir: Pa
     step = f" (checkpoint {adapter.step})" if adapter.step is not None else ""
     on_note(f"LoRA adapter {adapter.weight}{step}, rank {adapter.rank}, over {base}")
     return replace(files, config=adapter.config, lora=adapter.weight)
-
-
-def local_model(catalogue, variant: Variant, fine_tune: FineTune, revision: str | None, *, offline: bool,
-                web_ui: bool, int8: bool, watch=None,
-                on_note: Callable[[str], None] = lambda note: None) -> tuple[artifacts.Plan, ModelFiles]:
-    """Every file serve and infer load, in the order that matters: the variant's files verified in the
-    cache, the fine-tune in place, then (with `int8`) the int8 checkpoint of whatever LM that leaves."""
-    plan, files = artifacts.ensure_local(catalogue, variant, revision, offline=offline, web_ui=web_ui,
-                                         moshi_weight=fine_tune.weight, watch=watch, on_note=on_note)
-    files = apply(fine_tune, files, variant, artifacts.data_dir(), on_note)
-    if int8:
-        files = quantize.int8_files(plan, files, artifacts.data_dir(), on_note)
-    return plan, files
 
 
 # What a checkpoint's tensors say about the LM kwargs it was trained with: (kwarg, what is counted).

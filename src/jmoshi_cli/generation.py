@@ -58,7 +58,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
-import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -70,6 +69,7 @@ import numpy as np
 from .artifacts import ModelFiles
 from .audio_io import FRAME_SIZE, SAMPLE_RATE
 from .errors import CacheError, PreflightError, UsageError
+from .lm_config import read as read_config_file
 
 # LMGen's defaults (the same in moshi 0.2.2 and 0.2.13), used when neither the options nor config.json
 # say otherwise.
@@ -93,15 +93,7 @@ def read_config(path: Path | None) -> ModelConfig:
     """Parse config.json like ``CheckpointInfo.from_hf_repo``; CacheError when it cannot be read."""
     if path is None:
         return ModelConfig()
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise CacheError(f"model config not found: {path}", hint="download the model again") from exc
-    except (OSError, ValueError) as exc:
-        raise CacheError(f"cannot read the model config {path}: {exc}",
-                         hint="the file may be corrupt: download the model again") from exc
-    if not isinstance(raw, dict):
-        raise CacheError(f"model config {path} is not a JSON object", hint="download the model again")
+    raw = read_config_file(path, corrupt_hint="the file may be corrupt: download the model again")
     lm_config = dict(raw)
     for key in ("moshi_name", "mimi_name", "tokenizer_name"):  # file names: the local files are given
         lm_config.pop(key, None)

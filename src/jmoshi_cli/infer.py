@@ -64,7 +64,7 @@ class InferOptions:
     top_k: int | None = None
     top_k_text: int | None = None
     seed: int | None = None
-    quantize: str = "auto"  # auto, bf16 or int8 (quantize.Precision)
+    quantize: str = "auto"  # --quantize as given: auto, bf16 or int8 (precision.py)
 
     def __post_init__(self) -> None:
         if self.channel not in audio_io.CHANNELS:
@@ -240,27 +240,21 @@ def run(request: InferRequest, hooks: InferHooks | None = None) -> list[FileResu
     """Check inputs, output folder and device (seconds), make the model local, load it once, process
     every input. Raises JMoshiError for problems of the whole run; per-file problems are in the results.
     """
-    from . import finetune, preflight, quantize, runtime
+    from . import precision
     from .console import settings
-    from .variants import load_catalogue
+    from .preparation import ModelRequest, prepare_model
 
     hooks = hooks or InferHooks()
     options = request.options
+    asked = precision.parse(options.quantize, (precision.Precision.AUTO, precision.Precision.BF16,
+                                               precision.Precision.INT8))
     sources = collect_inputs(request.inputs, on_warning=hooks.on_note)
     prepare_out_dir(request.out_dir)
-    catalogue = load_catalogue()
-    chosen = catalogue.get(request.variant)
-    fine_tune = finetune.resolve(chosen, request.moshi_weight, request.lora)
-    precision = finetune.precision_for(fine_tune, runtime.detect(), quantize.parse_precision(options.quantize))
-    device = preflight.check_device(options.device, chosen.vram_min_gb, chosen.name, precision,
-                                    chosen.vram_min_int8_gb)
-    for note in device.notes:
-        hooks.on_note(note)
-    if device.half:
-        options = replace(options, half=True)
-    _, files = finetune.local_model(catalogue, chosen, fine_tune, request.revision, offline=request.offline,
-                                    web_ui=False, int8=device.int8, watch=hooks.watch_download,
-                                    on_note=hooks.on_note)
+    model = prepare_model(ModelRequest(request.variant, request.revision, request.moshi_weight, request.lora, asked,
+                                       options.device, options.half, request.offline),
+                          web_ui=False, watch=hooks.watch_download, on_note=hooks.on_note)
+    options = replace(options, half=model.half)
+    files, chosen = model.files, model.variant
     if options.channel == "left":
         hooks.on_note("the user is the left channel of stereo inputs (--channel right|mix to change)")
     with hooks.loading(f"loading {chosen.name} on {options.device}"):

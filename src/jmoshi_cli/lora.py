@@ -32,7 +32,6 @@ What the upstream code writes and reads (checked in the sources):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import struct
@@ -40,23 +39,19 @@ import typing as tp
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CacheError, ConfigError, UsageError
-from .fsutil import atomic_write
+from . import lm_config
+from .errors import ConfigError, UsageError
 
 LORA_NAME = "lora.safetensors"
 FULL_NAME = "consolidated.safetensors"
 CONFIG_NAME = "config.json"
 NU_KWARGS_NAME = "moshi_lm_kwargs.json"
-CONFIGS_FOLDER = "lm-configs"
 
 # moshi's get_moshi_lm defaults, used when a config leaves them out.
 DEFAULT_LORA_RANK = 128
 DEFAULT_LORA_SCALING = 2.0
-LORA_KEYS = ("lora", "lora_rank", "lora_scaling")
-
-# config.json keys that CheckpointInfo.from_hf_repo pops before building the LM.
-LOADER_KEYS = ("moshi_name", "mimi_name", "mimi_config_name", "tokenizer_name", "lora_name", "model_type",
-               "lm_gen_config", "tts_config", "stt_config", "model_id")
+LORA_KEYS = lm_config.LORA_KEYS
+LOADER_KEYS = lm_config.LOADER_KEYS  # config.json keys that CheckpointInfo.from_hf_repo pops
 
 # LM kwargs that decide the weights' shapes or what they mean; every depformer_* key counts as well.
 ARCH_KEYS = ("dim", "num_heads", "num_layers", "hidden_scale", "kv_repeat", "text_card", "text_card_out", "card",
@@ -232,17 +227,7 @@ def _lora_settings(config: Path, weight: Path) -> tuple[int, float]:
     return rank, float(scaling)
 
 
-def read_json(path: Path) -> dict[str, tp.Any]:
-    """A JSON object from a file; ConfigError naming the file otherwise."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    except ValueError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}", "fix or replace the file") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} is not a JSON object", "a moshi config is an object of LM kwargs")
-    return data
+read_json = lm_config.read
 
 
 # --- does it fit the base? --------------------------------------------------------------------------
@@ -259,19 +244,8 @@ def check_fits(adapter: Adapter, base_weight: Path, base_lm_kwargs: dict, *, bas
                          _FIT_HINT)
 
 
-def lm_kwargs(config: Path | None) -> dict[str, tp.Any]:
-    """The LM kwargs moshi builds a base with: its config.json minus the loader keys, or moshi's built-in
-    Moshi 7B kwargs when there is none (J-Moshi's repos). Imports moshi only in that case."""
-    if config is None:
-        from moshi.models import loaders
-
-        return json.loads(json.dumps(loaders._lm_kwargs))
-    return lm_kwargs_of(read_json(config))
-
-
-def lm_kwargs_of(config: dict[str, tp.Any]) -> dict[str, tp.Any]:
-    """What moshi passes to LMModel from a config.json's content: it without the loader and LoRA keys."""
-    return {k: v for k, v in config.items() if k not in LOADER_KEYS + LORA_KEYS}
+lm_kwargs = lm_config.lm_kwargs
+lm_kwargs_of = lm_config.lm_kwargs_of
 
 
 def _config_difference(adapter_config: dict, base: dict) -> str | None:
@@ -404,25 +378,11 @@ def local_config(weight: Path, data_dir: Path) -> Path | None:
         data = read_json(config)
         if not any(key in data for key in LORA_KEYS):
             return config
-        return _write_config({k: v for k, v in data.items() if k not in LORA_KEYS}, data_dir)
+        return lm_config.write({k: v for k, v in data.items() if k not in LORA_KEYS}, data_dir)
     kwargs = folder / NU_KWARGS_NAME
     if kwargs.is_file():
-        return _write_config(read_json(kwargs), data_dir)
+        return lm_config.write(read_json(kwargs), data_dir)
     return None
-
-
-def _write_config(config: dict[str, tp.Any], data_dir: Path) -> Path:
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    path = Path(data_dir) / CONFIGS_FOLDER / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
-    try:
-        if path.is_file() and path.read_text(encoding="utf-8") == text:
-            return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, text.encode())
-    except OSError as exc:
-        raise CacheError(f"cannot write the LM config to {path.parent}: {exc.strerror or exc}",
-                         "set JMOSHI_HOME to a writable folder") from exc
-    return path
 
 
 __all__ = [

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import hardware, runtime
 from .errors import PreflightError, UsageError
-from .quantize import Precision
+from .precision import Precision
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class DeviceCheck:
     """What the device check decided, and what to tell the user about it."""
 
     half: bool = False
-    int8: bool = False  # serve the LM's weights as int8 (asked, or chosen because bf16 does not fit)
+    precision: Precision = Precision.BF16  # never AUTO: int8 when asked, or when bf16 does not fit
     notes: tuple[str, ...] = ()
 
 
@@ -71,17 +71,18 @@ def check_device(device: str, vram_min_gb: float, variant_name: str, precision: 
     if precision is Precision.INT8:
         quantize.check_runtime(rt)
     if device == "cpu":
-        return DeviceCheck(int8=precision is Precision.INT8, notes=(
+        chosen = Precision.INT8 if precision is Precision.INT8 else Precision.BF16
+        return DeviceCheck(precision=chosen, notes=(
             "--device cpu: a 7B model on a CPU is far slower than real time (for tests and development)",))
     gpu = _gpu(device)
-    int8, notes = _precision_for(gpu, rt, vram_min_gb, variant_name, precision, int8_gb)
+    chosen, notes = _precision_for(gpu, rt, vram_min_gb, variant_name, precision, int8_gb)
     check_kernels(rt, gpu)
     _, compile_note = runtime.compile_setup(device)
     notes += (compile_note,) if compile_note else ()
     if gpu.capability and gpu.capability < (8, 0):
-        return DeviceCheck(half=True, int8=int8, notes=notes + (
+        return DeviceCheck(half=True, precision=chosen, notes=notes + (
             f"{gpu.name} (cc {gpu.capability[0]}.{gpu.capability[1]}) lacks fast bfloat16: using --half",))
-    return DeviceCheck(int8=int8, notes=notes)
+    return DeviceCheck(precision=chosen, notes=notes)
 
 
 def _gpu(device: str) -> hardware.GPU:
@@ -98,8 +99,8 @@ def _gpu(device: str) -> hardware.GPU:
 
 
 def _precision_for(gpu: hardware.GPU, rt: runtime.Runtime, bf16_gb: float, variant_name: str,
-                   precision: Precision, int8_gb: float | None) -> tuple[bool, tuple[str, ...]]:
-    """(int8?, notes) for this GPU's free memory; PreflightError when neither fits."""
+                   precision: Precision, int8_gb: float | None) -> tuple[Precision, tuple[str, ...]]:
+    """(precision, notes) for this GPU's free memory; PreflightError when neither fits."""
     free = gpu.free_bytes / 1e9
     int8_ok = int8_gb is not None and free >= int8_gb
     if precision is Precision.INT8:
@@ -107,12 +108,12 @@ def _precision_for(gpu: hardware.GPU, rt: runtime.Runtime, bf16_gb: float, varia
             raise PreflightError(f"{gpu.name} has {free:.1f} GB free; {variant_name} in int8 needs about "
                                  f"{int8_gb:g} GB",
                                  "stop other GPU processes (`nvidia-smi`), or pick another GPU with --device cuda:N")
-        return True, ()
+        return Precision.INT8, ()
     if free >= bf16_gb:
-        return False, ()
+        return Precision.BF16, ()
     can_int8 = precision is Precision.AUTO and int8_gb is not None and rt.has_int8 and rt.bitsandbytes is not None
     if can_int8 and int8_ok:
-        return True, (f"{gpu.name} has {free:.1f} GB free, too little for bf16 (~{bf16_gb:g} GB): "
+        return Precision.INT8, (f"{gpu.name} has {free:.1f} GB free, too little for bf16 (~{bf16_gb:g} GB): "
                       f"serving int8 (~{int8_gb:g} GB; --quantize bf16 to refuse instead)",)
     also = f" (bf16) or about {int8_gb:g} GB (int8)" if int8_gb is not None and rt.has_int8 else ""
     raise PreflightError(f"{gpu.name} has {free:.1f} GB free; {variant_name} needs about {bf16_gb:g} GB{also}",

@@ -31,10 +31,10 @@ import shutil
 import struct
 import time
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from . import lm_config
 from .errors import CacheError, UsageError
 
 FORMAT = 1
@@ -42,22 +42,6 @@ WEIGHT, CONFIG, MANIFEST = "model.int8.safetensors", "config.json", "int8.json"
 DISK_MARGIN = 512 * 2**20  # left free after the int8 file is written
 _DTYPES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
 _TORCH: dict = {}  # the same names as torch dtypes, filled on first use (torch is imported late)
-
-
-class Precision(str, Enum):
-    """How the LM's weights are held on the device."""
-
-    AUTO = "auto"  # bf16 when it fits the GPU, else int8 when that fits
-    BF16 = "bf16"
-    INT8 = "int8"
-
-
-def parse_precision(text: str | None) -> Precision:
-    try:
-        return Precision((text or "auto").lower())
-    except ValueError:
-        raise UsageError(f"--quantize {text!r} is not auto, bf16 or int8",
-                         "int8 halves the GPU memory J-Moshi needs (~11 GB instead of ~19 GB)") from None
 
 
 def check_runtime(rt) -> None:
@@ -119,21 +103,6 @@ def int8_files(plan, files, data_dir: Path, on_note: Callable[[str], None]):
     return replace(files, moshi_weight=made.weight, config=made.config)
 
 
-def base_config(config: Path | None) -> dict:
-    """The bf16 model's config.json, or moshi's built-in Moshi-7B kwargs for a repo without one (J-Moshi)."""
-    if config is None:
-        from moshi.models import loaders
-
-        return dict(loaders._lm_kwargs)
-    try:
-        data = json.loads(Path(config).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CacheError(f"cannot read the model config {config}: {exc}", "download the model again") from exc
-    if not isinstance(data, dict):
-        raise CacheError(f"model config {config} is not a JSON object", "download the model again")
-    return data
-
-
 def ensure_int8(data_dir: Path, source: Path, source_sha256: str | None, config: Path | None,
                 on_note: Callable[[str], None] = lambda note: None) -> Int8Checkpoint:
     """The int8 checkpoint of `source`, made now if it is not there yet (once per source file)."""
@@ -153,7 +122,7 @@ def ensure_int8(data_dir: Path, source: Path, source_sha256: str | None, config:
             return found
         on_note(f"making the int8 checkpoint of {source.name} once (moshi's QLinear, bitsandbytes); "
                 f"it is kept in {folder}")
-        return make_int8(source, folder, sha, base_config(config))
+        return make_int8(source, folder, sha, lm_config.base(config))
 
 
 @contextlib.contextmanager
@@ -207,9 +176,7 @@ class _Out:
 def lm_kwargs(config: dict) -> dict:
     """The LMModel arguments of a config, as moshi reads them, without `quantize` (jmoshi's meta model is
     built with plain Linears, which tell what to quantize)."""
-    from .lora import lm_kwargs_of
-
-    return {k: v for k, v in lm_kwargs_of(config).items() if k != "quantize"}
+    return {k: v for k, v in lm_config.lm_kwargs_of(config).items() if k != "quantize"}
 
 
 def make_int8(source: Path, folder: Path, source_sha256: str, lm_config: dict) -> Int8Checkpoint:

@@ -274,10 +274,11 @@ def show_note(text: str) -> None:
     console.print(f"[yellow]note:[/] {text}", soft_wrap=True)
 
 
-def show_starting(variant, launch) -> None:
-    device = launch.argv[launch.argv.index("--device") + 1] if "--device" in launch.argv else "?"
-    console.print(f"starting moshi.server ({variant.name}: {variant.repo}, {device}); license {variant.license}",
-                  soft_wrap=True)
+def show_starting(prepared) -> None:
+    """serve.Prepared: which server, model, device and precision, and the weights' license."""
+    variant, spec = prepared.variant, prepared.spec
+    console.print(f"starting {prepared.server_name} ({variant.name}: {variant.repo}, {spec.device}, "
+                  f"{spec.precision.label}); license {variant.license}", soft_wrap=True)
 
 
 def show_ready(launch, seconds: float, replicas: str | None = None) -> None:
@@ -365,7 +366,7 @@ def show_event(text: str) -> None:
 
 
 def show_recording(folder) -> None:
-    from .recordings import BYTES_PER_MINUTE
+    from .recording.format import BYTES_PER_MINUTE
 
     console.print(f"[bold]recording[/] every conversation into {folder}/<UTC start>-<id>/ (both voices, transcript, "
                   f"settings; about {BYTES_PER_MINUTE / 1e6:.0f} MB per minute). Tell participants that they are "
@@ -373,7 +374,7 @@ def show_recording(folder) -> None:
 
 
 def show_recordings(folder, sessions) -> None:
-    from .recordings import Ended
+    from .recording import Ended
 
     if not sessions:
         console.print(f"no recordings in {folder}", soft_wrap=True)

@@ -10,22 +10,23 @@ finish (up to the drain timeout), then everything stops. A second signal stops a
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Callable
 
 from . import hardware
-from .child import Launch, Server, explain_exit
+from .backends import ServerSpec, cpu_threads
+from .child import Launch, Server, StopSignals, explain_exit
 from .errors import PreflightError, ServerError, UsageError
 from .haproxy import Backend, Front, Load
+from .precision import Precision
 
 RESTART_DELAYS_S = (1, 2, 4, 8, 16, 30)
 GIVE_UP_AFTER = 5  # failed starts in a row, before the replica was ever healthy
 HEALTHY_RESETS_S = 60.0  # a replica healthy this long starts its backoff from the beginning again
-STATUS_EVERY_S = 5.0
+STATUS_EVERY_S = 60.0  # the load is shown when it changes, and at least this often
+TICK_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -65,19 +66,42 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def place(count: int | None, device: str, gpus: list[int] | None, vram_min_gb: float,
-          cpu_count: int | None = None) -> list[Placement]:
-    """Decide each replica's device: on the CPU, share the cores; on GPUs, fill free memory in turn."""
+@dataclass(frozen=True)
+class Need:
+    """GPU memory one replica needs, per precision the run may use."""
+
+    bf16_gb: float
+    int8_gb: float | None = None  # None: int8 is not possible here (runtime, fine-tune, variant)
+
+
+def place(count: int | None, device: str, gpus: list[int] | None, need: Need,
+          precision: Precision = Precision.AUTO, cores: int | None = None) -> tuple[list[Placement], Precision]:
+    """Decide each replica's device and the precision of all: on the CPU, share the cores; on GPUs,
+    fill free memory in turn, in bf16 when the replicas asked for fit, else (auto) in int8, as a
+    single `serve` falls back to int8 when bf16 does not fit."""
     if device == "cpu":
         if gpus:
             raise UsageError("--gpus with --device cpu", "drop --gpus, or use --device cuda")
         count = count or 1
-        threads = max(1, (cpu_count or os.cpu_count() or 1) // count)
-        return [Placement(f"r{i}", "cpu", free_port(), threads) for i in range(count)]
-    return _place_on_gpus(count, gpus, vram_min_gb)
+        chosen = Precision.INT8 if precision is Precision.INT8 else Precision.BF16
+        return [Placement(f"r{i}", "cpu", free_port(), cpu_threads(count, cores)) for i in range(count)], chosen
+    available, chosen_gpus = _gpus(gpus)
+    if precision is Precision.INT8:
+        return _place_on_gpus(count, available, chosen_gpus, need.int8_gb or need.bf16_gb), Precision.INT8
+    if precision is Precision.AUTO and need.int8_gb is not None:
+        bf16_room = sum(_room(available, chosen_gpus, need.bf16_gb).values())
+        if bf16_room == 0 or (count is not None and bf16_room < count):
+            int8_room = sum(_room(available, chosen_gpus, need.int8_gb).values())
+            if int8_room > bf16_room and (count is None or int8_room >= count):
+                return _place_on_gpus(count, available, chosen_gpus, need.int8_gb), Precision.INT8
+    return _place_on_gpus(count, available, chosen_gpus, need.bf16_gb), Precision.BF16
 
 
-def _place_on_gpus(count: int | None, gpus: list[int] | None, vram_min_gb: float) -> list[Placement]:
+def _room(available: dict, chosen: list[int], gb: float) -> dict[int, int]:
+    return {g: int(available[g].free_bytes // (gb * 1e9)) if gb else 64 for g in chosen}
+
+
+def _gpus(gpus: list[int] | None) -> tuple[dict, list[int]]:
     probe = hardware.nvidia()
     if not probe.ok or not probe.value.gpus:
         why = probe.error if not probe.ok else "the NVIDIA driver sees no GPU"
@@ -88,7 +112,11 @@ def _place_on_gpus(count: int | None, gpus: list[int] | None, vram_min_gb: float
     if unknown:
         raise UsageError(f"--gpus: no GPU {unknown[0]} on this machine ({len(available)} GPU(s))",
                          "run `nvidia-smi -L` to see the indices")
-    room = {g: int(available[g].free_bytes // (vram_min_gb * 1e9)) if vram_min_gb else 64 for g in chosen}
+    return available, chosen
+
+
+def _place_on_gpus(count: int | None, available: dict, chosen: list[int], vram_min_gb: float) -> list[Placement]:
+    room = _room(available, chosen, vram_min_gb)
     total = sum(room.values())
     if total == 0:
         best = max(chosen, key=lambda g: available[g].free_bytes)
@@ -103,20 +131,10 @@ def _place_on_gpus(count: int | None, gpus: list[int] | None, vram_min_gb: float
     return [Placement(f"r{i}", f"cuda:{order[i]}", free_port()) for i in range(wanted)]
 
 
-def replica_launch(base: Launch, where: Placement) -> Launch:
-    """The single-server launch, moved to this replica's loopback port, device and CPU share."""
-    argv = list(base.argv)
-    argv[argv.index("--host") + 1] = "127.0.0.1"
-    argv[argv.index("--port") + 1] = str(where.port)
-    argv[argv.index("--device") + 1] = where.device
-    if "--ssl" in argv:  # TLS ends at the front; replicas speak plain HTTP on loopback
-        at = argv.index("--ssl")
-        del argv[at:at + 2]
-    # JMOSHI_REPLICA: each recording's meta.json says which replica held the conversation.
-    env = dict(base.env, JMOSHI_BIND_HOST="127.0.0.1", JMOSHI_REPLICA=where.name)
-    if where.threads is not None:
-        env.update(OMP_NUM_THREADS=str(where.threads), MKL_NUM_THREADS=str(where.threads))
-    return replace(base, argv=argv, env=env, host="127.0.0.1", port=where.port, scheme="http")
+def replica_launch(base: ServerSpec, where: Placement) -> Launch:
+    """The single server, moved to this replica's loopback port (TLS ends at the front), device and
+    CPU share; its name goes into each recording's meta.json."""
+    return base.on_loopback(where.port, where.device, where.threads, where.name).render()
 
 
 # --- keeping replicas running ----------------------------------------------------------------------
@@ -144,14 +162,6 @@ class FleetHooks:
     make_relay: Callable[[str], Callable[[str], None] | None] = lambda name: None
 
 
-@dataclass
-class _Signals:
-    received: list[int] = field(default_factory=list)
-
-    def handler(self, signum, _frame) -> None:
-        self.received.append(signum)
-
-
 class Fleet:
     """The replicas and the front, supervised from the main thread."""
 
@@ -166,20 +176,17 @@ class Fleet:
         self.last_status = 0.0
 
     def run(self) -> int:
-        signals = _Signals()
-        previous = {sig: signal.signal(sig, signals.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            for replica in self.replicas:
-                self._start(replica)
-            self.front.start()
-            while not signals.received:
-                self._tick()
-                time.sleep(0.2)
-            return self._drain(signals)
-        finally:
-            self.stop_all()
-            for sig, old in previous.items():
-                signal.signal(sig, old)
+        with StopSignals().installed() as signals:
+            try:
+                for replica in self.replicas:
+                    self._start(replica)
+                self.front.start()
+                while not signals.received:
+                    self._tick()
+                    time.sleep(TICK_S)
+                return self._drain(signals)
+            finally:
+                self.stop_all()
 
     def _start(self, replica: Replica) -> None:
         relay = self.hooks.make_relay(replica.where.name)
@@ -246,11 +253,11 @@ class Fleet:
             self.hooks.on_ready(now - self.started)
         changed = self.last_load is None or (load.active, load.queued, load.healthy) != (
             self.last_load.active, self.last_load.queued, self.last_load.healthy)
-        if self.ready and (changed or now - self.last_status > 60):
+        if self.ready and (changed or now - self.last_status > STATUS_EVERY_S):
             self.hooks.on_load(load)
             self.last_load, self.last_status = load, now
 
-    def _drain(self, signals: _Signals) -> int:
+    def _drain(self, signals: StopSignals) -> int:
         first = signals.received[0]
         for replica in self.replicas:
             self.front.set_state(replica.where.name, "drain")
@@ -260,7 +267,7 @@ class Fleet:
             self.hooks.on_event(f"draining: {load.active} conversation(s) may finish "
                                 f"(up to {self.drain_timeout_s:g} s; Ctrl-C again stops now)")
         while load is not None and load.active and time.monotonic() < deadline and len(signals.received) < 2:
-            time.sleep(0.2)
+            time.sleep(TICK_S)
             load = self.front.load()
         return 128 + first
 

@@ -19,9 +19,11 @@ from typing import Callable
 from . import server_log
 from .artifacts import ModelFiles, unpack_bundle
 from .audio_io import SAMPLE_RATE
+from .backends import Kind, ServerSpec, cpu_threads
+from .backends.contract import ChildContract
 from .child import Launch, Server, explain_exit
 from .errors import JMoshiError, ServerError
-from .serve import ServeOptions, build_launch
+from .precision import Precision
 
 SELFTEST_REPO = "jmoshi/selftest-tiny"
 SEE_LOG = "`jmoshi --verbose selftest` (or JMOSHI_DEBUG=1) shows the server's last lines"
@@ -87,8 +89,9 @@ def _launch(repo: Path, tmp: Path) -> Launch:
     static = unpack_bundle(build_web_ui_bundle(tmp / "dist.tgz"), tmp / "dist")
     files = ModelFiles(repo / "model.safetensors", repo / "tokenizer-e351c8d8-checkpoint125.safetensors",
                        repo / "tokenizer_spm_32k_3.model", repo / "config.json", static)
-    options = ServeOptions(host="127.0.0.1", port=free_port(), device="cpu")
-    return build_launch(files, SELFTEST_REPO, options, None, half=False)
+    contract = ChildContract(bind_host="127.0.0.1", config_path=str(files.config), threads=cpu_threads())
+    return ServerSpec(Kind.TORCH, files, SELFTEST_REPO, Precision.BF16, "127.0.0.1", free_port(), "cpu",
+                      contract=contract).render()
 
 
 def _converse(server: Server, launch: Launch, on_step: Callable[[str], None], seconds: float) -> SelftestResult:

@@ -34,6 +34,7 @@ import uuid
 from pathlib import Path
 
 from .fsutil import atomic_write
+from .upstream.moshi_private import builtin_lm_kwargs, mimi_kwargs
 
 CONFIG_NAME = "config.json"
 MOSHI_NAME = "model.safetensors"
@@ -58,6 +59,14 @@ _LM_SIZE_OVERRIDES: dict[str, tp.Any] = {
     "depformer_num_heads": 2,
     "depformer_num_layers": 1,
     "depformer_dim_feedforward": int(4.125 * 64),
+}
+# A variant whose every MLX-quantized layer divides by 64 (8-bit) and 32 (4-bit) and whose attention
+# context is short, so that tests run past it within seconds (jmoshi_cli.mlx).
+MLX_8BIT_OVERRIDES: dict[str, tp.Any] = {
+    "dim": 256,
+    "depformer_dim": 64,
+    "depformer_dim_feedforward": 384,
+    "context": 24,
 }
 _SPM_VOCAB_REQUEST = 320  # an upper bound: hard_vocab_limit=False lets training stop below it
 _MIN_TEXT_CARD = 25  # LMGen's default top_k_text
@@ -143,14 +152,14 @@ def train_tokenizer_bytes(seed: int = 0) -> bytes:
     return model.getvalue()
 
 
-def tiny_lm_config(text_card: int) -> dict[str, tp.Any]:
-    """moshi's built-in LM kwargs, sizes shrunk, ``text_card`` set (fits the toy tokenizer)."""
-    from moshi.models import loaders
-
+def tiny_lm_config(text_card: int, overrides: dict[str, tp.Any] | None = None) -> dict[str, tp.Any]:
+    """moshi's built-in LM kwargs, sizes shrunk, ``text_card`` set (fits the toy tokenizer); ``overrides``
+    replace more keys (a variant of the tiny model, e.g. MLX_8BIT_OVERRIDES)."""
     if text_card < _MIN_TEXT_CARD:
         raise ValueError(f"text_card {text_card} < {_MIN_TEXT_CARD} (LMGen's top_k_text)")
-    config = json.loads(json.dumps(loaders._lm_kwargs))  # deep copy, JSON-clean
+    config = builtin_lm_kwargs()
     config.update(_LM_SIZE_OVERRIDES)
+    config.update(overrides or {})
     config["text_card"] = int(text_card)
     return config
 
@@ -166,11 +175,12 @@ def _build_mimi_module(device: tp.Any = "cpu"):
     from moshi.modules import SEANetDecoder, SEANetEncoder, transformer
     from moshi.quantization import SplitResidualVectorQuantizer
 
-    encoder = SEANetEncoder(**loaders._seanet_kwargs)
-    decoder = SEANetDecoder(**loaders._seanet_kwargs)
-    encoder_transformer = transformer.ProjectedTransformer(device=device, **loaders._transformer_kwargs)
-    decoder_transformer = transformer.ProjectedTransformer(device=device, **loaders._transformer_kwargs)
-    quantizer = SplitResidualVectorQuantizer(**loaders._quantizer_kwargs)
+    kwargs = mimi_kwargs()
+    encoder = SEANetEncoder(**kwargs["seanet"])
+    decoder = SEANetDecoder(**kwargs["seanet"])
+    encoder_transformer = transformer.ProjectedTransformer(device=device, **kwargs["transformer"])
+    decoder_transformer = transformer.ProjectedTransformer(device=device, **kwargs["transformer"])
+    quantizer = SplitResidualVectorQuantizer(**kwargs["quantizer"])
     model = MimiModel(
         encoder,
         decoder,
@@ -258,8 +268,9 @@ def _save_state_dict(module, path: Path, dtype) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def build_tiny_repo(dest: Path, seed: int = 0) -> dict[str, Path]:
-    """Write the four files into dest (created), return name->path. Deterministic for a seed."""
+def build_tiny_repo(dest: Path, seed: int = 0, lm_overrides: dict[str, tp.Any] | None = None) -> dict[str, Path]:
+    """Write the four files into dest (created), return name->path. Deterministic for a seed (and
+    ``lm_overrides``, LM config keys that make a variant; see tiny_lm_config)."""
     import sentencepiece as spm
     import torch
     from moshi.models.lm import LMModel
@@ -277,7 +288,7 @@ def build_tiny_repo(dest: Path, seed: int = 0) -> dict[str, Path]:
         raise RuntimeError(f"toy tokenizer too small: {vocab} pieces")
     atomic_write(paths[TOKENIZER_NAME], spm_bytes)
 
-    config = tiny_lm_config(text_card=vocab)
+    config = tiny_lm_config(text_card=vocab, overrides=lm_overrides)
     atomic_write(paths[CONFIG_NAME], (json.dumps(config, indent=2) + "\n").encode())
 
     with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -350,14 +361,14 @@ def default_cache_root() -> Path:
     return Path.home() / ".cache" / "jmoshi" / "tiny-v1"
 
 
-def is_complete(folder: Path) -> bool:
-    """True when folder holds the four files as recorded by a finished build."""
+def is_complete(folder: Path, lm_overrides: dict[str, tp.Any] | None = None) -> bool:
+    """True when folder holds the four files as recorded by a finished build (of that variant)."""
     folder = Path(folder)
     try:
         marker = json.loads((folder / _COMPLETE_MARKER).read_text())
     except (OSError, ValueError):
         return False
-    if marker.get("recipe") != RECIPE_VERSION:
+    if marker.get("recipe") != RECIPE_VERSION or marker.get("lm_overrides", {}) != (lm_overrides or {}):
         return False
     sizes = marker.get("sizes", {})
     for name in TINY_FILES:
@@ -389,22 +400,24 @@ def _remove_tree_quietly(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def cached_tiny_repo(cache_root: Path | None = None) -> Path:
+def cached_tiny_repo(cache_root: Path | None = None, lm_overrides: dict[str, tp.Any] | None = None) -> Path:
     """build_tiny_repo once into a cache folder (default: $JMOSHI_TINY_CACHE or ~/.cache/jmoshi/tiny-v1)
-    and return the folder; rebuild atomically (temp dir + rename) if incomplete; safe if two processes race."""
+    and return the folder; rebuild atomically (temp dir + rename) if incomplete; safe if two processes race.
+    A variant (``lm_overrides``) needs a cache_root of its own: a folder holds one variant."""
     final = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
-    if is_complete(final):
+    if is_complete(final, lm_overrides):
         return final
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
     with _build_lock(parent / f".{final.name}.lock"):
-        if is_complete(final):  # another process finished while we waited
+        if is_complete(final, lm_overrides):  # another process finished while we waited
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.build-", dir=parent))
         try:
-            paths = build_tiny_repo(tmp)
+            paths = build_tiny_repo(tmp, lm_overrides=lm_overrides)
             marker = {
                 "recipe": RECIPE_VERSION,
+                **({"lm_overrides": lm_overrides} if lm_overrides else {}),
                 "built_at": time.time(),
                 "sizes": {name: p.stat().st_size for name, p in paths.items()},
             }
@@ -422,7 +435,7 @@ def cached_tiny_repo(cache_root: Path | None = None) -> Path:
                 os.rename(tmp, final)
             except OSError:
                 # Someone without the lock (another filesystem view, no fcntl) won the race.
-                if not is_complete(final):
+                if not is_complete(final, lm_overrides):
                     raise
         finally:
             if tmp.exists():
@@ -438,6 +451,7 @@ __all__ = [
     "TOKENIZER_NAME",
     "NON_LM_KEYS",
     "JA_SENTENCES",
+    "MLX_8BIT_OVERRIDES",
     "WEB_UI_TITLE",
     "build_tiny_repo",
     "build_web_ui_bundle",

@@ -1,0 +1,66 @@
+"""The contract between jmoshi and its server child: one typed value, written once, read once.
+
+jmoshi (the parent) builds a `ChildContract` with everything the child needs besides its command line
+(which process it must not outlive, where to bind, the LM config, precision, CPU threads, recording,
+seed and sampling, the replica's name) and hands it over in one environment variable, as JSON. The
+child's bootstrap reads it back with `ChildContract.from_env` and nothing else reads jmoshi's
+variables. `ENV` is the only name of it; no other module spells it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV = "JMOSHI_CHILD"
+
+
+@dataclass(frozen=True)
+class Recording:
+    """`serve --record`: the folder, and what only jmoshi knows of the model (for each meta.json)."""
+
+    folder: str
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChildContract:
+    parent_pid: int | None = None  # the child asks the kernel to kill it when this process dies
+    bind_host: str | None = None  # listen on exactly this address (moshi < 0.2.5 ignores --host)
+    config_path: str | None = None  # the LM config of the resolved revision (moshi < 0.2.4 has no --config-path)
+    precision: str = "bf16"  # how the LM's weights are held: precision.Precision's value, decided once by jmoshi
+    threads: int | None = None  # torch's intra-op threads on the CPU (None: on a GPU, torch's default)
+    record: Recording | None = None
+    seed: int | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)  # what jmoshi put in the LM config's lm_gen_config
+    replica: str | None = None  # with --replicas: this child's name, for each recording's meta.json
+
+    def to_env(self) -> dict[str, str]:
+        return {ENV: json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)}
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ChildContract:
+        """The contract jmoshi wrote; an empty one when run by hand (no jmoshi parent)."""
+        text = env.get(ENV)
+        if not text:
+            return cls()
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        if data.get("record") is not None:
+            data["record"] = Recording(**data["record"])
+        return cls(**data)
+
+    def with_parent(self, pid: int) -> ChildContract:
+        return replace(self, parent_pid=pid)
+
+    @property
+    def record_dir(self) -> Path | None:
+        return Path(self.record.folder) if self.record is not None else None
+
+
+def without_contract(env: Mapping[str, str]) -> dict[str, str]:
+    """An environment with no contract of ours left in it (a child of a child must not inherit one)."""
+    return {k: v for k, v in env.items() if k != ENV}

@@ -1,0 +1,49 @@
+"""The torch backend: Kyutai's moshi.server, run unchanged through jmoshi's bootstrap (_moshi_entry)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .. import runtime
+from ..precision import Precision
+from . import Backend, Features, Kind, ServerSpec
+from .contract import without_contract
+
+
+class TorchBackend(Backend):
+    kind = Kind.TORCH
+    server_name = "moshi.server"
+    precisions = (Precision.AUTO, Precision.BF16, Precision.INT8)
+
+    def refuse(self, wanted: Features) -> None:
+        """moshi.server does everything serve offers; the runtime's own limits are checked with the model."""
+
+    def prepare(self, request, *, web_ui, watch=None, on_note=lambda note: None):
+        from ..preparation import prepare_model
+
+        return prepare_model(request, web_ui=web_ui, watch=watch, on_note=on_note)
+
+    def command(self, spec: ServerSpec):
+        """Explicit local paths and an offline hub; the rest travels in the child's contract."""
+        from ..child import Launch
+
+        files = spec.files
+        argv = [sys.executable, "-m", "jmoshi_cli._moshi_entry",
+                "--host", spec.host, "--port", str(spec.port),
+                "--hf-repo", spec.repo,
+                "--moshi-weight", str(files.moshi_weight),
+                "--mimi-weight", str(files.mimi_weight),
+                "--tokenizer", str(files.tokenizer),
+                "--static", str(files.web_ui),
+                "--device", spec.device]
+        if spec.half:
+            argv.append("--half")
+        if files.lora is not None:
+            argv += ["--lora-weight", str(files.lora)]  # with its config.json, which says `lora` (config_path)
+        if spec.ssl_dir is not None:
+            argv += ["--ssl", str(spec.ssl_dir)]
+        env = without_contract(os.environ if spec.base_env is None else spec.base_env)
+        env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        env.update(runtime.compile_setup(spec.device, env)[0])  # NO_TORCH_COMPILE=1 on the CPU (runtime.py)
+        return Launch(argv, env, spec.host, spec.port, spec.scheme, spec.contract)

@@ -1,0 +1,13 @@
+"""Everything jmoshi does to, or reads from, upstream packages' internals: one place, each with the
+versions it was checked against.
+
+- `moshi_private`: reads of moshi's private names (the built-in Moshi-7B kwargs and the Mimi
+  kwargs), checked on moshi 0.2.2 and 0.2.13.
+- `moshi_server`: the patches the server child applies before running moshi.server unchanged (bind
+  address, CPU warm-up, config path, int8 scales, the seed, the recording tap's hook, the browser's
+  Japanese text), checked on moshi 0.2.2 and 0.2.13.
+- `hub_internals`: huggingface_hub's download functions jmoshi wraps (hub.py), checked on
+  huggingface_hub 0.28.1 and 0.36.2.
+
+When a new upstream release changes one of them, the tests of that module fail, not a user's run.
+"""
