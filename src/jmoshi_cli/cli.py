@@ -85,6 +85,10 @@ RecordOpt = Annotated[Optional[Path], typer.Option(
     "--record", help="Save every conversation for research into DIR/<UTC start>-<id>/: dialogue.wav (user left, "
     "J-Moshi right, sample-aligned), user.wav, jmoshi.wav, transcript.json, meta.json (model, sampling, seed, "
     "how it ended). Tell participants that they are recorded.", metavar="DIR", show_default=False)]
+BackendOpt = Annotated[str, typer.Option(
+    "--backend", help="auto, torch (moshi.server on PyTorch: NVIDIA GPUs, or the CPU for tests) or mlx (Apple "
+    "Silicon through Kyutai's moshi_mlx; on Linux MLX's CPU backend, far slower than real time). auto is mlx on "
+    "macOS arm64 and torch elsewhere.")]
 HostOpt = Annotated[str, typer.Option(
     "--host", help="Address to listen on. 127.0.0.1 keeps it on this machine; 0.0.0.0 opens it to the network.")]
 PortOpt = Annotated[int, typer.Option("--port", help="Port to listen on.")]
@@ -258,16 +262,18 @@ def serve(
     top_k: ServeTopKOpt = None,
     top_k_text: ServeTopKTextOpt = None,
     seed: ServeSeedOpt = None,
+    backend: BackendOpt = "auto",
 ) -> int:
-    """Talk to J-Moshi in the browser: check, fetch what is missing, then run moshi.server."""
+    """Talk to J-Moshi in the browser: check, fetch what is missing, then run its server."""
     from . import serve as srv
     from .render import DownloadView, server_relay, show_event, show_load, show_note, show_recording, show_starting
 
     verbose = ui.settings.verbose
-    options = srv.ServeOptions(variant, host, port, device, half, offline, https, ssl, revision, moshi_weight,
-                               replicas, gpus, queue_timeout, drain_timeout, record=record, temp=temp,
-                               temp_text=temp_text, top_k=top_k, top_k_text=top_k_text, seed=seed,
-                               quantize=quantize, lora=lora)
+    options = srv.ServeOptions(
+        variant=variant, host=host, port=port, device=device, half=half, offline=offline, https=https, ssl_dir=ssl,
+        revision=revision, moshi_weight=moshi_weight, replicas=replicas, gpus=gpus, queue_timeout_s=queue_timeout,
+        drain_timeout_s=drain_timeout, record=record, temp=temp, temp_text=temp_text, top_k=top_k,
+        top_k_text=top_k_text, seed=seed, quantize=quantize, lora=lora, backend=backend)
     hooks = srv.ServeHooks(
         on_note=show_note, watch_download=DownloadView, on_starting=show_starting,
         on_ready=lambda launch, seconds: _announce_ready(launch, seconds, open_browser, replicas),
@@ -280,18 +286,88 @@ def serve(
 def recordings(
     folder: Annotated[Path, typer.Argument(help="The folder given to `jmoshi serve --record`.", metavar="DIR")]
     = Path("."),
+    stats: Annotated[bool, typer.Option("--stats", help="Also the turn-taking figures of each session, as "
+                                        "`jmoshi analyze` computes them (IPUs, gaps, overlaps per minute, "
+                                        "floor-transfer offset, J-Moshi's share).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """List the conversations `serve --record` saved: start, duration, variant, how each ended."""
-    from . import recordings as rec
+    from . import recording as rec
 
     sessions = rec.list_sessions(folder)
+    figures = _session_figures(sessions) if stats else None
     if as_json:
-        typer.echo(json.dumps([s.summary() for s in sessions], ensure_ascii=False, indent=2))
+        rows = [s.summary() for s in sessions]
+        if figures is not None:
+            for row, item in zip(rows, figures, strict=True):
+                row["stats"] = item.figures.as_json() if item.figures else {"error": item.problem}
+        typer.echo(json.dumps(rows, ensure_ascii=False, indent=2))
         return
     from .render import show_recordings
 
     show_recordings(folder, sessions)
+    if figures:
+        from .analysis.report import show_session_stats
+
+        show_session_stats(figures)
+
+
+def _session_figures(sessions):
+    from .analysis import Params, session_figures
+
+    with console.status("analysing") as status:
+        return session_figures(sessions, Params(), on_file=lambda path: status.update(f"analysing {path}"))
+
+
+@app.command()
+def analyze(
+    paths: Annotated[list[Path], typer.Argument(
+        help="Stereo WAVs (one speaker per channel, any rate), `serve --record` session folders, folders of "
+        "sessions, or `infer` outputs (*.dialogue.wav).", show_default=False)],
+    against: Annotated[Optional[list[Path]], typer.Option(
+        "--against", help="A second set analysed the same way (e.g. human dialogues of the same corpus), shown "
+        "beside the first with the difference per figure; repeat the flag for more paths.",
+        show_default=False)] = None,
+    csv_file: Annotated[Optional[Path], typer.Option("--csv", help="Write one row per file to FILE.",
+                                                     metavar="FILE", show_default=False)] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a timeline PNG per file into DIR.",
+                                                 metavar="DIR", show_default=False)] = None,
+    jmoshi_channel: Annotated[int, typer.Option("--jmoshi-channel", min=0, max=1, help="J-Moshi's channel "
+                                                "(the other is the user's): 1, as jmoshi writes them, or 0.")] = 1,
+    threshold: Annotated[float, typer.Option("--threshold", min=0.2, max=0.95, help="Silero VAD speech "
+                                             "probability that starts speech (it stops below this - 0.15).")] = 0.5,
+    min_silence_ms: Annotated[float, typer.Option("--min-silence-ms", min=0, help="Silence that ends an IPU "
+                                                  "(dGSLM: 200 ms).")] = 200.0,
+    min_ipu_ms: Annotated[float, typer.Option("--min-ipu-ms", min=0, help="Shorter IPUs are dropped "
+                                              "(clicks, breaths).")] = 100.0,
+    leak_db: Annotated[float, typer.Option("--leak-db", min=0, help="Speech this much quieter than the other "
+                                           "channel's, at the level that channel leaks in, is leakage, not a "
+                                           "voice (0: off).")] = 10.0,
+    as_json: JsonOpt = False,
+) -> int:
+    """Turn-taking statistics (dGSLM): IPUs, pauses, gaps, overlaps, floor-transfer offsets, J-Moshi's share."""
+    from . import analysis
+    from .analysis import report
+
+    params = analysis.Params(threshold=threshold, min_silence_ms=min_silence_ms, min_ipu_ms=min_ipu_ms,
+                             leak_db=leak_db, jmoshi_channel=jmoshi_channel)
+    request = analysis.Request(paths, params, against or [], csv_file, plot)
+    report.show_params(params)
+    with console.status("analysing") as status:
+        outcome = analysis.run(request, on_file=lambda path: status.update(f"analysing {path}"))
+    report.show_set(outcome.first)
+    if outcome.second is not None:
+        report.show_set(outcome.second, "--against")
+        report.show_comparison(outcome.first, outcome.second)
+    if as_json:
+        from .analysis.export import analyze_json
+
+        typer.echo(json.dumps(analyze_json(outcome, params), ensure_ascii=False, indent=2))
+    else:
+        for path in [outcome.csv, *outcome.plots]:
+            if path is not None:
+                typer.echo(str(path))
+    return outcome.exit_code
 
 
 @app.command()
