@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import wave
 from pathlib import Path
 
@@ -121,3 +122,20 @@ def test_write_wav_replaces_in_one_step(tmp_path):
         audio_io.write_wav(tmp_path / "blocked.wav", np.zeros(100, np.float32), 16000)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked.wav", "out.wav"]  # no temporary file left
+
+
+def test_files_written_in_one_step_follow_the_umask(tmp_path):
+    from jmoshi_cli.fsutil import atomic_write, current_umask
+
+    previous = os.umask(0o002)  # a lab's group shares results
+    try:
+        assert current_umask() == 0o002
+        atomic_write(tmp_path / "shared.wav", b"data")
+        os.umask(0o077)
+        atomic_write(tmp_path / "private.json", b"{}")
+        atomic_write(tmp_path / "key", b"k", mode=0o600)
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "shared.wav").stat().st_mode & 0o777 == 0o664
+    assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "key").stat().st_mode & 0o777 == 0o600

@@ -180,6 +180,21 @@ def test_user_variant_with_config_json(env, hub, hub_root, tmp_path):
     assert "lab" in [v["name"] for v in json.loads(listed.stdout)]
 
 
+def test_variants_fit_80_columns_and_the_license_is_shown_before_downloading(env):
+    listed = jmoshi("variants", env={**env, "COLUMNS": "80"})
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stderr.splitlines()
+    assert all(len(line) <= 100 for line in lines), lines
+    ext = lines.index(next(line for line in lines if line.startswith("ext (default)")))
+    assert "nu-dialogue/j-moshi-ext" in lines[ext] and "creativecommons.org/licenses/by-nc/4.0" in lines[ext + 2]
+    fetched = jmoshi("download", "--variant", "ext", "--no-web-ui", env=env)
+    assert fetched.returncode == 0, fetched.stderr
+    said = fetched.stderr
+    assert said.index("nu-dialogue/j-moshi-ext is licensed CC BY-NC 4.0") < said.index("done nu-dialogue/j-moshi-ext")
+    again = jmoshi("download", "--variant", "ext", "--no-web-ui", env=env)
+    assert "is licensed" not in again.stderr  # nothing to download, nothing to agree to again
+
+
 # --- bad input: one line, the right exit code, nothing lost -----------------------------------------
 
 

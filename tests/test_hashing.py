@@ -148,6 +148,22 @@ def test_a_truncate_the_thread_missed_but_the_writer_reported_is_never_vouched_f
         assert follower.finish(final) is None
 
 
+def test_rewinds_are_kept_only_while_a_file_is_followed(tmp_path):
+    before = len(hashing._rewinds)
+    for n in range(20):  # a long-lived process downloads many files: the table must not grow with them
+        partial = tmp_path / f"blob{n}.incomplete"
+        partial.write_bytes(b"x" * 10)
+        with FollowingHash(partial, poll_s=0.005) as follower:
+            wait_for(lambda: follower.hashed == 10)  # noqa: B023 - waited for before the next file
+            assert len(hashing._rewinds) == before + 1
+            with partial.open("r+b") as stream:
+                hashing.note_rewind(stream.fileno())
+        assert len(hashing._rewinds) == before
+    with (tmp_path / "unfollowed").open("wb") as stream:
+        hashing.note_rewind(stream.fileno())  # a writer nobody follows leaves nothing behind
+    assert len(hashing._rewinds) == before
+
+
 def test_a_reported_truncate_restarts_the_hash(tmp_path):
     partial, final = tmp_path / "blob.incomplete", tmp_path / "blob"
     old, new = os.urandom(2 * MIB), os.urandom(3 * MIB)

@@ -544,5 +544,12 @@ def ensure_local(catalogue: Catalogue, variant: Variant, revision: str | None = 
         on_note(note)
     if moshi_weight is not None:
         plan = replace(plan, entries=[e for e in plan.entries if e.artifact.role != "moshi"])
+    if plan.missing and variant.license:
+        on_note(license_note(variant))  # before the first byte: the weights' terms bind whoever downloads them
     plan = fetch_missing(plan, watch)
     return plan, model_files_with(plan, moshi_weight)
+
+
+def license_note(variant: Variant) -> str:
+    where = f": {variant.license_url}" if variant.license_url else ""
+    return f"{variant.repo} is licensed {variant.license}{where}"

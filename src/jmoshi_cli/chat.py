@@ -165,7 +165,7 @@ async def chat(
                     continue
                 if msg.type == aiohttp.WSMsgType.BINARY:
                     handle(msg.data)
-                    if msg.data[:1] == b"\x00":
+                    if msg.data[:1] == bytes([KIND_HANDSHAKE]):
                         handshake_s = time.monotonic() - t0
                         break
                 elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,

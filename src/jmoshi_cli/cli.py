@@ -173,7 +173,7 @@ def download(
 ) -> None:
     """Fetch weights, tokenizer, Mimi codec and web UI into the Hugging Face cache (verified)."""
     from . import artifacts
-    from .render import DownloadView, show_plan
+    from .render import DownloadView, show_note, show_plan
 
     catalogue, names = _variant_names(variant)
     results = []
@@ -184,7 +184,7 @@ def download(
             show_plan(plan)
         else:
             plan, _ = artifacts.ensure_local(catalogue, chosen, revision, web_ui=not no_web_ui,
-                                             use_cache_if_unreachable=False, watch=DownloadView)
+                                             use_cache_if_unreachable=False, watch=DownloadView, on_note=show_note)
             if not plan.fetched:
                 console.print(f"[green]✓[/] {name}: everything already cached")
         results.append(plan)
@@ -266,7 +266,16 @@ def serve(
 ) -> int:
     """Talk to J-Moshi in the browser: check, fetch what is missing, then run its server."""
     from . import serve as srv
-    from .render import DownloadView, server_relay, show_event, show_load, show_note, show_recording, show_starting
+    from .render import (
+        DownloadView,
+        server_relay,
+        show_event,
+        show_load,
+        show_note,
+        show_recording,
+        show_starting,
+        verbose_relay,
+    )
 
     verbose = ui.settings.verbose
     options = srv.ServeOptions(
@@ -278,7 +287,7 @@ def serve(
         on_note=show_note, watch_download=DownloadView, on_starting=show_starting,
         on_ready=lambda launch, seconds: _announce_ready(launch, seconds, open_browser, replicas),
         relay=server_relay(verbose), make_relay=lambda name: server_relay(verbose, name),
-        on_load=show_load, on_event=show_event, on_recording=show_recording)
+        on_load=show_load, on_event=show_event, on_recording=show_recording, haproxy_relay=verbose_relay(verbose))
     return srv.run(options, hooks)
 
 
@@ -387,12 +396,12 @@ def front(
 ) -> int:
     """One URL over `jmoshi serve` instances on other machines: HAProxy, health checks, a fair queue."""
     from . import front as frontdoor
-    from .render import show_event, show_load
+    from .render import show_event, show_load, verbose_relay
 
     options = frontdoor.FrontOptions(backend, host, port, https, ssl, queue_timeout, drain_timeout)
     hooks = frontdoor.FrontHooks(
         on_ready=lambda launch, seconds: _announce_ready(launch, seconds, False, str(len(backend))),
-        on_load=show_load, on_event=show_event)
+        on_load=show_load, on_event=show_event, haproxy_relay=verbose_relay(ui.settings.verbose))
     return frontdoor.run(options, hooks)
 
 

@@ -196,7 +196,9 @@ def _gpu_checks(facts: Facts, variant: Variant) -> list[Check]:
     best = max(gpus, key=lambda g: g.free_bytes)
     listing = "; ".join(f"{g.index}: {g.name}, {_gb(g.total_bytes)} total, {_gb(g.free_bytes)} free, "
                         f"cc {_cc(g.capability)}" for g in gpus)
-    checks = [Check("gpu", OK, f"driver {facts.nvidia.value.driver}; {listing}")]
+    nvidia = facts.nvidia.value
+    cuda = f" (CUDA {nvidia.cuda_driver})" if nvidia.cuda_driver else ""
+    checks = [Check("gpu", OK, f"driver {nvidia.driver}{cuda}; {listing}")]
     checks.append(_torch_cuda(facts, best))
     checks.append(_compiler(facts))
     checks.append(_bf16(best))

@@ -33,6 +33,7 @@ class FrontHooks:
     on_ready: Callable[[Launch, float], None] = lambda launch, seconds: None
     on_load: Callable[[haproxy.Load], None] = lambda load: None
     on_event: Callable[[str], None] = lambda text: None
+    haproxy_relay: Callable[[str], None] | None = None  # HAProxy's own lines, when shown
 
 
 def parse_backend(text: str, index: int) -> haproxy.Backend:
@@ -60,6 +61,7 @@ def run(options: FrontOptions, hooks: FrontHooks | None = None) -> int:
     front = haproxy.Front(options.host, options.port, backends, options.queue_timeout_s, ssl_dir)
     launch = Launch([], {}, options.host, options.port, front.scheme)
     fleet = replicas.Fleet(front, [], replicas.FleetHooks(on_ready=lambda s: hooks.on_ready(launch, s),
-                                                          on_load=hooks.on_load, on_event=hooks.on_event),
+                                                          on_load=hooks.on_load, on_event=hooks.on_event,
+                                                          haproxy_relay=hooks.haproxy_relay),
                            options.drain_timeout_s)
     return fleet.run()

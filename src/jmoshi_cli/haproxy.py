@@ -17,15 +17,18 @@ import io
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+from .child import Launch, Server
 from .errors import PreflightError
+
+START_TIMEOUT_S = 10.0  # HAProxy makes its runtime socket in milliseconds; this long means it hangs
 
 MIN_VERSION = (2, 4)
 CHAT_BACKEND = "chat"
@@ -263,25 +266,33 @@ class Front:
         self.config = FrontConfig(host, port, tuple(backends), self.folder / "runtime.sock",
                                   self.folder / "busy.http", queue_timeout_s, pem, managed=managed)
         (self.folder / "haproxy.cfg").write_text(render_config(self.config))
-        self.process: subprocess.Popen | None = None
+        self.server: Server | None = None
+
+    @property
+    def process(self) -> subprocess.Popen | None:
+        return self.server.process if self.server is not None else None
 
     @property
     def scheme(self) -> str:
         return "https" if self.config.pem else "http"
 
-    def start(self) -> None:
+    def start(self, relay: Callable[[str], None] | None = None) -> None:
+        """Start HAProxy tied to jmoshi. Its output is always read (every server DOWN/UP is an alert
+        line: a pipe nobody reads fills after a day of a crash-looping replica, and HAProxy then
+        blocks), handed to `relay` when given, else kept for the error if it fails to start."""
         from .lifetime import tied_argv
 
         check_config(self.version.path, self.folder / "haproxy.cfg")
         argv = tied_argv([self.version.path, "-db", "-f", str(self.folder / "haproxy.cfg")])
-        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 10
+        launch = Launch(argv, dict(os.environ), self.config.host, self.config.port, self.scheme)
+        self.server = Server(launch, relay=relay or (lambda line: None)).start()
+        deadline = time.monotonic() + START_TIMEOUT_S
         while not self.config.runtime_socket.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                output = self.process.stdout.read().decode("utf-8", "replace") if self.process.stdout else ""
-                self.stop()
-                alert = next((line for line in output.splitlines() if "ALERT" in line), output.strip()[-300:])
+            if not self.alive() or time.monotonic() > deadline:
+                self.server.stop(grace_s=5)
+                output = list(self.server.tail)
+                shutil.rmtree(self.folder, ignore_errors=True)
+                alert = next((line for line in output if "ALERT" in line), "\n".join(output).strip()[-300:])
                 raise PreflightError(f"HAProxy did not start: {alert}",
                                      f"is port {self.config.port} free on {self.config.host}? (`ss -ltnp`)")
             time.sleep(0.05)
@@ -303,16 +314,8 @@ class Front:
             return False
 
     def stop(self) -> None:
-        process = self.process
-        if process is not None and process.poll() is None:
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(5)
-            except ProcessLookupError:
-                pass
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        if self.server is not None:
+            self.server.stop(grace_s=5)
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

@@ -45,14 +45,52 @@ REPORT_S = 0.1  # the least time between two progress reports
 Report = Callable[[int], None]
 
 
-_rewinds: dict[tuple[int, int], int] = {}  # (device, inode) -> truncates reported by its writer
+Identity = tuple[int, int]  # (device, inode)
+
+
+class _Rewinds:
+    """Truncates reported by writers, kept only for files that a follower has open: the table holds
+    as many entries as there are follows running, however many files a process downloads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[Identity, list[int]] = {}  # identity -> [followers, truncates]
+
+    def follow(self, key: Identity) -> int:
+        with self._lock:
+            entry = self._entries.setdefault(key, [0, 0])
+            entry[0] += 1
+            return entry[1]
+
+    def unfollow(self, key: Identity) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry[0] -= 1
+                if entry[0] <= 0:
+                    del self._entries[key]
+
+    def note(self, key: Identity) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry[1] += 1
+
+    def count(self, key: Identity | None) -> int:
+        entry = self._entries.get(key) if key is not None else None
+        return entry[1] if entry is not None else 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_rewinds = _Rewinds()
 
 
 def note_rewind(fd: int) -> None:
     """Record that the writer of this open file cut it back: a follower of it starts over."""
     stat = os.fstat(fd)
-    key = (stat.st_dev, stat.st_ino)
-    _rewinds[key] = _rewinds.get(key, 0) + 1
+    _rewinds.note((stat.st_dev, stat.st_ino))
 
 
 def supported() -> bool:
@@ -165,12 +203,12 @@ class FollowingHash:
             return False
         stat = os.fstat(fd)
         self._fd, self._identity = fd, (stat.st_dev, stat.st_ino)
-        self._rewinds_seen = _rewinds.get(self._identity, 0)
+        self._rewinds_seen = _rewinds.follow(self._identity)
         return True
 
     def _rewound(self) -> bool:
         """True when the writer reported a truncate since the hash last started."""
-        return _rewinds.get(self._identity, 0) != self._rewinds_seen
+        return _rewinds.count(self._identity) != self._rewinds_seen
 
     def _replaced(self) -> bool:
         """True when a different file now has the partial name (the old one was removed)."""
@@ -184,7 +222,7 @@ class FollowingHash:
         self.restarts += 1
         self._digest = hashlib.sha256()
         self._offset = 0
-        self._rewinds_seen = _rewinds.get(self._identity, 0)
+        self._rewinds_seen = _rewinds.count(self._identity)
         if reopen:
             self._close()
             self._open()
@@ -211,3 +249,4 @@ class FollowingHash:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+            _rewinds.unfollow(self._identity)

@@ -36,13 +36,17 @@ def show_checks(checks, variant) -> None:
 
 
 def show_variants(catalogue) -> None:
-    table = Table(title_justify="left")
-    for column in ("name", "repo", "revision", "VRAM", "license", "description"):
-        table.add_column(column, overflow="fold")
+    """Three short lines a variant (a table of six columns wraps every cell at 80 columns)."""
     for v in catalogue.variants.values():
         name = v.name + (" (default)" if v.name == catalogue.default else "")
-        table.add_row(name, v.repo, v.revision, f"{v.vram_gb:g} GB", v.license, v.description)
-    console.print(table)
+        revision = f"@{v.revision}" if v.revision != "main" else ""
+        int8 = f", int8 {v.vram_min_int8_gb:g} GB" if v.vram_min_int8_gb else ""
+        console.print(f"[bold]{name}[/]  {v.repo}{revision}  GPU {v.vram_gb:g} GB{int8}", soft_wrap=True)
+        if v.description:
+            console.print(f"  {v.description}", soft_wrap=True)
+        if v.license:
+            console.print(f"  [dim]license: {v.license}{'  ' + v.license_url if v.license_url else ''}[/]",
+                          soft_wrap=True)
     console.print(f"catalogue: {', '.join(str(s) for s in catalogue.sources)}", soft_wrap=True)
 
 
@@ -303,6 +307,11 @@ def show_ready(launch, seconds: float, replicas: str | None = None) -> None:
         console.print("  browsers give the microphone only to https:// pages or localhost: use --https, or "
                       f"tunnel: ssh -L {launch.port}:localhost:{launch.port} {socket.gethostname()} and open "
                       f"http://localhost:{launch.port}/", soft_wrap=True)
+
+
+def verbose_relay(verbose: bool):
+    """Another program's lines (HAProxy's) as they came with --verbose; None (read, not shown) without."""
+    return server_relay(True) if verbose else None
 
 
 def server_relay(verbose: bool, name: str | None = None):

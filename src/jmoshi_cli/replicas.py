@@ -160,6 +160,7 @@ class FleetHooks:
     on_load: Callable[[Load], None] = lambda load: None
     on_event: Callable[[str], None] = lambda text: None  # a replica crashed, restarted, rejoined...
     make_relay: Callable[[str], Callable[[str], None] | None] = lambda name: None
+    haproxy_relay: Callable[[str], None] | None = None  # HAProxy's own lines (alerts), read always, shown if given
 
 
 class Fleet:
@@ -180,7 +181,7 @@ class Fleet:
             try:
                 for replica in self.replicas:
                     self._start(replica)
-                self.front.start()
+                self.front.start(self.hooks.haproxy_relay)
                 while not signals.received:
                     self._tick()
                     time.sleep(TICK_S)

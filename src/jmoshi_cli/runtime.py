@@ -98,7 +98,6 @@ class Runtime:
     has_lora: bool  # --lora-weight (0.2.4+)
     has_int8: bool  # QLinear int8 checkpoints with "quantize" in the LM config (checked on 0.2.13)
     sphn_api: str  # the sphn API moshi's server calls: "0.1" (< 0.2.12) or "0.2"
-    compiles_rms_norm: bool  # 0.2.12+: one more torch.compile'd kernel, used on every step
     kind: str  # CURRENT, DOCUMENTED or UNTESTED
 
     @classmethod
@@ -114,7 +113,7 @@ class Runtime:
                    huggingface_hub=versions.get("huggingface_hub"), bitsandbytes=versions.get("bitsandbytes"),
                    honours_host=v >= (0, 2, 5), has_config_path=v >= (0, 2, 4), has_lora=v >= (0, 2, 4),
                    has_int8=v >= (0, 2, 13),
-                   sphn_api="0.2" if v >= (0, 2, 12) else "0.1", compiles_rms_norm=v >= (0, 2, 12), kind=kind)
+                   sphn_api="0.2" if v >= (0, 2, 12) else "0.1", kind=kind)
 
     @property
     def family(self) -> str:

@@ -97,6 +97,7 @@ class ServeHooks:
     on_load: Callable[[object], None] = lambda load: None
     on_event: Callable[[str], None] = lambda text: None
     on_recording: Callable[[Path], None] = lambda folder: None  # --record: where conversations go
+    haproxy_relay: Callable[[str], None] | None = None  # with --replicas: HAProxy's own lines, when shown
 
 
 def run(options: ServeOptions, hooks: ServeHooks | None = None) -> int:
@@ -128,7 +129,7 @@ def _run_replicas(options: ServeOptions, prepared: Prepared, hooks: ServeHooks) 
     fleet = replicas.Fleet(
         front, [replicas.Replica(p, replicas.replica_launch(prepared.spec, p)) for p in prepared.placements],
         replicas.FleetHooks(on_ready=lambda seconds: hooks.on_ready(front_launch, seconds), on_load=hooks.on_load,
-                            on_event=hooks.on_event, make_relay=hooks.make_relay),
+                            on_event=hooks.on_event, make_relay=hooks.make_relay, haproxy_relay=hooks.haproxy_relay),
         options.drain_timeout_s)
     return fleet.run()
 
