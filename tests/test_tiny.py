@@ -133,7 +133,7 @@ def test_streaming_lmgen_steps(mimi, lm, tokenizer, config):
 def _fake_build(calls: list, delay: float = 0.0):
     """Stand-in for build_tiny_repo (the real one runs in the module fixture): tiny files, same names."""
 
-    def build(dest, seed=0):
+    def build(dest, seed=0, lm_overrides=None):
         import time
 
         calls.append(Path(dest))

@@ -73,3 +73,30 @@ def test_importing_transcript_loads_neither_numpy_nor_torch():
             "print(sorted(m for m in ('numpy', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_browser_gets_the_text_the_transcript_says_piece_by_piece():
+    """moshi.server sends each piece with every `▁` as a space; jmoshi's tap sends the transcript's text."""
+    import random
+
+    from jmoshi_cli.upstream.moshi_server import BrowserText
+
+    class Tokenizer:
+        def __init__(self, pieces):
+            self.pieces = pieces
+
+        def id_to_piece(self, token):
+            return self.pieces[token]
+
+    vocabulary = ["▁今日は", "今", "▁私は", "見", "。", "▁Hello", "▁world", ",", "▁", "▁3", "▁時", "<0xE3>", "<0x81>",
+                  "<0x82>", "ね", "▁OK", "!"]
+    rng = random.Random(7)
+    for _ in range(300):
+        pieces = [rng.choice(vocabulary) for _ in range(rng.randint(1, 12))]
+        if any(p.startswith("<0x") for p in pieces):  # a byte piece only ever comes as a whole character
+            pieces = [p for p in pieces if not p.startswith("<0x")] + ["<0xE3>", "<0x81>", "<0x82>"]
+        browser = BrowserText(Tokenizer(pieces))
+        sent = "".join(browser.id_to_piece(i) for i in range(len(pieces)))
+        assert sent == join_pieces(pieces).rstrip(), pieces
+        browser.conversation_starts()  # a new conversation starts without the last one's context
+        assert "".join(browser.id_to_piece(i) for i in range(len(pieces))) == sent

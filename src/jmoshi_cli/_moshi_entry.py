@@ -45,7 +45,7 @@ def plan_for(rt: runtime.Runtime, contract: ChildContract, argv: list[str]) -> P
     """Pure: the bind address and config path as flags where this moshi has them, else as patches."""
     argv = list(argv)
     config = contract.config_path
-    if config and rt.has_config_path and "--config-path" not in argv:
+    if config and rt.has_config_path:  # the backend never puts it in argv: the contract carries it
         argv += ["--config-path", config]
     return Plan(argv, moshi_server.Patches(
         bind_host=None if rt.honours_host else contract.bind_host,

@@ -359,7 +359,7 @@ def download(plan: Plan, on_progress: Progress | None = None, on_retry: Retry | 
     elif not plan.offline:
         check_writable(hub.cache_dir())
     _remember_refs(plan)
-    entries = [verify(e, on_bytes=_for(on_hash, e)) if e.status is Status.COMPLETE and not is_stamped(e.path)
+    entries = [verify(e, on_bytes=_for(on_hash, e)) if _unstamped(e)
                else e for e in plan.entries]  # put there by another tool, or changed since we hashed it
     todo = [i for i, e in enumerate(entries) if not e.status.usable]
     for i, entry in zip(todo, _fetch_all([entries[i] for i in todo], on_progress, on_retry,
@@ -367,14 +367,20 @@ def download(plan: Plan, on_progress: Progress | None = None, on_retry: Retry | 
         entries[i] = entry
     entries = [replace(e, status=Status.COMPLETE) for e in entries]
     done = replace(plan, entries=entries, fetched=tuple(entries[i].artifact.label for i in todo))
-    if done.entry("web_ui") is not None:
-        unpack_web_ui(done.entry("web_ui"))
+    web_ui = done.entry("web_ui")
+    if web_ui is not None:
+        unpack_web_ui(web_ui)
     return done
 
 
 def needs_hashing(plan: Plan) -> list[Entry]:
     """Complete files that download() will hash before trusting them (no stamp from an earlier check)."""
-    return [e for e in plan.entries if e.status is Status.COMPLETE and not is_stamped(e.path)]
+    return [e for e in plan.entries if _unstamped(e)]
+
+
+def _unstamped(entry: Entry) -> bool:
+    """A complete file with no stamp from an earlier check (a complete entry always has its path)."""
+    return entry.status is Status.COMPLETE and entry.path is not None and not is_stamped(entry.path)
 
 
 def _for(callback: Progress | None, entry: Entry) -> Callable[[int], None] | None:

@@ -25,6 +25,9 @@ from . import audio_io
 from .audio_io import FRAME_S, FRAME_SIZE, SAMPLE_RATE
 from .errors import JMoshiError
 
+if tp.TYPE_CHECKING:
+    from ssl import SSLContext
+
 KIND_HANDSHAKE = 0
 KIND_AUDIO = 1
 KIND_TEXT = 2
@@ -75,7 +78,7 @@ def _prepare_pcm(pcm: tp.Any, sample_rate: int) -> np.ndarray:
     return data
 
 
-def _ssl_arg(ssl: object) -> object:
+def _ssl_arg(ssl: SSLContext | bool | None) -> SSLContext | bool:
     # aiohttp: True = default verification, False = no verification, or an SSLContext/Fingerprint.
     return True if ssl is None else ssl
 
@@ -88,7 +91,7 @@ async def chat(
     realtime: bool = True,
     tail_s: float = 3.0,
     timeout_s: float = 60.0,
-    ssl: object = None,
+    ssl: SSLContext | bool | None = None,
 ) -> ChatResult:
     """Talk to a moshi.server at ``url`` (ws:// or wss://.../api/chat) with ``pcm``.
 

@@ -69,7 +69,7 @@ def _kernel_hint() -> str:
 
 # moshi.server is another program: its output text is all there is to tell why it stopped.
 # A hint is a string, or a function that gives it for the installed runtime.
-REASONS = [
+REASONS: list[tuple[str, str, str | Callable[[], str]]] = [
     # moshi < 0.2.12 calls the sphn 0.1 API, gone in sphn 0.2; 0.2.12+ calls the 0.2 API (sphn 0.1 returns None).
     ("read_pcm", "sphn 0.2 is installed; this moshi needs the sphn 0.1 API", "pip install 'sphn>=0.1.4,<0.2'"),
     ("read_bytes", "sphn 0.2 is installed; this moshi needs the sphn 0.1 API", "pip install 'sphn>=0.1.4,<0.2'"),
@@ -273,14 +273,16 @@ def supervise(server: Server, on_ready: Callable[[float], None], ready_timeout_s
 
 
 def _watch(server: Server, on_ready: Callable[[float], None], signals: StopSignals, ready_timeout_s: float) -> int:
+    process = server.process
+    assert process is not None  # supervise started it
     started = time.monotonic()
     ready = False
     while not signals.received:
         if not ready and server.check_ready(started, ready_timeout_s):
             ready = True
             on_ready(time.monotonic() - started)
-        elif ready and server.process.poll() is not None:
+        elif ready and process.poll() is not None:
             server.drain()
-            raise explain_exit(server.process.returncode, list(server.tail))
+            raise explain_exit(process.returncode, list(server.tail))
         time.sleep(POLL_S)
     return 128 + signals.received[0]

@@ -36,7 +36,9 @@ RevisionOpt = Annotated[Optional[str], typer.Option(
     "--revision", help="Branch, tag or commit of the model repo (default: the catalogue's).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 OfflineOpt = Annotated[bool, typer.Option("--offline", help="Use only the local cache; never call the hub.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cuda, or cpu (development and tests: not real time).")]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", help="auto (torch: cuda; MLX: the Mac's GPU), cuda, cuda:N, or cpu (development and tests: not "
+    "real time).")]
 HalfOpt = Annotated[bool, typer.Option("--half", help="float16 instead of bfloat16 (GPUs older than Ampere).")]
 MoshiWeightOpt = Annotated[Optional[Path], typer.Option(
     "--moshi-weight", help="A local LM checkpoint (e.g. fine-tuned J-Moshi) instead of the variant's.",
@@ -130,36 +132,22 @@ def doctor(
     port: Annotated[int, typer.Option("--port", help="Port to check.")] = 8998,
     host: Annotated[str, typer.Option("--host", help="Address to check the port on.")] = "127.0.0.1",
     as_json: JsonOpt = False,
-) -> None:
+) -> int:
     """Check this machine for J-Moshi: OS, packages, GPU, VRAM, disk, cache, hub, port."""
     from . import doctor as doc
+    from .results import DoctorResult
 
     catalogue, chosen = _catalogue_and_variant(variant)
-    checks = doc.evaluate(doc.gather(catalogue, chosen, host, port), chosen)
-    if as_json:
-        typer.echo(json.dumps(doc.as_json(checks, chosen), ensure_ascii=False, indent=2))
-    else:
-        from .render import show_checks
-
-        show_checks(checks, chosen)
-    return 1 if any(c.status is doc.Level.FAIL for c in checks) else 0
+    return finish(DoctorResult(doc.evaluate(doc.gather(catalogue, chosen, host, port), chosen), chosen), as_json)
 
 
 @app.command()
-def variants(as_json: JsonOpt = False) -> None:
+def variants(as_json: JsonOpt = False) -> int:
     """List the model variants jmoshi knows (built-in and from your variants.toml)."""
-    from dataclasses import asdict
-
+    from .results import VariantsResult
     from .variants import load_catalogue
 
-    catalogue = load_catalogue()
-    if as_json:
-        rows = [asdict(v) | {"default": v.name == catalogue.default} for v in catalogue.variants.values()]
-        typer.echo(json.dumps(rows, ensure_ascii=False, indent=2))
-        return
-    from .render import show_variants
-
-    show_variants(catalogue)
+    return finish(VariantsResult(load_catalogue()), as_json)
 
 
 @app.command()
@@ -170,39 +158,23 @@ def download(
                                           help="Show what is missing and its size; fetch nothing.")] = False,
     no_web_ui: Annotated[bool, typer.Option("--no-web-ui", help="Skip the browser UI bundle.")] = False,
     as_json: JsonOpt = False,
-) -> None:
+) -> int:
     """Fetch weights, tokenizer, Mimi codec and web UI into the Hugging Face cache (verified)."""
     from . import artifacts
-    from .render import DownloadView, show_note, show_plan
+    from .render import DownloadView, show_note
+    from .results import DownloadResult
 
     catalogue, names = _variant_names(variant)
-    results = []
+    plans = []
     for name in names:
         chosen = catalogue.get(name)
         if dry_run:
-            plan = artifacts.resolve(catalogue, chosen, revision, web_ui=not no_web_ui)
-            show_plan(plan)
+            plans.append(artifacts.resolve(catalogue, chosen, revision, web_ui=not no_web_ui))
         else:
-            plan, _ = artifacts.ensure_local(catalogue, chosen, revision, web_ui=not no_web_ui,
-                                             use_cache_if_unreachable=False, watch=DownloadView, on_note=show_note)
-            if not plan.fetched:
-                console.print(f"[green]✓[/] {name}: everything already cached")
-        results.append(plan)
-    _print_paths(results, as_json, dry_run)
-
-
-def _print_paths(plans, as_json: bool, dry_run: bool) -> None:
-    if as_json:
-        out = [{"variant": p.variant.name, "repo": p.variant.repo, "missing_bytes": p.missing_bytes,
-                "files": [{"role": e.artifact.role, "repo": e.artifact.repo, "file": e.artifact.filename,
-                           "commit": e.artifact.commit, "size": e.artifact.size, "sha256": e.artifact.sha256,
-                           "status": e.status.value, "path": str(e.path) if e.path else None} for e in p.entries]}
-               for p in plans]
-        typer.echo(json.dumps(out, ensure_ascii=False, indent=2))
-    elif not dry_run:
-        for plan in plans:
-            for entry in plan.entries:
-                typer.echo(str(entry.path))
+            plans.append(artifacts.ensure_local(catalogue, chosen, revision, web_ui=not no_web_ui,
+                                                use_cache_if_unreachable=False, watch=DownloadView,
+                                                on_note=show_note)[0])
+    return finish(DownloadResult(plans, dry_run), as_json)
 
 
 @app.command()
@@ -210,27 +182,17 @@ def verify(
     variant: VariantOrAllOpt = None,
     revision: RevisionOpt = None,
     as_json: JsonOpt = False,
-) -> None:
+) -> int:
     """Re-hash what is cached for a variant; report corrupt or missing files (exit 1 if any)."""
     from . import artifacts
-    from .render import show_verify
+    from .results import VerifyResult
 
     catalogue, names = _variant_names(variant)
-    bad = False
     report = []
     for name in names:
         plan = artifacts.resolve(catalogue, catalogue.get(name), revision, offline=True)
-        entries = [artifacts.verify(e) for e in plan.entries]
-        bad = bad or any(not e.status.usable for e in entries)
-        report.append((plan, entries))
-    if as_json:
-        typer.echo(json.dumps([{"variant": p.variant.name, "files": [
-            {"file": e.artifact.filename, "repo": e.artifact.repo, "status": e.status.value, "detail": e.detail,
-             "path": str(e.path) if e.path else None} for e in entries]} for p, entries in report],
-            ensure_ascii=False, indent=2))
-    else:
-        show_verify(report)
-    return 1 if bad else 0
+        report.append((plan, [artifacts.verify(e) for e in plan.entries]))
+    return finish(VerifyResult(report), as_json)
 
 
 @app.command()
@@ -238,7 +200,7 @@ def serve(
     variant: VariantOpt = None,
     host: HostOpt = "127.0.0.1",
     port: PortOpt = 8998,
-    device: DeviceOpt = "cuda",
+    device: DeviceOpt = "auto",
     half: HalfOpt = False,
     offline: OfflineOpt = False,
     https: Annotated[bool, typer.Option("--https", help="Serve HTTPS with a self-signed certificate (made once, "
@@ -266,29 +228,14 @@ def serve(
 ) -> int:
     """Talk to J-Moshi in the browser: check, fetch what is missing, then run its server."""
     from . import serve as srv
-    from .render import (
-        DownloadView,
-        server_relay,
-        show_event,
-        show_load,
-        show_note,
-        show_recording,
-        show_starting,
-        verbose_relay,
-    )
+    from .render import ConsoleReporter
 
-    verbose = ui.settings.verbose
     options = srv.ServeOptions(
         variant=variant, host=host, port=port, device=device, half=half, offline=offline, https=https, ssl_dir=ssl,
         revision=revision, moshi_weight=moshi_weight, replicas=replicas, gpus=gpus, queue_timeout_s=queue_timeout,
         drain_timeout_s=drain_timeout, record=record, temp=temp, temp_text=temp_text, top_k=top_k,
         top_k_text=top_k_text, seed=seed, quantize=quantize, lora=lora, backend=backend)
-    hooks = srv.ServeHooks(
-        on_note=show_note, watch_download=DownloadView, on_starting=show_starting,
-        on_ready=lambda launch, seconds: _announce_ready(launch, seconds, open_browser, replicas),
-        relay=server_relay(verbose), make_relay=lambda name: server_relay(verbose, name),
-        on_load=show_load, on_event=show_event, on_recording=show_recording, haproxy_relay=verbose_relay(verbose))
-    return srv.run(options, hooks)
+    return srv.run(options, ConsoleReporter(ui.settings.verbose, open_browser))
 
 
 @app.command()
@@ -299,26 +246,13 @@ def recordings(
                                         "`jmoshi analyze` computes them (IPUs, gaps, overlaps per minute, "
                                         "floor-transfer offset, J-Moshi's share).")] = False,
     as_json: JsonOpt = False,
-) -> None:
+) -> int:
     """List the conversations `serve --record` saved: start, duration, variant, how each ended."""
     from . import recording as rec
+    from .results import RecordingsResult
 
     sessions = rec.list_sessions(folder)
-    figures = _session_figures(sessions) if stats else None
-    if as_json:
-        rows = [s.summary() for s in sessions]
-        if figures is not None:
-            for row, item in zip(rows, figures, strict=True):
-                row["stats"] = item.figures.as_json() if item.figures else {"error": item.problem}
-        typer.echo(json.dumps(rows, ensure_ascii=False, indent=2))
-        return
-    from .render import show_recordings
-
-    show_recordings(folder, sessions)
-    if figures:
-        from .analysis.report import show_session_stats
-
-        show_session_stats(figures)
+    return finish(RecordingsResult(folder, sessions, _session_figures(sessions) if stats else None), as_json)
 
 
 def _session_figures(sessions):
@@ -356,27 +290,14 @@ def analyze(
 ) -> int:
     """Turn-taking statistics (dGSLM): IPUs, pauses, gaps, overlaps, floor-transfer offsets, J-Moshi's share."""
     from . import analysis
-    from .analysis import report
+    from .results import AnalyzeResult
 
     params = analysis.Params(threshold=threshold, min_silence_ms=min_silence_ms, min_ipu_ms=min_ipu_ms,
                              leak_db=leak_db, jmoshi_channel=jmoshi_channel)
     request = analysis.Request(paths, params, against or [], csv_file, plot)
-    report.show_params(params)
     with console.status("analysing") as status:
         outcome = analysis.run(request, on_file=lambda path: status.update(f"analysing {path}"))
-    report.show_set(outcome.first)
-    if outcome.second is not None:
-        report.show_set(outcome.second, "--against")
-        report.show_comparison(outcome.first, outcome.second)
-    if as_json:
-        from .analysis.export import analyze_json
-
-        typer.echo(json.dumps(analyze_json(outcome, params), ensure_ascii=False, indent=2))
-    else:
-        for path in [outcome.csv, *outcome.plots]:
-            if path is not None:
-                typer.echo(str(path))
-    return outcome.exit_code
+    return finish(AnalyzeResult(outcome, params), as_json)
 
 
 @app.command()
@@ -396,44 +317,20 @@ def front(
 ) -> int:
     """One URL over `jmoshi serve` instances on other machines: HAProxy, health checks, a fair queue."""
     from . import front as frontdoor
-    from .render import show_event, show_load, verbose_relay
+    from .render import ConsoleReporter
 
     options = frontdoor.FrontOptions(backend, host, port, https, ssl, queue_timeout, drain_timeout)
-    hooks = frontdoor.FrontHooks(
-        on_ready=lambda launch, seconds: _announce_ready(launch, seconds, False, str(len(backend))),
-        on_load=show_load, on_event=show_event, haproxy_relay=verbose_relay(ui.settings.verbose))
-    return frontdoor.run(options, hooks)
-
-
-def _announce_ready(launch, seconds: float, open_browser: bool, replicas: str | None = None) -> None:
-    from .render import show_ready
-
-    show_ready(launch, seconds, replicas)
-    typer.echo(launch.url)
-    if open_browser:
-        import webbrowser
-
-        webbrowser.open(launch.url)
+    return frontdoor.run(options, ConsoleReporter(ui.settings.verbose))
 
 
 @app.command()
-def selftest(as_json: JsonOpt = False) -> None:
+def selftest(as_json: JsonOpt = False) -> int:
     """Prove the installed stack works, before downloading 16 GB: a tiny model on the CPU (about a minute)."""
     from . import selftest as st
-    from .audio_io import SAMPLE_RATE
 
     with console.status("selftest") as status:
         result = st.run(on_step=lambda step: status.update(f"selftest: {step}"))
-    figures = {"ready_s": round(result.ready_s, 2), "handshake_s": round(result.handshake_s, 3),
-               "audio_samples": result.audio_samples, "audio_s": round(result.audio_samples / SAMPLE_RATE, 2),
-               "text_pieces": len(result.text_pieces), "frames_sent": result.sent_frames,
-               "ms_per_frame": round(result.mean_frame_ms, 1)}
-    if as_json:
-        typer.echo(json.dumps({"ok": True, **figures}, ensure_ascii=False))
-    console.print(f"[green]OK[/] moshi.server ready in {figures['ready_s']} s; handshake {figures['handshake_s']} s; "
-                  f"{figures['audio_samples']} audio samples ({figures['audio_s']} s) and {figures['text_pieces']} "
-                  f"text pieces back for {figures['frames_sent']} frames sent; {figures['ms_per_frame']} ms per frame "
-                  "on this CPU (80 ms is real time)", soft_wrap=True)
+    return finish(result, as_json)
 
 
 @app.command()
@@ -445,7 +342,7 @@ def infer(
     = "left",
     variant: VariantOpt = None,
     revision: RevisionOpt = None,
-    device: DeviceOpt = "cuda",
+    device: DeviceOpt = "auto",
     half: HalfOpt = False,
     offline: OfflineOpt = False,
     moshi_weight: MoshiWeightOpt = None,
@@ -462,32 +359,29 @@ def infer(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Make the run reproducible.",
                                                 show_default=False)] = None,
     as_json: JsonOpt = False,
-) -> None:
+) -> int:
     """Talk to J-Moshi from audio files: its voice, a stereo dialogue wav and a timed transcript per file."""
     from . import infer as inf
-    from .render import DownloadView, InferView, show_infer_summary, show_note
+    from .render import ConsoleReporter
+    from .results import InferResult
 
     options = inf.InferOptions(device=device, half=half, channel=channel, temp=temp, temp_text=temp_text,
                                top_k=top_k, top_k_text=top_k_text, seed=seed, quantize=quantize)
     request = inf.InferRequest(inputs, out, variant, revision, offline, moshi_weight, options, lora=lora)
-    hooks = inf.InferHooks(on_note=show_note, watch_download=DownloadView, loading=console.status,
-                           progress=InferView)
-    results = inf.run(request, hooks)
-    show_infer_summary(results, inf.summarize(results))
+    return finish(InferResult(inf.run(request, ConsoleReporter())), as_json)
+
+
+def finish(result, as_json: bool) -> int:
+    """The one place a command's result is printed: for people on stderr, JSON or paths on stdout."""
+    from .render import show
+
+    show(result)
     if as_json:
-        typer.echo(json.dumps([_result_json(r) for r in results], ensure_ascii=False, indent=2))
+        typer.echo(json.dumps(result.to_json(), ensure_ascii=False, indent=2))
     else:
-        for result in results:
-            for path in result.outputs.values():
-                typer.echo(str(path))
-    return 0 if all(r.ok for r in results) else 1
-
-
-def _result_json(result) -> dict:
-    return {"source": str(result.source), "ok": result.ok, "error": result.error, "audio_s": result.audio_s,
-            "compute_s": result.compute_s, "rtf": result.rtf, "note": result.note, "channel": result.channel,
-            "frames": result.frames, "segments": result.segments, "text": result.text,
-            "outputs": {k: str(v) for k, v in result.outputs.items()}}
+        for path in result.paths():
+            typer.echo(str(path))
+    return result.exit_code
 
 
 def main() -> None:
@@ -526,8 +420,9 @@ def _fail(message: str, hint: str, code: int, exc: BaseException) -> int:
         import traceback
 
         traceback.print_exception(exc)
-        if getattr(exc, "detail", ""):
-            console.print(exc.detail, markup=False, highlight=False, soft_wrap=True)
+        detail = getattr(exc, "detail", "")
+        if detail:
+            console.print(detail, markup=False, highlight=False, soft_wrap=True)
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     if hint:
         console.print(f"[dim]hint:[/] {hint}", highlight=False, soft_wrap=True)

@@ -10,10 +10,11 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from typing import Any
 
 from . import hardware, runtime
 from .artifacts import Status
-from .hardware import GPU, Probe
+from .hardware import GPU, NvidiaFacts, Probe
 from .variants import Catalogue, Variant
 
 
@@ -64,19 +65,24 @@ class Facts:
     os: dict
     python: tuple[int, int, int]
     packages: dict[str, str | None]
-    nvidia: Probe
-    torch: Probe | None
-    disk: Probe
-    cache: Probe  # value: list of CacheRow for the variant, from the cache alone
+    nvidia: Probe[NvidiaFacts]
+    torch: Probe[dict[str, Any]] | None
+    disk: Probe[int]
+    cache: Probe[list[CacheRow]]  # the variant's files, from the cache alone
     missing_bytes: int | None
-    hub: Probe | None  # None when offline mode is on
+    hub: Probe[int] | None  # None when offline mode is on
     endpoint: str
-    port: Probe
+    port: Probe[bool]
     host: str
     port_number: int
     extra: dict = field(default_factory=dict)
-    haproxy: Probe | None = None  # value: haproxy.Version; error: why it cannot be used
+    haproxy: Probe[Any] | None = None  # value: haproxy.Version; error: why it cannot be used
     compile: CompileFacts = field(default_factory=CompileFacts)
+    apple: Probe[hardware.AppleFacts] | None = None  # on Apple Silicon: chip, unified memory, macOS, MLX
+
+    @property
+    def on_mac(self) -> bool:
+        return self.apple is not None and self.apple.ok
 
     @property
     def runtime(self) -> runtime.Runtime:
@@ -87,7 +93,8 @@ def gather(catalogue: Catalogue, variant: Variant, host: str = "127.0.0.1", port
     from . import artifacts, hub
 
     packages = {**runtime.installed_versions(), "jmoshi": hardware.package_version("jmoshi")}
-    nvidia = hardware.nvidia()
+    apple = hardware.apple()
+    nvidia = hardware.nvidia() if not apple.ok else Probe(False, error="an Apple Silicon Mac has no NVIDIA GPU")
     has_gpu = nvidia.ok and bool(nvidia.value.gpus)
     torch = hardware.torch_cuda() if has_gpu and packages["torch"] else None
     offline = hub.offline_env()
@@ -98,14 +105,15 @@ def gather(catalogue: Catalogue, variant: Variant, host: str = "127.0.0.1", port
         lambda: artifacts.resolve(catalogue, variant, offline=offline or not (reach and reach.ok)), 20)
     cache, missing = _cache_facts(plan)
     return Facts(
-        os=hardware.os_facts(), python=tuple(sys.version_info[:3]), packages=packages, nvidia=nvidia,
+        os=hardware.os_facts(), python=sys.version_info[:3], packages=packages, nvidia=nvidia,
         torch=torch, disk=hardware.disk_free(hub.cache_dir()), cache=cache, missing_bytes=missing,
         hub=reach, endpoint=hub.endpoint(), port=hardware.port_free(host, port), host=host, port_number=port,
         extra={"cache_dir": str(hub.cache_dir()), "offline": offline}, haproxy=_haproxy_probe(),
-        compile=CompileFacts(runtime.c_compiler(), runtime.python_headers(), runtime.NO_COMPILE_ENV in os.environ))
+        compile=CompileFacts(runtime.c_compiler(), runtime.python_headers(), runtime.NO_COMPILE_ENV in os.environ),
+        apple=apple)
 
 
-def _haproxy_probe() -> Probe:
+def _haproxy_probe() -> Probe[Any]:
     from . import haproxy
     from .errors import JMoshiError
 
@@ -115,7 +123,7 @@ def _haproxy_probe() -> Probe:
         return Probe(False, error=exc.message)
 
 
-def _cache_facts(plan: Probe) -> tuple[Probe, int | None]:
+def _cache_facts(plan: Probe[Any]) -> tuple[Probe[list[CacheRow]], int | None]:
     from . import artifacts
 
     if not plan.ok:
@@ -132,7 +140,7 @@ def evaluate(facts: Facts, variant: Variant) -> list[Check]:
     rt = facts.runtime
     checks = [_os(facts), _python(facts), _runtime(rt)]
     checks += [_package(name, facts.packages.get(name), rt) for name in CHECKED_PACKAGES]
-    checks += _gpu_checks(facts, variant)
+    checks += _mac_checks(facts, variant) if facts.on_mac else _gpu_checks(facts, variant)
     checks += [_disk(facts), _cache(facts, variant), _hub(facts), _port(facts)]
     if facts.haproxy is not None:
         checks.append(_haproxy(facts.haproxy))
@@ -141,14 +149,43 @@ def evaluate(facts: Facts, variant: Variant) -> list[Check]:
 
 def _os(facts: Facts) -> Check:
     system, machine = facts.os.get("system"), facts.os.get("machine")
+    if facts.apple is not None and facts.apple.ok:
+        return Check("os", OK, f"macOS {facts.apple.value.macos} on {facts.apple.value.chip} (the MLX backend)")
     if system == "Linux" and machine in ("x86_64", "AMD64"):
         return Check("os", OK, f"Linux {machine}")
     if system == "Linux":
         return Check("os", WARN, f"Linux {machine}: not tested", "jmoshi is tested on Linux x86_64")
-    why = {"Darwin": "macOS has no CUDA; moshi's PyTorch server needs an NVIDIA GPU",
+    why = {"Darwin": "an Intel Mac has neither CUDA nor Apple Silicon for MLX",
            "Windows": "moshi's server and its audio stack are only tested here on Linux"}
-    return Check("os", FAIL, why.get(system, f"{system} is not supported"),
+    return Check("os", FAIL, why.get(system or "", f"{system} is not supported"),
                  "use a Linux x86_64 machine with an NVIDIA GPU (24 GB), or WSL2 on Windows")
+
+
+def _mac_checks(facts: Facts, variant: Variant) -> list[Check]:
+    """Apple Silicon: MLX and Metal, and which precision fits the unified memory (the NVIDIA rows do not apply)."""
+    from .backends.mlx import need_gb, pick
+    from .errors import PreflightError
+    from .precision import Precision
+
+    assert facts.apple is not None  # called only when facts.on_mac
+    mac = facts.apple.value
+    memory_gb = mac.memory_bytes / 1e9
+    if mac.mlx is None:
+        mlx = Check("mlx", FAIL, "MLX is not installed", "reinstall jmoshi on this Mac: pip install .")
+    elif not mac.metal:
+        mlx = Check("mlx", FAIL, f"mlx {mac.mlx} does not see the Metal GPU", "update macOS (MLX needs 13.5 or newer)")
+    else:
+        mlx = Check("mlx", OK, f"mlx {mac.mlx}, Metal GPU")
+    sizes = ", ".join(f"{p.value} ~{need_gb(variant.lm_gb, p):.1f} GB"
+                      for p in (Precision.BF16, Precision.INT8, Precision.INT4))
+    try:
+        precision, _ = pick(memory_gb, variant.lm_gb, Precision.AUTO)
+    except PreflightError as exc:
+        return [mlx, Check("memory", FAIL, f"{memory_gb:.0f} GB unified memory: {exc.message}", exc.hint)]
+    level = OK if precision is Precision.BF16 else WARN
+    return [mlx, Check("memory", level, f"{memory_gb:.0f} GB unified memory: {variant.name} fits {precision.value} "
+                                         f"({sizes}); `jmoshi serve` picks it by itself",
+                       "" if level is OK else "--quantize bf16 needs a Mac with more memory")]
 
 
 def _python(facts: Facts) -> Check:
@@ -295,10 +332,8 @@ def _disk(facts: Facts) -> Check:
     if not facts.disk.ok:
         return Check("disk", WARN, f"cannot read free space of {where}: {facts.disk.error}")
     free = int(facts.disk.value)
-    need = facts.missing_bytes
-    estimated = need is None
-    if estimated:
-        need = ESTIMATED_7B_BYTES if _any_missing(facts) else 0
+    estimated = facts.missing_bytes is None
+    need = (ESTIMATED_7B_BYTES if _any_missing(facts) else 0) if facts.missing_bytes is None else facts.missing_bytes
     about = "about " if estimated else ""
     if need > free:
         return Check("disk", FAIL, f"{_gb(free)} free in {where}; {about}{_gb(need)} still to download",
@@ -344,7 +379,7 @@ def _port(facts: Facts) -> Check:
     return Check("port", WARN, f"{where} is in use", f"stop what uses it, or serve with --port {facts.port_number + 1}")
 
 
-def _haproxy(probe: Probe) -> Check:
+def _haproxy(probe: Probe[Any]) -> Check:
     from .haproxy import INSTALL_HINT
 
     if probe.ok:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from . import artifacts, haproxy, preflight, tls
 from .child import Launch
 from .errors import UsageError
+from .reporter import Reporter
 
 
 @dataclass(frozen=True)
@@ -28,14 +28,6 @@ class FrontOptions:
     drain_timeout_s: float = 60.0
 
 
-@dataclass
-class FrontHooks:
-    on_ready: Callable[[Launch, float], None] = lambda launch, seconds: None
-    on_load: Callable[[haproxy.Load], None] = lambda load: None
-    on_event: Callable[[str], None] = lambda text: None
-    haproxy_relay: Callable[[str], None] | None = None  # HAProxy's own lines, when shown
-
-
 def parse_backend(text: str, index: int) -> haproxy.Backend:
     """HOST:PORT, or HOST:PORT/N for a `jmoshi serve --replicas N` that holds N conversations."""
     match = re.fullmatch(r"\[?([^\[\]/]+?)\]?:(\d{1,5})(?:/(\d{1,3}))?", text.strip())
@@ -45,10 +37,10 @@ def parse_backend(text: str, index: int) -> haproxy.Backend:
     return haproxy.Backend(f"b{index}", match.group(1), int(match.group(2)), int(match.group(3) or 1))
 
 
-def run(options: FrontOptions, hooks: FrontHooks | None = None) -> int:
+def run(options: FrontOptions, report: Reporter | None = None) -> int:
     from . import replicas, serve
 
-    hooks = hooks or FrontHooks()
+    report = report or Reporter()
     if not options.backends:
         raise UsageError("no --backend given", "e.g. jmoshi front --backend 10.0.0.5:8998 --backend 10.0.0.6:8998")
     if options.https and options.ssl_dir:
@@ -60,8 +52,6 @@ def run(options: FrontOptions, hooks: FrontHooks | None = None) -> int:
         ssl_dir = tls.ensure_certificate(artifacts.data_dir() / "tls", serve.certificate_names(options.host))
     front = haproxy.Front(options.host, options.port, backends, options.queue_timeout_s, ssl_dir)
     launch = Launch([], {}, options.host, options.port, front.scheme)
-    fleet = replicas.Fleet(front, [], replicas.FleetHooks(on_ready=lambda s: hooks.on_ready(launch, s),
-                                                          on_load=hooks.on_load, on_event=hooks.on_event,
-                                                          haproxy_relay=hooks.haproxy_relay),
-                           options.drain_timeout_s)
+    capacity = sum(b.slots for b in backends)
+    fleet = replicas.Fleet(front, [], report, launch, options.drain_timeout_s, str(capacity))
     return fleet.run()

@@ -62,7 +62,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypedDict
 
 import numpy as np
 
@@ -253,13 +253,17 @@ class Model:
                 yield self.mimi.encode(torch.zeros(1, 1, FRAME_SIZE, device=self.device))
 
 
+class _Adapter(TypedDict, total=False):
+    lora_weights: Path  # a field since moshi 0.2.4: passed only when there is an adapter
+
+
 def _load_modules(files: ModelFiles, config: ModelConfig, device, dtype, captured: io.StringIO):
     """(mimi, tokenizer, lm) through moshi's own loaders; errors become PreflightError / CacheError."""
     import torch
     from moshi.models import loaders
 
     # By keyword: 0.2.4+ inserted fields (mimi_config, lora_weights, ...) between these.
-    adapter = {"lora_weights": Path(files.lora)} if files.lora is not None else {}
+    adapter: _Adapter = {"lora_weights": Path(files.lora)} if files.lora is not None else {}
     info = loaders.CheckpointInfo(moshi_weights=Path(files.moshi_weight), mimi_weights=Path(files.mimi_weight),
                                   tokenizer=Path(files.tokenizer), lm_config=config.lm_config,
                                   raw_config=config.raw, model_type=config.model_type,

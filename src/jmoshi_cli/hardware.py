@@ -19,27 +19,33 @@ import urllib.request
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 T = TypeVar("T")
 
 
 @dataclass
-class Probe:
-    """The outcome of one probe: a value, or why there is none."""
+class Probe(Generic[T]):
+    """The outcome of one probe: a value, or why there is none (then `value` is None)."""
 
     ok: bool
-    value: object = None
+    value: T = None  # type: ignore[assignment]  # None exactly when not ok (and a few probes' False)
     error: str = ""
 
 
-def bounded(fn: Callable[[], T], timeout_s: float) -> Probe:
+class ProbeFailure(Exception):
+    """A probe's own account of why it has no value: its text is the probe's error as it is."""
+
+
+def bounded(fn: Callable[[], T], timeout_s: float) -> Probe[T]:
     """Run fn in a daemon thread; give up after timeout_s (the thread is abandoned, not joined)."""
-    box: list[Probe] = []
+    box: list[Probe[T]] = []
 
     def target() -> None:
         try:
             box.append(Probe(True, fn()))
+        except ProbeFailure as exc:
+            box.append(Probe(False, error=str(exc)))
         except BaseException as exc:  # noqa: BLE001 - a probe reports, it never raises
             box.append(Probe(False, error=f"{type(exc).__name__}: {exc}".rstrip(": ")))
 
@@ -70,7 +76,12 @@ class NvidiaFacts:
 def _nvml() -> NvidiaFacts:
     import pynvml
 
-    pynvml.nvmlInit()
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError_LibraryNotFound:
+        raise ProbeFailure("no NVIDIA driver found (libnvidia-ml.so is not installed)") from None
+    except pynvml.NVMLError_DriverNotLoaded:
+        raise ProbeFailure("the NVIDIA driver is installed but not loaded") from None
     try:
         facts = NvidiaFacts(driver=_text(pynvml.nvmlSystemGetDriverVersion()))
         try:
@@ -96,14 +107,9 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def nvidia(timeout_s: float = 5.0) -> Probe:
+def nvidia(timeout_s: float = 5.0) -> Probe[NvidiaFacts]:
     """GPUs through NVML (the driver's library): no torch, no CUDA context."""
-    probe = bounded(_nvml, timeout_s)
-    if not probe.ok and ("LibraryNotFound" in probe.error or "Shared Library Not Found" in probe.error):
-        probe.error = "no NVIDIA driver found (libnvidia-ml.so is not installed)"
-    elif not probe.ok and "DriverNotLoaded" in probe.error:
-        probe.error = "the NVIDIA driver is installed but not loaded"
-    return probe
+    return bounded(_nvml, timeout_s)
 
 
 _TORCH_SCRIPT = """
@@ -122,7 +128,7 @@ print(json.dumps(out))
 """
 
 
-def torch_cuda(timeout_s: float = 60.0) -> Probe:
+def torch_cuda(timeout_s: float = 60.0) -> Probe[dict[str, Any]]:
     """What the installed torch can do with CUDA, asked in a child process."""
     try:
         done = subprocess.run(
@@ -148,11 +154,51 @@ def package_version(name: str) -> str | None:
         return None
 
 
+@dataclass
+class AppleFacts:
+    """An Apple Silicon Mac, for the MLX backend: memory is shared by the CPU and the GPU (unified)."""
+
+    chip: str  # e.g. "Apple M3 Pro"
+    memory_bytes: int
+    macos: str  # e.g. "14.5"
+    mlx: str | None = None  # the installed mlx version
+    metal: bool | None = None  # MLX sees the Metal GPU (None: mlx not importable)
+
+
+def apple(timeout_s: float = 10.0) -> Probe[AppleFacts]:
+    """The Mac's chip, unified memory, macOS and MLX/Metal; not ok anywhere else."""
+    if sys.platform != "darwin" or platform.machine() != "arm64":
+        return Probe(False, error=f"not an Apple Silicon Mac ({platform.system()} {platform.machine()})")
+    return bounded(_apple, timeout_s)
+
+
+def _apple() -> AppleFacts:
+    def sysctl(name: str) -> str:
+        return subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, check=True).stdout.strip()
+
+    facts = AppleFacts(sysctl("machdep.cpu.brand_string"), int(sysctl("hw.memsize")), platform.mac_ver()[0])
+    facts.mlx = package_version("mlx")
+    if facts.mlx is not None:
+        # Asked in a child: importing mlx here would cost every doctor run its start-up.
+        done = subprocess.run([sys.executable, "-c", "import mlx.core as mx; print(mx.metal.is_available())"],
+                              capture_output=True, text=True)
+        facts.metal = done.returncode == 0 and done.stdout.strip() == "True"
+    return facts
+
+
+def memory_total() -> int | None:
+    """Bytes of memory this machine has (unified memory on a Mac)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def os_facts() -> dict[str, str]:
     return {"system": platform.system(), "machine": platform.machine(), "release": platform.release()}
 
 
-def disk_free(path: Path) -> Probe:
+def disk_free(path: Path) -> Probe[int]:
     """Free bytes on the file system that holds path (or its nearest existing parent)."""
     target = Path(path).expanduser()
     while not target.exists() and target != target.parent:
@@ -163,7 +209,7 @@ def disk_free(path: Path) -> Probe:
         return Probe(False, error=str(exc))
 
 
-def port_free(host: str, port: int) -> Probe:
+def port_free(host: str, port: int) -> Probe[bool]:
     """Whether we could listen on host:port right now (value True/False; error for a bad address)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -182,7 +228,7 @@ def port_free(host: str, port: int) -> Probe:
     return Probe(True, True)
 
 
-def http_reachable(url: str, timeout_s: float = 3.0) -> Probe:
+def http_reachable(url: str, timeout_s: float = 3.0) -> Probe[int]:
     """Whether an HTTP server answers at url (any HTTP status counts as reachable)."""
     request = urllib.request.Request(url, method="HEAD", headers={"user-agent": "jmoshi-doctor"})
     token = os.environ.get("HF_TOKEN")

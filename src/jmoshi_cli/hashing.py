@@ -154,14 +154,15 @@ class FollowingHash:
     def finish(self, final: Path) -> str | None:
         """The sha256 of `final` when it is the file that was followed, fully hashed; else None."""
         self._halt()
-        if self._failed or self._fd is None or self._rewound():
+        fd = self._fd
+        if self._failed or fd is None or self._rewound():
             return None
         try:
             stat = final.stat()
             if (stat.st_dev, stat.st_ino) != self._identity or stat.st_size < self._offset:
                 return None
             while self._offset < stat.st_size:
-                if not self._read_block(stat.st_size):
+                if not self._read_block(fd, stat.st_size):
                     return None
                 self._hashed(self._offset)
         except OSError:
@@ -181,7 +182,8 @@ class FollowingHash:
 
     def _step(self) -> bool:
         """Hash one more block when there is one; False when there is nothing new yet."""
-        if self._fd is None and not self._open():
+        fd = self._fd if self._fd is not None else self._open()
+        if fd is None:
             return False
         if self._replaced():
             self._restart(reopen=True)
@@ -189,22 +191,23 @@ class FollowingHash:
         if self._rewound():
             self._restart(reopen=False)
             return True
-        size = os.fstat(self._fd).st_size
+        size = os.fstat(fd).st_size  # a restart that reopened returned above: fd is still the followed file
         if size < self._offset:
             self._restart(reopen=False)  # truncated under us: what was hashed may no longer be there
             return True
         self._arrived(size)
-        return size > self._offset and self._read_block(size)
+        return size > self._offset and self._read_block(fd, size)
 
-    def _open(self) -> bool:
+    def _open(self) -> int | None:
+        """The descriptor of the followed file, now open; None while it does not exist yet."""
         try:
             fd = os.open(self.growing, os.O_RDONLY)
         except FileNotFoundError:
-            return False
+            return None
         stat = os.fstat(fd)
         self._fd, self._identity = fd, (stat.st_dev, stat.st_ino)
         self._rewinds_seen = _rewinds.follow(self._identity)
-        return True
+        return fd
 
     def _rewound(self) -> bool:
         """True when the writer reported a truncate since the hash last started."""
@@ -227,10 +230,10 @@ class FollowingHash:
             self._close()
             self._open()
 
-    def _read_block(self, size: int) -> bool:
+    def _read_block(self, fd: int, size: int) -> bool:
         want = min(BLOCK, size - self._offset)
         view = memoryview(self._buffer)[:want]
-        got = os.preadv(self._fd, [view], self._offset)
+        got = os.preadv(fd, [view], self._offset)
         if got <= 0:
             return False  # shrank between fstat and read; the next step sees it and restarts
         self._digest.update(view[:got])
@@ -249,4 +252,5 @@ class FollowingHash:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+            assert self._identity is not None  # _open sets it along with _fd
             _rewinds.unfollow(self._identity)

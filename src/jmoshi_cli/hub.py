@@ -201,8 +201,8 @@ def with_retries(call: Callable[[], T], what: str, attempts: int = 5,
 # --- resolving ---------------------------------------------------------------------------------------
 
 
-def repo_files(repo: str, revision: str) -> tuple[str, dict[str, Artifact]]:
-    """Ask the hub for a repo's commit and files (with sizes and content hashes)."""
+def repo_files(repo: str, revision: str) -> tuple[str | None, dict[str, Artifact]]:
+    """Ask the hub for a repo's commit (None if it gives none) and files (with sizes and content hashes)."""
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=endpoint(), token=token())
@@ -310,7 +310,7 @@ def _report_rewinds() -> bool:
             temp_file = _PartialFile(temp_file, getattr(_this_thread, "stop", None))
         return get(url, temp_file, *args, **kwargs)
 
-    reporting.jmoshi_reports_rewinds = True
+    reporting.__dict__["jmoshi_reports_rewinds"] = True  # via __dict__: functools' wrapper type declares no such field
     file_download.http_get = reporting
     return True
 
@@ -424,7 +424,7 @@ def _one_try_per_request() -> None:
         kwargs.setdefault("retry_on_exceptions", ())
         return backoff(*args, **kwargs)
 
-    one_try.jmoshi_one_try = True
+    one_try.__dict__["jmoshi_one_try"] = True  # via __dict__: functools' wrapper type declares no such field
     file_download.http_backoff = one_try
 
 

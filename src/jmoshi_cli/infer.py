@@ -20,20 +20,20 @@ subclasses before the model is loaded or while it loads. Nothing here prints.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable
 
 from . import audio_io, generation, infer_outputs, transcript
 from .artifacts import ModelFiles
 from .audio_io import FRAME_S, SAMPLE_RATE
 from .errors import JMoshiError, UsageError
 from .infer_inputs import UserAudio, collect_inputs, load_user, output_names, output_paths, prepare_out_dir
+from .reporter import Reporter
 
 OnFrame = Callable[[int, int], None]
 
@@ -69,7 +69,7 @@ class InferOptions:
     def __post_init__(self) -> None:
         if self.channel not in audio_io.CHANNELS:
             raise UsageError(f"unknown channel {self.channel!r}", hint=f"use one of: {', '.join(audio_io.CHANNELS)}")
-        if not (self.device in ("cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
+        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
             raise UsageError(f"unknown device {self.device!r}", hint="use cuda, cuda:N or cpu")
         for name in ("temp", "temp_text"):
             _check_number(name, getattr(self, name), integer=False)
@@ -120,17 +120,6 @@ class InferRequest:
     lora: Path | None = None  # a moshi-finetune adapter over the variant (finetune.py)
 
 
-@dataclass
-class InferHooks:
-    """How the caller shows what happens; the defaults show nothing."""
-
-    on_note: Callable[[str], None] = lambda note: None
-    watch_download: Any = None  # artifacts.WatchFactory
-    loading: Callable[[str], ContextManager[Any]] = lambda what: contextlib.nullcontext()
-    # progress(count) -> a context manager with file(index, count, source), frame(done, total), result(r)
-    progress: Callable[[int], ContextManager[Any]] | None = None
-
-
 # --------------------------------------------------------------------------------------------
 # One model, many files
 # --------------------------------------------------------------------------------------------
@@ -150,6 +139,7 @@ def _note(user: UserAudio, segments: list[tuple[int, int]], max_frames: int | No
     if user.input_channels > 1:
         notes.append(f"{user.input_channels} channels, used {user.channel}")
     if len(segments) > 1:
+        assert max_frames is not None  # segment_bounds splits only under a context limit
         notes.append(f"longer than the model's context ({max_frames} frames = {max_frames * FRAME_S:g} s):"
                      f" split into {len(segments)} segments, J-Moshi starts afresh at each")
     return "; ".join(notes) or None
@@ -236,7 +226,7 @@ class Session:
 # --------------------------------------------------------------------------------------------
 
 
-def run(request: InferRequest, hooks: InferHooks | None = None) -> list[FileResult]:
+def run(request: InferRequest, report: Reporter | None = None) -> list[FileResult]:
     """Check inputs, output folder and device (seconds), make the model local, load it once, process
     every input. Raises JMoshiError for problems of the whole run; per-file problems are in the results.
     """
@@ -244,25 +234,28 @@ def run(request: InferRequest, hooks: InferHooks | None = None) -> list[FileResu
     from .console import settings
     from .preparation import ModelRequest, prepare_model
 
-    hooks = hooks or InferHooks()
+    report = report or Reporter()
     options = request.options
+    if options.device == "auto":
+        options = replace(options, device="cuda")
     asked = precision.parse(options.quantize, (precision.Precision.AUTO, precision.Precision.BF16,
                                                precision.Precision.INT8))
-    sources = collect_inputs(request.inputs, on_warning=hooks.on_note)
+    sources = collect_inputs(request.inputs, on_warning=report.note)
     prepare_out_dir(request.out_dir)
     model = prepare_model(ModelRequest(request.variant, request.revision, request.moshi_weight, request.lora, asked,
                                        options.device, options.half, request.offline),
-                          web_ui=False, watch=hooks.watch_download, on_note=hooks.on_note)
+                          web_ui=False, watch=report.watch_download, on_note=report.note)
     options = replace(options, half=model.half)
     files, chosen = model.files, model.variant
     if options.channel == "left":
-        hooks.on_note("the user is the left channel of stereo inputs (--channel right|mix to change)")
-    with hooks.loading(f"loading {chosen.name} on {options.device}"):
+        report.note("the user is the left channel of stereo inputs (--channel right|mix to change)")
+    with report.loading(f"loading {chosen.name} on {options.device}"):
         # What moshi prints while loading is for those who asked to see details (--verbose, JMOSHI_DEBUG).
         session = Session.load(files, options, quiet=not settings.show_tracebacks)
-    if hooks.progress is None:
+    progress = report.progress(len(sources))
+    if progress is None:
         return session.run_many(sources, request.out_dir)
-    with hooks.progress(len(sources)) as view:
+    with progress as view:
         return session.run_many(sources, request.out_dir, on_file=view.file, on_frame=view.frame,
                                 on_result=view.result)
 

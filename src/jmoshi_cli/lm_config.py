@@ -31,6 +31,8 @@ def read(path: Path, corrupt_hint: str = "") -> Config:
     error = CacheError if corrupt_hint else ConfigError
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise error(f"model config not found: {path}", corrupt_hint or "check the path") from exc
     except OSError as exc:
         raise error(f"cannot read the model config {path}: {exc.strerror or exc}", corrupt_hint) from exc
     except ValueError as exc:

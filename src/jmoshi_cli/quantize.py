@@ -32,10 +32,13 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from . import lm_config
 from .errors import CacheError, UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = 1
 WEIGHT, CONFIG, MANIFEST = "model.int8.safetensors", "config.json", "int8.json"
@@ -378,6 +381,14 @@ def _write(path: Path, layout: list[_Out], reader, model, source_sha256: str) ->
     return digest.hexdigest()
 
 
+class _Int8Weights(Protocol):
+    """The parameters of moshi's QLinear: it sets them from an untyped bitsandbytes call, so their type is
+    not inferred from it."""
+
+    weight: torch.Tensor
+    weight_scb: torch.Tensor
+
+
 def _convert(model, key: str, tensor) -> dict[str, Any]:
     """The output tensors made from one source tensor: int8 weight and float32 scale, or as it was."""
     from moshi.utils.quantize import QLinear
@@ -388,7 +399,7 @@ def _convert(model, key: str, tensor) -> dict[str, Any]:
         if _quantized(model, name):
             linear = nn.Linear(part.shape[1], part.shape[0], bias=False, device="meta")
             linear.weight = nn.Parameter(part, requires_grad=False)
-            quantized = QLinear(linear)
+            quantized: _Int8Weights = QLinear(linear)
             converted[name], converted[name + "_scb"] = quantized.weight.data, quantized.weight_scb.data
         else:
             converted[name] = part
@@ -434,7 +445,8 @@ def restore_scales(model, weight: Path) -> int:
                 continue
             module = model.get_submodule(key[: -len(".weight_scb")])
             if isinstance(module, QLinear):
-                device = module.weight.device
-                module.weight_scb = torch.nn.Parameter(reader.get_tensor(key).to(device), requires_grad=False)
+                layer: _Int8Weights = module
+                device = layer.weight.device
+                layer.weight_scb = torch.nn.Parameter(reader.get_tensor(key).to(device), requires_grad=False)
                 restored += 1
     return restored

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
 from rich.table import Table
 
+from . import results
 from .artifacts import Status
 from .console import console, plain
+from .reporter import Reporter
 
 STYLE = {"OK": "green", "WARN": "yellow", "FAIL": "bold red"}  # by doctor.Level value
 
@@ -309,11 +312,6 @@ def show_ready(launch, seconds: float, replicas: str | None = None) -> None:
                       f"http://localhost:{launch.port}/", soft_wrap=True)
 
 
-def verbose_relay(verbose: bool):
-    """Another program's lines (HAProxy's) as they came with --verbose; None (read, not shown) without."""
-    return server_relay(True) if verbose else None
-
-
 def server_relay(verbose: bool, name: str | None = None):
     """How the child's output reaches the person, one relay per child (`name` prefixes its lines).
 
@@ -400,3 +398,118 @@ def show_recordings(folder, sessions) -> None:
     console.print(table)
     total = sum(s.duration_s for s in sessions)
     console.print(f"{len(sessions)} conversation(s), {total / 60:.1f} minutes in {folder}", soft_wrap=True)
+
+
+# --- command results (results.py), for people -----------------------------------------------------
+
+
+@functools.singledispatch
+def show(result) -> None:
+    """The person's view of a command's result, on stderr; each result type registers its own."""
+    raise TypeError(f"no view for {type(result).__name__}")
+
+
+@show.register
+def _(result: results.DoctorResult) -> None:
+    show_checks(result.checks, result.variant)
+
+
+@show.register
+def _(result: results.VariantsResult) -> None:
+    show_variants(result.catalogue)
+
+
+@show.register
+def _(result: results.DownloadResult) -> None:
+    for plan in result.plans:
+        if result.dry_run:
+            show_plan(plan)
+        elif not plan.fetched:
+            console.print(f"[green]✓[/] {plan.variant.name}: everything already cached")
+
+
+@show.register
+def _(result: results.VerifyResult) -> None:
+    show_verify(result.report)
+
+
+@show.register
+def _(result: results.RecordingsResult) -> None:
+    show_recordings(result.folder, result.sessions)
+    if result.figures:
+        from .analysis.report import show_session_stats
+
+        show_session_stats(result.figures)
+
+
+@show.register
+def _(result: results.SelftestResult) -> None:
+    figures = result.to_json()
+    console.print(f"[green]OK[/] {result.server} ready in {figures['ready_s']} s; handshake {figures['handshake_s']} "
+                  f"s; {figures['audio_samples']} audio samples ({figures['audio_s']} s) and "
+                  f"{figures['text_pieces']} text pieces back for {figures['frames_sent']} frames sent; "
+                  f"{figures['ms_per_frame']} ms per frame on this CPU (80 ms is real time)", soft_wrap=True)
+
+
+@show.register
+def _(result: results.InferResult) -> None:
+    show_infer_summary(result.files, result.totals)
+
+
+@show.register
+def _(result: results.AnalyzeResult) -> None:
+    from .analysis import report
+
+    outcome = result.outcome
+    report.show_params(result.params)
+    report.show_set(outcome.first)
+    if outcome.second is not None:
+        report.show_set(outcome.second, "--against")
+        report.show_comparison(outcome.first, outcome.second)
+
+
+class ConsoleReporter(Reporter):
+    """The person's view of a long run: notes and events on stderr, the URL on stdout once ready."""
+
+    watch_download = DownloadView
+
+    def __init__(self, verbose: bool = False, open_browser: bool = False):
+        self.verbose = verbose
+        self.open_browser = open_browser
+
+    def note(self, text: str) -> None:
+        show_note(text)
+
+    def event(self, text: str) -> None:
+        show_event(text)
+
+    def load(self, load) -> None:
+        show_load(load)
+
+    def starting(self, prepared) -> None:
+        show_starting(prepared)
+
+    def recording(self, folder) -> None:
+        show_recording(folder)
+
+    def ready(self, launch, seconds: float, replicas: str | None = None) -> None:
+        import typer
+
+        show_ready(launch, seconds, replicas)
+        typer.echo(launch.url)  # the result, for scripts
+        if self.open_browser:
+            import webbrowser
+
+            webbrowser.open(launch.url)
+
+    def relay(self, name: str | None = None):
+        return server_relay(self.verbose, name)
+
+    def other_relay(self):
+        return server_relay(True) if self.verbose else None
+
+    def loading(self, what: str):
+        return console.status(what)
+
+    def progress(self, count: int):
+        return InferView(count)

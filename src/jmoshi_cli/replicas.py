@@ -13,7 +13,6 @@ from __future__ import annotations
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 from . import hardware
 from .backends import ServerSpec, cpu_threads
@@ -21,6 +20,7 @@ from .child import Launch, Server, StopSignals, explain_exit
 from .errors import PreflightError, ServerError, UsageError
 from .haproxy import Backend, Front, Load
 from .precision import Precision
+from .reporter import Reporter
 
 RESTART_DELAYS_S = (1, 2, 4, 8, 16, 30)
 GIVE_UP_AFTER = 5  # failed starts in a row, before the replica was ever healthy
@@ -154,22 +154,16 @@ class Replica:
     last_error: ServerError | None = None
 
 
-@dataclass
-class FleetHooks:
-    on_ready: Callable[[float], None] = lambda seconds: None
-    on_load: Callable[[Load], None] = lambda load: None
-    on_event: Callable[[str], None] = lambda text: None  # a replica crashed, restarted, rejoined...
-    make_relay: Callable[[str], Callable[[str], None] | None] = lambda name: None
-    haproxy_relay: Callable[[str], None] | None = None  # HAProxy's own lines (alerts), read always, shown if given
-
-
 class Fleet:
     """The replicas and the front, supervised from the main thread."""
 
-    def __init__(self, front: Front, replicas: list[Replica], hooks: FleetHooks, drain_timeout_s: float):
+    def __init__(self, front: Front, replicas: list[Replica], report: Reporter, launch: Launch,
+                 drain_timeout_s: float, size: str):
         self.front = front
         self.replicas = replicas
-        self.hooks = hooks
+        self.report = report
+        self.launch = launch  # the front's address, for "ready"
+        self.size = size  # replicas (or backends) behind the front, for people
         self.drain_timeout_s = drain_timeout_s
         self.started = time.monotonic()
         self.ready = False
@@ -181,7 +175,7 @@ class Fleet:
             try:
                 for replica in self.replicas:
                     self._start(replica)
-                self.front.start(self.hooks.haproxy_relay)
+                self.front.start(self.report.other_relay())
                 while not signals.received:
                     self._tick()
                     time.sleep(TICK_S)
@@ -190,7 +184,7 @@ class Fleet:
                 self.stop_all()
 
     def _start(self, replica: Replica) -> None:
-        relay = self.hooks.make_relay(replica.where.name)
+        relay = self.report.relay(replica.where.name)
         replica.server = Server(replica.launch, relay=relay).start()
 
     def _tick(self) -> None:
@@ -214,7 +208,7 @@ class Fleet:
         if process is not None and process.poll() is not None:
             self._crashed(replica, now)
         elif process is None and now >= replica.restart_at:
-            self.hooks.on_event(f"{name}: restarting")
+            self.report.event(f"{name}: restarting")
             self._start(replica)
         elif process is not None and not replica.in_rotation and _listens(replica.where.port):
             # Not taken (the runtime socket timed out): the next tick asks again, or it would stay out.
@@ -224,13 +218,14 @@ class Fleet:
             if replica.healthy_since is None:
                 replica.healthy_since = now
                 if replica.ever_healthy:
-                    self.hooks.on_event(f"{name}: back in rotation")
+                    self.report.event(f"{name}: back in rotation")
                 replica.ever_healthy = True
             if now - replica.healthy_since > HEALTHY_RESETS_S:
                 replica.failures = 0
 
     def _crashed(self, replica: Replica, now: float) -> None:
         server = replica.server
+        assert server is not None and server.process is not None  # _watch saw its process exit
         server.drain()
         error = explain_exit(server.process.returncode, list(server.tail))
         replica.server, replica.healthy_since, replica.last_error = None, None, error
@@ -239,23 +234,23 @@ class Fleet:
         replica.failures += 1
         if not replica.ever_healthy and replica.failures >= GIVE_UP_AFTER:
             replica.gave_up = True
-            self.hooks.on_event(f"{replica.where.name}: gave up after {replica.failures} failed starts: "
+            self.report.event(f"{replica.where.name}: gave up after {replica.failures} failed starts: "
                                 f"{error.message}")
             return
         delay = RESTART_DELAYS_S[min(replica.failures, len(RESTART_DELAYS_S)) - 1]
         replica.restart_at = now + delay
-        self.hooks.on_event(f"{replica.where.name}: {error.message}; out of rotation, restarting in {delay} s")
+        self.report.event(f"{replica.where.name}: {error.message}; out of rotation, restarting in {delay} s")
         if not self.ready and all(not r.ever_healthy and r.server is None for r in self.replicas):
             raise error
 
     def _report(self, load: Load, now: float) -> None:
         if not self.ready and load.serving:
             self.ready = True
-            self.hooks.on_ready(now - self.started)
+            self.report.ready(self.launch, now - self.started, self.size)
         changed = self.last_load is None or (load.active, load.queued, load.healthy) != (
             self.last_load.active, self.last_load.queued, self.last_load.healthy)
         if self.ready and (changed or now - self.last_status > STATUS_EVERY_S):
-            self.hooks.on_load(load)
+            self.report.load(load)
             self.last_load, self.last_status = load, now
 
     def _drain(self, signals: StopSignals) -> int:
@@ -265,7 +260,7 @@ class Fleet:
         deadline = time.monotonic() + self.drain_timeout_s
         load = self.front.load()
         if load is not None and load.active:
-            self.hooks.on_event(f"draining: {load.active} conversation(s) may finish "
+            self.report.event(f"draining: {load.active} conversation(s) may finish "
                                 f"(up to {self.drain_timeout_s:g} s; Ctrl-C again stops now)")
         while load is not None and load.active and time.monotonic() < deadline and len(signals.received) < 2:
             time.sleep(TICK_S)

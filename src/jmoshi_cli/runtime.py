@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import shutil
 import sysconfig
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -249,7 +250,7 @@ def cpu_only_fix(runtime: Runtime) -> str:
 # --- torch.compile ------------------------------------------------------------------------------------
 
 
-def c_compiler(env: dict[str, str] | None = None) -> str | None:
+def c_compiler(env: Mapping[str, str] | None = None) -> str | None:
     """The C compiler triton builds its CUDA launcher with ($CC, else gcc, else clang), or None."""
     env = os.environ if env is None else env
     if env.get("CC"):
@@ -260,10 +261,12 @@ def c_compiler(env: dict[str, str] | None = None) -> str | None:
 def python_headers() -> bool:
     """Whether Python.h is installed (triton includes it in the launcher it compiles)."""
     include = sysconfig.get_paths().get("include")
-    return bool(include) and (Path(include) / "Python.h").is_file()
+    if not include:
+        return False
+    return (Path(include) / "Python.h").is_file()
 
 
-def compile_env(device: str, env: dict[str, str] | None = None, compiler: str | None | bool = True,
+def compile_env(device: str, env: Mapping[str, str] | None = None, compiler: str | None | bool = True,
                 headers: bool = True) -> tuple[dict[str, str], str | None]:
     """The environment to add for moshi's torch.compile, and a note for the user (or None).
 
@@ -290,7 +293,7 @@ def compile_env(device: str, env: dict[str, str] | None = None, compiler: str | 
 COMPILER_FIX = "apt-get install gcc python3-dev (or set CC to a C compiler)"
 
 
-def compile_setup(device: str, env: dict[str, str] | None = None) -> tuple[dict[str, str], str | None]:
+def compile_setup(device: str, env: Mapping[str, str] | None = None) -> tuple[dict[str, str], str | None]:
     """compile_env with this machine's compiler and headers looked up (only for a GPU)."""
     if device == "cpu":
         return compile_env(device, env)

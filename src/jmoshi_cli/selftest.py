@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import socket
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -24,23 +23,10 @@ from .backends.contract import ChildContract
 from .child import Launch, Server, explain_exit
 from .errors import JMoshiError, ServerError
 from .precision import Precision
+from .results import SelftestResult
 
 SELFTEST_REPO = "jmoshi/selftest-tiny"
 SEE_LOG = "`jmoshi --verbose selftest` (or JMOSHI_DEBUG=1) shows the server's last lines"
-
-
-@dataclass
-class SelftestResult:
-    ready_s: float = 0.0
-    handshake_s: float = 0.0
-    audio_samples: int = 0
-    text_pieces: list[str] = field(default_factory=list)
-    frame_ms: list[float] = field(default_factory=list)
-    sent_frames: int = 0
-
-    @property
-    def mean_frame_ms(self) -> float:
-        return sum(self.frame_ms) / len(self.frame_ms) if self.frame_ms else 0.0
 
 
 class SelftestError(JMoshiError):
@@ -106,6 +92,7 @@ def _converse(server: Server, launch: Launch, on_step: Callable[[str], None], se
     try:
         chat = chat_sync(f"ws://127.0.0.1:{launch.port}/api/chat", speech_like(seconds), tail_s=3.0, timeout_s=30)
     except ChatError as exc:
+        assert server.process is not None  # started: wait_ready returned
         code = server.process.poll()
         if code is None:
             raise SelftestError(f"the /api/chat conversation failed: {exc}", f"run `jmoshi doctor`; {SEE_LOG}",

@@ -3,7 +3,7 @@
 Flow (`run`): options -> the backend (backends/: which flags it takes) -> preflight (address, port,
 TLS) -> the model prepared once (preparation.py: fine-tune, precision, device, files) -> a
 ServerSpec (structure, rendered into argv and env last) -> child.supervise (start, relay output,
-ready, stop). What a person sees is decided by the caller through `ServeHooks`.
+ready, stop). What a person sees is decided by the caller's `Reporter`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import ipaddress
 import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 from . import artifacts, backends, lm_config, precision, preflight, recording, tls
 from .backends import Features, ServerSpec
@@ -20,6 +19,7 @@ from .backends.contract import ChildContract, Recording
 from .child import Launch
 from .errors import UsageError
 from .preparation import ModelRequest, PreparedModel
+from .reporter import Reporter
 from .variants import Variant
 
 
@@ -28,7 +28,7 @@ class ServeOptions:
     variant: str | None = None
     host: str = "127.0.0.1"
     port: int = 8998
-    device: str = "cuda"
+    device: str = "auto"  # the backend's own (backends.Backend.device): cuda for torch
     half: bool = False
     offline: bool = False
     https: bool = False
@@ -83,69 +83,53 @@ def is_loopback(host: str) -> bool:
 # --- the flow ----------------------------------------------------------------------------------------
 
 
-@dataclass
-class ServeHooks:
-    """How the caller shows what happens; the defaults show nothing."""
-
-    on_note: Callable[[str], None] = lambda note: None
-    watch_download: artifacts.WatchFactory | None = None
-    on_starting: Callable[[Prepared], None] = lambda prepared: None
-    on_ready: Callable[[Launch, float], None] = lambda launch, seconds: None
-    relay: Callable[[str], None] | None = None  # each line of the child's output, then "" once when it ends
-    # With --replicas: one relay per replica (by name), the front's load, and replica events.
-    make_relay: Callable[[str], Callable[[str], None] | None] = lambda name: None
-    on_load: Callable[[object], None] = lambda load: None
-    on_event: Callable[[str], None] = lambda text: None
-    on_recording: Callable[[Path], None] = lambda folder: None  # --record: where conversations go
-    haproxy_relay: Callable[[str], None] | None = None  # with --replicas: HAProxy's own lines, when shown
-
-
-def run(options: ServeOptions, hooks: ServeHooks | None = None) -> int:
+def run(options: ServeOptions, report: Reporter | None = None) -> int:
     """Preflight, artifacts, launch, supervise; return jmoshi's exit code once the server stops."""
     from . import child
 
-    hooks = hooks or ServeHooks()
-    prepared = prepare(options, hooks)
-    hooks.on_starting(prepared)
+    report = report or Reporter()
+    prepared = prepare(options, report)
+    report.starting(prepared)
     if prepared.record_dir is not None:
-        hooks.on_recording(prepared.record_dir)
+        report.recording(prepared.record_dir)
     try:
         if prepared.placements is not None:
-            return _run_replicas(options, prepared, hooks)
+            return _run_replicas(options, prepared, report)
         launch = prepared.launch
-        server = child.Server(launch, relay=hooks.relay)
-        return child.supervise(server, lambda seconds: hooks.on_ready(launch, seconds))
+        server = child.Server(launch, relay=report.relay())
+        return child.supervise(server, lambda seconds: report.ready(launch, seconds))
     finally:
         if prepared.record_dir is not None:
-            _settle_recordings(prepared.record_dir, hooks)
+            _settle_recordings(prepared.record_dir, report)
 
 
-def _run_replicas(options: ServeOptions, prepared: Prepared, hooks: ServeHooks) -> int:
+def _run_replicas(options: ServeOptions, prepared: Prepared, report: Reporter) -> int:
     from . import haproxy, replicas
 
-    front = haproxy.Front(options.host, options.port, replicas.backends_for(prepared.placements),
+    placements = prepared.placements
+    assert placements is not None  # run() comes here only with --replicas
+    front = haproxy.Front(options.host, options.port, replicas.backends_for(placements),
                           options.queue_timeout_s, prepared.spec.ssl_dir, managed=True)
     front_launch = replace(prepared.launch, host=options.host, port=options.port, scheme=front.scheme)
     fleet = replicas.Fleet(
-        front, [replicas.Replica(p, replicas.replica_launch(prepared.spec, p)) for p in prepared.placements],
-        replicas.FleetHooks(on_ready=lambda seconds: hooks.on_ready(front_launch, seconds), on_load=hooks.on_load,
-                            on_event=hooks.on_event, make_relay=hooks.make_relay, haproxy_relay=hooks.haproxy_relay),
-        options.drain_timeout_s)
+        front, [replicas.Replica(p, replicas.replica_launch(prepared.spec, p)) for p in placements],
+        report, front_launch, options.drain_timeout_s, str(len(placements)))
     return fleet.run()
 
 
-def prepare(options: ServeOptions, hooks: ServeHooks) -> Prepared:
+def prepare(options: ServeOptions, report: Reporter) -> Prepared:
     """Everything before a child starts: seconds of checks, then the files, then the server as structure."""
     from .variants import load_catalogue
 
     backend = backends.choose(options.backend)
     backend.refuse(Features(replicas=options.replicas is not None, lora=options.lora is not None,
                             half=options.half, device=options.device))
+    options = replace(options, device=backend.device(options.device))
     asked = precision.parse(options.quantize, backend.precisions)
     sampling = sampling_overrides(options)
     record_dir = recording.check_dir(options.record) if options.record is not None else None
     if record_dir is not None:
-        _settle_recordings(record_dir, hooks)  # left "running" by a server that was killed
+        _settle_recordings(record_dir, report)  # left "running" by a server that was killed
     if options.https and options.ssl_dir:
         raise UsageError("--https and --ssl both given", "--https makes a certificate; --ssl DIR uses yours")
     preflight.check_address(options.host, options.port)
@@ -158,7 +142,7 @@ def prepare(options: ServeOptions, hooks: ServeHooks) -> Prepared:
         device = placements[0].device
     request = ModelRequest(options.variant, options.revision, options.moshi_weight, options.lora, asked, device,
                            options.half, options.offline)
-    model = backend.prepare(request, web_ui=True, watch=hooks.watch_download, on_note=hooks.on_note)
+    model = backend.prepare(request, web_ui=True, watch=report.watch_download, on_note=report.note)
     files = model.files
     if sampling:
         files = replace(files, config=lm_config.with_sampling(files.config, sampling, artifacts.data_dir()))
@@ -179,6 +163,7 @@ def _place_replicas(options: ServeOptions, chosen: Variant,
     from . import haproxy, replicas
 
     haproxy.find()
+    assert options.replicas is not None  # prepare() comes here only with --replicas
     count = replicas.parse_count(options.replicas)
     for name, value in (("--queue-timeout", options.queue_timeout_s), ("--drain-timeout", options.drain_timeout_s)):
         if not value >= 0:
@@ -209,9 +194,9 @@ def sampling_overrides(options: ServeOptions) -> dict:
     return checked.sampling_overrides()
 
 
-def _settle_recordings(record_dir: Path, hooks: ServeHooks) -> None:
+def _settle_recordings(record_dir: Path, report: Reporter) -> None:
     for session in recording.settle(record_dir):
-        hooks.on_note(f"a recording was cut when its server died; its files are closed: {session.path} "
+        report.note(f"a recording was cut when its server died; its files are closed: {session.path} "
                       f"({session.duration_s:.1f} s)")
 
 

@@ -36,6 +36,9 @@ from pathlib import Path
 from .fsutil import atomic_write
 from .upstream.moshi_private import builtin_lm_kwargs, mimi_kwargs
 
+if tp.TYPE_CHECKING:
+    import torch
+
 CONFIG_NAME = "config.json"
 MOSHI_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
@@ -219,15 +222,15 @@ def _randomize_codebooks(mimi, generator) -> int:
 _SPLIT_PROJ = re.compile(r"^(?P<prefix>.*)\.(?P<kind>in|out)_projs\.(?P<step>\d+)\.weight$")
 
 
-def legacy_key_names(state: dict) -> dict:
+def legacy_key_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The attention weights under moshi 0.2.2's names, which every moshi version loads.
 
     moshi 0.2.4+ keeps one Linear per step (``self_attn.in_projs.{i}.weight``, ``out_projs.{i}.weight``)
     and splits 0.2.2's ``in_proj_weight`` / ``out_proj.weight`` (the steps stacked on dim 0) when
     loading them; 0.2.2 cannot load the split names. J-Moshi's own checkpoints use 0.2.2's names.
     """
-    out: dict = {}
-    stacked: dict[str, dict[int, object]] = {}
+    out: dict[str, torch.Tensor] = {}
+    stacked: dict[str, dict[int, torch.Tensor]] = {}
     for name, tensor in state.items():
         match = _SPLIT_PROJ.match(name)
         if match is None:

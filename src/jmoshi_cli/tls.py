@@ -49,7 +49,7 @@ def ensure_certificate(folder: Path, names: set[str]) -> Path:
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.timezone.utc)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "jmoshi self-signed")])
-    alt = []
+    alt: list[x509.GeneralName] = []
     for name in sorted(names):
         try:
             alt.append(x509.IPAddress(ipaddress.ip_address(name)))

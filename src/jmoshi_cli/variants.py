@@ -41,6 +41,7 @@ class Variant:
     vram_gb: float = 24.0
     vram_min_gb: float = 18.7
     vram_min_int8_gb: float = 11.0  # with --quantize int8 (moshi's QLinear: int8 weights, fp16 compute)
+    lm_gb: float = 15.4  # the bf16 LM file: what the MLX backend's memory needs are reckoned from before a download
     license: str = ""
     license_url: str = ""
     # A fine-tune of `repo`, on this machine: a full checkpoint and/or a LoRA adapter (finetune.py).
@@ -98,7 +99,7 @@ def _read(path: Path) -> dict:
         raise ConfigError(f"{path} is not valid TOML: {exc}", "fix the file or unset JMOSHI_VARIANTS") from None
 
 
-_GB_FIELDS = ("vram_gb", "vram_min_gb", "vram_min_int8_gb")
+_GB_FIELDS = ("vram_gb", "vram_min_gb", "vram_min_int8_gb", "lm_gb")
 _FIELDS = {f for f in Variant.__dataclass_fields__ if f not in ("name", "source")}
 
 

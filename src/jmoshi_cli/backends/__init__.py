@@ -46,7 +46,7 @@ class Features:
     replicas: bool = False
     lora: bool = False
     half: bool = False
-    device: str = "cuda"
+    device: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,10 @@ class Backend(ABC):
     @property
     def name(self) -> str:
         return self.kind.value
+
+    @abstractmethod
+    def device(self, asked: str) -> str:
+        """--device as this backend runs it (`auto`: its natural device)."""
 
     @abstractmethod
     def refuse(self, wanted: Features) -> None:

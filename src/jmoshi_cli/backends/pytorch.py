@@ -19,6 +19,9 @@ class TorchBackend(Backend):
     def refuse(self, wanted: Features) -> None:
         """moshi.server does everything serve offers; the runtime's own limits are checked with the model."""
 
+    def device(self, asked: str) -> str:
+        return "cuda" if asked == "auto" else asked
+
     def prepare(self, request, *, web_ui, watch=None, on_note=lambda note: None):
         from ..preparation import prepare_model
 

@@ -64,7 +64,8 @@ class Session:
         return {"id": self.path.name, "path": str(self.path), "start_utc": meta.get("start_utc"),
                 "end_utc": meta.get("end_utc"), "duration_s": meta.get("duration_s"), "frames": meta.get("frames"),
                 "variant": meta.get("variant"), "repo": meta.get("repo"), "commit": meta.get("commit"),
-                "replica": meta.get("replica"), "sampling": meta.get("sampling"), "seed": meta.get("seed"),
+                "replica": meta.get("replica"), "precision": meta.get("precision"), "sampling": meta.get("sampling"),
+                "seed": meta.get("seed"),
                 "ended": self.ended.value, "error": meta.get("error") or self.problem or None}
 
 

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -86,7 +86,7 @@ def _cpu_copy(frame) -> np.ndarray:
 def _runtime() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    found = {}
+    found: dict[str, str | None] = {}
     for name in ("moshi", "torch", "sphn", "aiohttp", "jmoshi"):
         try:
             found[name] = version(name)
@@ -239,7 +239,7 @@ class Recorder:
             conversation.give_up(f"{type(exc).__name__}: {exc}")
 
 
-def _join_all(writers: list[threading.Thread], timeout_s: float) -> None:
+def _join_all(writers: Sequence[threading.Thread], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     for writer in writers:
         writer.join(max(deadline - time.monotonic(), 0.0))
@@ -266,6 +266,7 @@ class Conversation:
         writer.start()
 
     def heard(self, x) -> None:
+        assert self.writer is not None  # the recorder forwards only while recording
         self.writer.put(UserFrame(self.frames_in, _cpu_copy(x)))
         self.frames_in += 1
 
@@ -281,6 +282,7 @@ class Conversation:
         position, tokens = self.pending
         self.pending = None
         samples = _cpu_copy(pcm)  # on a GPU this waits for the decode, as the server's own .cpu() does
+        assert self.writer is not None  # the recorder forwards only while recording
         self.writer.put(ModelFrame(position, samples, int(tokens[0, 0, 0])))
 
     def give_up(self, reason: str) -> None:

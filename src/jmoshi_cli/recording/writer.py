@@ -104,7 +104,7 @@ class Aligner:
         return self._ready()
 
     def _ready(self) -> list[Column]:
-        out = []
+        out: list[Column] = []
         while True:
             q = self.next
             user_done = q in self.user or self.last_user > q
@@ -258,6 +258,7 @@ class SessionWriter(threading.Thread):
     def _text(self, position: int, text_id: int) -> None:
         if text_id in SKIPPED_TEXT_IDS:  # never sent by the server either
             return
+        assert self.journal is not None  # opened by _open; after a failure (journal closed) nothing is taken
         self.journal.write(recording_format.piece_line(position, text_id, self._piece(text_id)))
 
     def _piece(self, text_id: int) -> str:
