@@ -13,6 +13,8 @@ import pytest
 from jmoshi_cli import audio_io
 from jmoshi_cli.audio_io import FRAME_S, FRAME_SIZE, SAMPLE_RATE
 
+from builders import read_wav_pcm16
+
 SHARED_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "audio"
 RATES = (8000, 11025, 16000, 22050, 32000, 44100, 48000, 96000)
 
@@ -106,7 +108,7 @@ def test_write_wav_is_16_bit_pcm_and_reads_back(tmp_path):
     audio_io.write_wav(path, stereo, 24000)
     with wave.open(str(path), "rb") as w:
         assert (w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()) == (2, 2, 24000, 480)
-    pcm, rate = audio_io.read_wav_pcm16(path)
+    pcm, rate = read_wav_pcm16(path)
     assert rate == 24000
     np.testing.assert_allclose(pcm, stereo, atol=1 / 32767)
     decoded = audio_io.read_audio(path)  # and the product's reader agrees

@@ -21,16 +21,8 @@ from jmoshi_cli.backends.contract import ChildContract
 from jmoshi_cli.child import Launch, Server, supervise
 from jmoshi_cli.errors import ServerError
 from jmoshi_cli.selftest import SelftestError, free_port
-from test_serve import Served, children_of, listening
 
-
-def alive(pid: int) -> bool:
-    """Running, not merely a zombie waiting for a reaper (the process holds nothing then)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    return fields[0] != "Z"
+from helpers import LOAD_S, Served, alive, children_of, listening
 
 
 def in_session(sid: int) -> list[int]:
@@ -65,7 +57,7 @@ def port_of(pid: int) -> int:
     return int(argv[argv.index("--port") + 1])
 
 
-def wait_listening(child: int, port: int, timeout: float = 180) -> None:
+def wait_listening(child: int, port: int, timeout: float = LOAD_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and alive(child):
         if listening(port):
@@ -74,7 +66,8 @@ def wait_listening(child: int, port: int, timeout: float = 180) -> None:
     raise AssertionError("moshi.server never listened")
 
 
-def assert_gone_within(child: int, port: int, seconds: float = 5.0) -> None:
+def assert_gone_within(child: int, port: int, seconds: float = 30.0) -> None:
+    """The child and all it started exit once jmoshi is gone (seconds: a deadline for a busy machine)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and (in_session(child) or listening(port)):
         time.sleep(0.05)

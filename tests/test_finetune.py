@@ -18,7 +18,8 @@ from jmoshi_cli.artifacts import ModelFiles
 from jmoshi_cli.errors import UsageError
 from jmoshi_cli.precision import Precision
 from jmoshi_cli.variants import Variant
-from test_serve import Served, _a_wav, user_audio
+
+from helpers import Served, a_wav, converse_sync, got, user_audio
 
 RT = runtime.detect()
 needs_lora = pytest.mark.skipif(not RT.has_lora, reason=f"moshi {RT.moshi} has no LoRA (0.2.4+)")
@@ -35,7 +36,7 @@ def tiny_repo():
 def adapters(tiny_repo, tmp_path_factory):
     """A moshi-finetune run folder with one adapter that fits the tiny model, and one that does not."""
     pytest.importorskip("moshi.modules.lora")
-    from jmoshi_cli.tiny_model import build_misfit_lora, build_tiny_lora
+    from builders import build_misfit_lora, build_tiny_lora
 
     root = tmp_path_factory.mktemp("adapters")
     build_tiny_lora(tiny_repo, root / "run" / "checkpoints" / "checkpoint_000300" / "consolidated")
@@ -96,7 +97,6 @@ def test_lora_on_the_documented_runtime_is_one_line(tiny_env, tmp_path):
 @pytest.mark.slow
 @needs_lora
 def test_serve_lora_on_the_cpu_talks_with_the_adapter(tiny_env, adapters):
-    from jmoshi_cli.chat import chat_sync
     from jmoshi_cli.selftest import free_port
 
     port = free_port()
@@ -104,7 +104,7 @@ def test_serve_lora_on_the_cpu_talks_with_the_adapter(tiny_env, adapters):
                     tiny_env)
     try:
         served.wait_ready()
-        result = chat_sync(f"ws://127.0.0.1:{port}/api/chat", user_audio(2.0), tail_s=2.0)
+        result = converse_sync(f"ws://127.0.0.1:{port}/api/chat", user_audio(2.0), until=got(samples=1, pieces=1))
     finally:
         code, err = served.stop()
     assert "LoRA adapter" in err and "(checkpoint 300), rank 4, over variant tiny" in err, err
@@ -121,7 +121,7 @@ def test_a_user_variant_naming_an_adapter_changes_what_jmoshi_says(tiny_env, ada
     variants.write_text(TINY_VARIANTS + '\n[variants.tiny-ft]\nrepo = "jmoshi-test/tiny"\nlora = "run"\n'
                         'vram_gb = 0\nvram_min_gb = 0\nlicense = "test"\n')
     env = {**child_env(tiny_env), "JMOSHI_VARIANTS": str(variants)}
-    wav = _a_wav(tmp_path / "in")
+    wav = a_wav(tmp_path / "in")
     outputs = {}
     for name in ("tiny", "tiny-ft"):
         done = jmoshi("infer", str(wav), "--variant", name, "--device", "cpu", "--seed", "3",

@@ -207,7 +207,7 @@ def tiny_repo() -> Path:
 
 @pytest.fixture(scope="module")
 def adapters(tiny_repo, tmp_path_factory) -> dict[str, Path]:
-    from jmoshi_cli.tiny_model import build_misfit_lora, build_tiny_lora
+    from builders import build_misfit_lora, build_tiny_lora
 
     root = tmp_path_factory.mktemp("lora")
     return {"tiny": build_tiny_lora(tiny_repo, root / "tiny" / "consolidated").parent,

@@ -18,7 +18,8 @@ from jmoshi_cli import precision, preflight, quantize, runtime
 from jmoshi_cli.errors import CacheError, PreflightError, UsageError
 from jmoshi_cli.hardware import GPU
 from jmoshi_cli.precision import Precision
-from test_serve import Served, fake_gpus, user_audio
+
+from helpers import Served, a_wav, converse_sync, fake_gpus, got, user_audio
 
 RT = runtime.detect()
 needs_int8 = pytest.mark.skipif(not (RT.has_int8 and RT.bitsandbytes),
@@ -157,7 +158,6 @@ def test_serve_quantize_int8_on_the_documented_runtime_is_one_line(tiny_env):
 @pytest.mark.slow
 @needs_int8
 def test_serve_int8_on_the_cpu_makes_it_once_and_talks(tiny_env, tmp_path):
-    from jmoshi_cli.chat import chat_sync
     from jmoshi_cli.selftest import free_port
 
     port = free_port()
@@ -165,7 +165,7 @@ def test_serve_int8_on_the_cpu_makes_it_once_and_talks(tiny_env, tmp_path):
                      "--record", str(tmp_path / "rec")], tiny_env)
     try:
         served.wait_ready()
-        result = chat_sync(f"ws://127.0.0.1:{port}/api/chat", user_audio(2.0), tail_s=2.0)
+        result = converse_sync(f"ws://127.0.0.1:{port}/api/chat", user_audio(2.0), until=got(samples=1, pieces=1))
     finally:
         code, err = served.stop()
     assert "making the int8 checkpoint" in err and "sha256 verified" in err, err
@@ -188,9 +188,7 @@ def test_serve_int8_on_the_cpu_makes_it_once_and_talks(tiny_env, tmp_path):
 @pytest.mark.slow
 @needs_int8
 def test_infer_int8_on_the_cpu(tiny_env, tmp_path):
-    from test_serve import _a_wav
-
-    done = jmoshi("infer", str(_a_wav(tmp_path)), "--variant", "tiny", "--device", "cpu", "--quantize", "int8",
+    done = jmoshi("infer", str(a_wav(tmp_path)), "--variant", "tiny", "--device", "cpu", "--quantize", "int8",
                   "--out", str(tmp_path / "out"), "--seed", "1", "--json", env=child_env(tiny_env), timeout=300)
     assert done.returncode == 0, done.stderr
     [result] = json.loads(done.stdout)

@@ -17,27 +17,23 @@ import numpy as np
 import pytest
 
 from conftest import child_env, jmoshi
-from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE, read_wav_pcm16
+from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE
 from jmoshi_cli.recording import Ended, store
 from jmoshi_cli.recording import format as recordings
 from jmoshi_cli.selftest import free_port, speech_like
-from test_serve import Served, children_of, user_audio
+
+from builders import read_wav_pcm16
+from helpers import Running, Served, answered, children_of, converse, converse_sync, user_audio, wait_until
 
 FILES = {"dialogue.wav", "user.wav", "jmoshi.wav", "transcript.json", "meta.json"}
 SAMPLING = {"temp": 0.6, "temp_text": 0.5, "top_k": 100, "top_k_text": 20}
 SAMPLING_FLAGS = ["--temp", "0.6", "--temp-text", "0.5", "--top-k", "100", "--top-k-text", "20"]
 
 
-def one_thread(env: dict) -> dict:
-    """torch's threads spin while they wait: on two cores that other work also uses, one thread handles a
-    frame several times faster, and these tests want the server to keep up with the client."""
-    return dict(env, OMP_NUM_THREADS="1")
-
-
 def serve_recording(tiny_env, folder: Path, *extra: str, verbose: bool = False) -> tuple[Served, str]:
     port = free_port()
     served = Served(["--variant", "tiny", "--device", "cpu", "--port", str(port), "--record", str(folder), *extra],
-                    one_thread(tiny_env), verbose=verbose)
+                    tiny_env, verbose=verbose)
     served.wait_ready()
     return served, f"ws://127.0.0.1:{port}/api/chat"
 
@@ -48,14 +44,6 @@ def sessions(folder: Path) -> list[Path]:
 
 def meta(session: Path) -> dict:
     return json.loads((session / "meta.json").read_text())
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def ended(folder: Path, count: int) -> bool:
@@ -72,6 +60,7 @@ def recorded_frames(folder: Path, at_least: int) -> bool:
 
 
 def talk_in_background(url: str, seconds: float) -> subprocess.Popen:
+    """A browser talking for `seconds`, in its own process: the tests stop it (or its server) mid-conversation."""
     script = ("import sys; from jmoshi_cli.chat import chat_sync; from jmoshi_cli.selftest import speech_like; "
               "chat_sync(sys.argv[1], speech_like(float(sys.argv[2])), tail_s=1.0)")
     return subprocess.Popen([sys.executable, "-c", script, url, str(seconds)], stderr=subprocess.DEVNULL)
@@ -126,17 +115,16 @@ def assert_readable_wav(path: Path, channels: int) -> int:
 
 @pytest.mark.slow
 def test_each_conversation_is_saved_aligned_with_its_transcript_and_settings(tiny_env, tmp_path):
-    from jmoshi_cli.chat import chat_sync
-
     folder = tmp_path / "study"
-    sent = user_audio(4.0)
+    sent, then = user_audio(4.0), speech_like(2.0)
     served, url = serve_recording(tiny_env, folder, *SAMPLING_FLAGS, "--seed", "7")
     try:
-        # Long tails: the server must have answered every frame before the client hangs up, on a busy CPU too.
-        first = chat_sync(url, sent, tail_s=20.0)
-        wait_until(lambda: ended(folder, 1), 30, "the first recording to close")
-        second = chat_sync(url, speech_like(2.0), tail_s=15.0)
-        wait_until(lambda: ended(folder, 2), 30, "the second recording to close")
+        # Each client hangs up once J-Moshi answered every frame (however slow the CPU): the recording holds
+        # the whole conversation and is compared with what the client got.
+        first = converse_sync(url, sent, until=answered(sent))
+        wait_until(lambda: ended(folder, 1), 60, "the first recording to close")
+        second = converse_sync(url, then, until=answered(then))
+        wait_until(lambda: ended(folder, 2), 60, "the second recording to close")
         client = talk_in_background(url, 120.0)
         wait_until(lambda: len(sessions(folder)) == 3 and recorded_frames(folder, 10), 120, "a third conversation")
         code, err = served.stop(signal.SIGTERM)
@@ -194,8 +182,17 @@ def check_first(session: Path, sent: np.ndarray, result) -> None:
 
 
 def sent_as(transcript: dict) -> list[str]:
-    """The recorded pieces as the server sends them: SentencePiece's word marker shown as a space."""
-    return [p["piece"].replace("\u2581", " ") for p in transcript["pieces"]]
+    """The recorded pieces as the server sends them: joined by the transcript's rule, piece by piece."""
+    from jmoshi_cli.upstream.moshi_server import BrowserText
+
+    pieces = [p["piece"] for p in transcript["pieces"]]
+
+    class Recorded:
+        def id_to_piece(self, index: int) -> str:
+            return pieces[index]
+
+    browser = BrowserText(Recorded())
+    return [browser.id_to_piece(i) for i in range(len(pieces))]
 
 
 def assert_same_pieces(transcript: dict, result, answered_all: bool) -> None:
@@ -305,8 +302,6 @@ def test_a_killed_server_leaves_valid_files_and_says_so(tiny_env, tmp_path):
 def test_a_full_disk_stops_the_recording_not_the_conversation(tiny_env, tmp_path):
     """DIR on a 128 KiB tmpfs (a mount namespace of its own): the three wavs take 15 KiB a frame, so about 7
     frames fit."""
-    from jmoshi_cli.chat import chat_sync
-
     if not shutil.which("unshare") or subprocess.run(
             ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {tmp_path}"]).returncode:
         pytest.skip("cannot mount a small tmpfs in a private mount namespace here (unshare -rm)")
@@ -315,10 +310,11 @@ def test_a_full_disk_stops_the_recording_not_the_conversation(tiny_env, tmp_path
     port = free_port()
     script = (f"mount -t tmpfs -o size=128k tmpfs {folder} && exec {sys.executable} -m jmoshi_cli serve --variant tiny "
               f"--device cpu --port {port} --record {folder}")
-    served = NamespacedServe(["unshare", "-rm", "sh", "-c", script], one_thread(tiny_env))
+    served = Running(["unshare", "-rm", "sh", "-c", script], tiny_env)
+    said = user_audio(4.0)
     try:
         served.wait_ready()
-        result = chat_sync(f"ws://127.0.0.1:{port}/api/chat", user_audio(4.0), tail_s=15.0)
+        result = converse_sync(f"ws://127.0.0.1:{port}/api/chat", said, until=answered(said))
     finally:
         code, err = served.stop()
     assert err.count("jmoshi recorder: recording stopped in") == 1, err
@@ -328,32 +324,17 @@ def test_a_full_disk_stops_the_recording_not_the_conversation(tiny_env, tmp_path
     assert "Traceback" not in err
 
 
-class NamespacedServe(Served):
-    """`jmoshi serve` started by another command line (here: inside a private mount namespace)."""
-
-    def __init__(self, argv: list[str], env: dict):
-        import threading
-
-        self.process = subprocess.Popen(argv, env=child_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True)
-        self.url = ""
-        self.err_lines: list[str] = []
-        self._err_reader = threading.Thread(target=self._read_err, daemon=True)
-        self._err_reader.start()
-
-
 @pytest.mark.slow
 def test_replicas_record_into_one_folder_each_saying_which(tiny_env, tmp_path, haproxy_binary):
     import asyncio
 
-    from jmoshi_cli.chat import chat
-
     folder = tmp_path / "study"
+    said = speech_like(2.0)
     served, url = serve_recording(tiny_env, folder, "--replicas", "2")
     try:
-        async def both():
-            return await asyncio.gather(chat(url, speech_like(2.0), tail_s=10.0, timeout_s=120),
-                                        chat(url, speech_like(2.0), tail_s=10.0, timeout_s=120))
+        async def both():  # one conversation on each replica, each until J-Moshi answered all of it
+            return await asyncio.gather(converse(url, said, until=answered(said)),
+                                        converse(url, said, until=answered(said)))
 
         results = asyncio.run(both())
         wait_until(lambda: ended(folder, 2), 60, "both recordings to close")

@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 
 from jmoshi_cli import lm_config
-from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE, read_wav_pcm16
+from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE
 from jmoshi_cli.backends.contract import ChildContract, Recording
 from jmoshi_cli.recording import format as recordings
 from jmoshi_cli.recording import store, tap
 from jmoshi_cli.recording import writer as rec_writer
 from jmoshi_cli.recording.format import Ended
 from jmoshi_cli.transcript import join_pieces
+
+from builders import read_wav_pcm16
 
 
 def frame(value: float) -> np.ndarray:

@@ -19,7 +19,20 @@ from jmoshi_cli.errors import PreflightError, UsageError
 from jmoshi_cli.hardware import GPU, NvidiaFacts, Probe
 from jmoshi_cli.precision import Precision
 from jmoshi_cli.selftest import free_port, speech_like
-from test_serve import Served, children_of, listening
+
+from helpers import (
+    ANSWER_S,
+    LOAD_S,
+    Running,
+    Served,
+    alive,
+    children_of,
+    converse,
+    converse_sync,
+    got,
+    listening,
+    wait_until,
+)
 
 # --- the pieces, without processes -----------------------------------------------------------------
 
@@ -50,7 +63,7 @@ def test_stat_csv_gives_active_and_queued_conversations():
             "jmoshi,FRONTEND,,,3,3,2000,9,OPEN,,\n"
             "chat,r0,0,0,1,1,1,4,UP,L4OK,\n"
             "chat,r1,0,0,1,1,1,3,DOWN,L4CON,\n"
-            "chat,BACKEND,2,2,2,2,200,7,UP,,\n"
+            "chat,BACKEND,2,2,4,4,200,7,UP,,\n"  # two talking and two queued: scur counts both
             "ui,r0,0,0,0,1,,5,UP,L4OK,\n"
             "ui,r1,0,0,0,1,,5,UP,INI,\n")
     load = haproxy.parse_stat(text)
@@ -181,15 +194,6 @@ def serve_replicas(tiny_env, *extra: str) -> tuple[Served, int]:
     return served, port
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def replica_pids(jmoshi_pid: int) -> dict[int, int]:
     """moshi.server port -> pid, for the replicas jmoshi started."""
     found = {}
@@ -202,28 +206,29 @@ def replica_pids(jmoshi_pid: int) -> dict[int, int]:
 
 @pytest.mark.slow
 def test_two_replicas_serve_two_queue_the_third_and_turn_away_when_the_wait_runs_out(tiny_env, haproxy_binary):
-    from jmoshi_cli.chat import chat
-
-    served, port = serve_replicas(tiny_env, "--queue-timeout", "4")
+    queue_s = 8  # long enough to see the third conversation queued and release a replica on a busy machine
+    served, port = serve_replicas(tiny_env, "--queue-timeout", str(queue_s))
     try:
         url = served.wait_ready()
-        wait_for(lambda: len(listening(port)) > 0, 10, "the front")
+        wait_until(lambda: len(listening(port)) > 0, 60, "the front")
         ws_url = f"ws://127.0.0.1:{port}/api/chat"
-        page = urllib.request.urlopen(url, timeout=10).read().decode()
-        metrics = urllib.request.urlopen(url + "metrics", timeout=10).read().decode()
+        page = urllib.request.urlopen(url, timeout=30).read().decode()
+        metrics = urllib.request.urlopen(url + "metrics", timeout=30).read().decode()
 
         async def scenario():
             first, second = await asyncio.gather(_hold(ws_url), _hold(ws_url))  # both replicas taken
-            third_started = time.monotonic()
-            third = asyncio.ensure_future(chat(ws_url, speech_like(2.0), tail_s=1.0, timeout_s=60))
-            await asyncio.sleep(2.0)
-            assert not third.done()  # waiting in the queue, not refused
+            taken_at: list[float] = []
+            third = asyncio.ensure_future(converse(ws_url, speech_like(2.0), until=got(samples=1, pieces=1),
+                                                   on_handshake=lambda: taken_at.append(time.monotonic())))
+            # What the person running jmoshi sees: the third conversation waits in HAProxy's queue.
+            await asyncio.get_running_loop().run_in_executor(None, served.wait_for, " 1 waiting;", 1, queue_s)
+            assert not third.done() and not taken_at  # waiting in the queue, not refused
             released_at = time.monotonic()
             await _release(second)
             talked = await third
-            waited_after_release = third_started + talked.handshake_s - released_at
+            waited_after_release = taken_at[0] - released_at
             blocker = await _hold(ws_url)  # takes the freed replica again: both busy
-            busy = await _busy_answer(ws_url, 30)
+            busy = await _busy_answer(ws_url, queue_s + 60)
             await _release(first)
             await _release(blocker)
             return talked, waited_after_release, busy
@@ -233,9 +238,11 @@ def test_two_replicas_serve_two_queue_the_third_and_turn_away_when_the_wait_runs
         code, err = served.stop()
     assert "J-Moshi test UI" in page
     assert 'haproxy_backend_current_queue{proxy="chat"}' in metrics
-    assert talked.handshake_s >= 2.0 and waited_after_release < 3.0, (talked.handshake_s, waited_after_release)
+    # Its turn came with the release, not before (and not at the queue's timeout, which answers 503).
+    assert 0 < waited_after_release < 30, (talked.handshake_s, waited_after_release)
     assert talked.audio_samples > 0 and talked.text_pieces
-    assert busy[0] == 503 and 3.5 <= busy[1] < 15, busy
+    # HAProxy turns a conversation away once it waited the queue timeout, not sooner.
+    assert busy[0] == 503 and queue_s - 0.5 <= busy[1] < queue_s + 30, busy
     assert code == 143
     assert "replicas healthy" in err and "waiting" in err
 
@@ -262,39 +269,41 @@ def test_busy_answer_says_so_in_words(tiny_env, haproxy_binary):
 
 @pytest.mark.slow
 def test_a_killed_replica_is_replaced_while_the_other_keeps_talking(tiny_env, haproxy_binary):
-    from jmoshi_cli.chat import ChatError, chat
+    from jmoshi_cli.chat import ChatError
 
     served, port = serve_replicas(tiny_env)
     try:
         served.wait_ready()
-        wait_for(lambda: len(replica_pids(served.process.pid)) == 2, 30, "two replicas")
+        wait_until(lambda: len(replica_pids(served.process.pid)) == 2, 60, "two replicas")
         ws_url = f"ws://127.0.0.1:{port}/api/chat"
         victim_port, victim = sorted(replica_pids(served.process.pid).items())[0]
 
-        async def talk():
-            try:
-                return await chat(ws_url, speech_like(6.0), tail_s=1.0, timeout_s=60)
+        async def talk(heard: asyncio.Event):
+            try:  # hangs up after its last frame: what is asserted is that it could say everything
+                return await converse(ws_url, speech_like(6.0), until=lambda result: True, on_audio=heard.set)
             except ChatError as exc:
                 return exc
 
         async def scenario():
-            calls = [asyncio.ensure_future(talk()), asyncio.ensure_future(talk())]
-            await asyncio.sleep(2.5)
+            heard = [asyncio.Event(), asyncio.Event()]
+            calls = [asyncio.ensure_future(talk(one)) for one in heard]
+            # One replica dies while both conversations are under way: each has heard J-Moshi.
+            await asyncio.wait_for(asyncio.gather(*(one.wait() for one in heard)), ANSWER_S)
             os.kill(victim, signal.SIGKILL)
             done = await asyncio.gather(*calls)
-            after = await chat(ws_url, speech_like(1.5), tail_s=1.0, timeout_s=60)  # goes to the survivor
+            after = await converse(ws_url, speech_like(1.5), until=got())  # goes to the survivor
             return done, after
 
         done, after = asyncio.run(scenario())
-        wait_for(lambda: victim_port in replica_pids(served.process.pid)
-                 and replica_pids(served.process.pid)[victim_port] != victim, 30, "the restart")
+        wait_until(lambda: victim_port in replica_pids(served.process.pid)
+                   and replica_pids(served.process.pid)[victim_port] != victim, 60, "the restart")
         # What the person sees: HAProxy checked the new process and routes to it again.
-        served.wait_for("back in rotation", timeout=120)
+        served.wait_for("back in rotation", timeout=LOAD_S)
         assert "127.0.0.1" in listening(victim_port)
 
         async def both():  # the restarted replica rejoined: two conversations at once work again
             try:
-                held = await asyncio.wait_for(asyncio.gather(_hold(ws_url), _hold(ws_url)), 30)
+                held = await asyncio.wait_for(asyncio.gather(_hold(ws_url), _hold(ws_url)), 60)
             except asyncio.TimeoutError as exc:
                 raise AssertionError(f"two conversations at once did not both start:\n{served.err[-3000:]}") from exc
             await _release_all(held)
@@ -315,16 +324,15 @@ async def _release_all(held) -> None:
 
 @pytest.mark.slow
 def test_sigterm_drains_a_live_conversation_then_stops_everything(tiny_env, haproxy_binary):
-    from jmoshi_cli.chat import chat
-
-    served, port = serve_replicas(tiny_env, "--drain-timeout", "30")
+    served, port = serve_replicas(tiny_env, "--drain-timeout", "60")
     served.wait_ready()
     pids = set(replica_pids(served.process.pid).values()) | set(children_of(served.process.pid))
     ws_url = f"ws://127.0.0.1:{port}/api/chat"
 
     async def scenario():
-        call = asyncio.ensure_future(chat(ws_url, speech_like(5.0), tail_s=1.0, timeout_s=60))
-        await asyncio.sleep(2.0)
+        heard = asyncio.Event()
+        call = asyncio.ensure_future(converse(ws_url, speech_like(5.0), until=got(), on_audio=heard.set))
+        await asyncio.wait_for(heard.wait(), ANSWER_S)  # the conversation is under way: J-Moshi answers
         served.process.send_signal(signal.SIGTERM)
         return await call
 
@@ -332,7 +340,7 @@ def test_sigterm_drains_a_live_conversation_then_stops_everything(tiny_env, hapr
     code, err = served.stop()
     assert result.sent_frames == 63 and result.audio_samples > 0  # it was not cut off
     assert code == 143 and "draining" in err
-    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), 10, "every child to exit")
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), 30, "every child to exit")
     assert not listening(port)
 
 
@@ -344,39 +352,31 @@ def test_kill_9_of_jmoshi_takes_haproxy_and_every_replica_with_it(tiny_env, hapr
     assert len(pids) >= 3  # two replicas and HAProxy
     served.process.kill()
     served.process.wait()
-    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in pids), 5,
-             "the children to die with jmoshi")
+    wait_until(lambda: not any(alive(pid) for pid in pids), 30, "the children to die with jmoshi")
     assert not listening(port)
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "gone"
 
 
 @pytest.mark.slow
 def test_front_over_a_serve_elsewhere_with_health_checks(tiny_env, haproxy_binary):
-    from jmoshi_cli.chat import chat_sync
-
     backend_port = free_port()
     backend = Served(["--variant", "tiny", "--device", "cpu", "--port", str(backend_port)], tiny_env)
     front_port, dead_port = free_port(), free_port()
-    front = subprocess.Popen([sys.executable, "-m", "jmoshi_cli", "front", "--backend", f"127.0.0.1:{backend_port}",
-                              "--backend", f"127.0.0.1:{dead_port}", "--port", str(front_port)],
-                             env=child_env(tiny_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    front = Running([sys.executable, "-m", "jmoshi_cli", "front", "--backend", f"127.0.0.1:{backend_port}",
+                     "--backend", f"127.0.0.1:{dead_port}", "--port", str(front_port)], tiny_env)
     try:
         backend.wait_ready()
-        url = front.stdout.readline().strip()
+        url = front.wait_ready()
         assert url == f"http://127.0.0.1:{front_port}/"
-        result = chat_sync(f"ws://127.0.0.1:{front_port}/api/chat", speech_like(1.5), tail_s=1.0, timeout_s=60)
+        # What the person running the front sees once HAProxy checked both: the live backend up, the other not.
+        # Its status line is printed again whenever the count changes; the newest one is the current state.
+        wait_until(lambda: "1/2 replicas healthy" in front.last_line_with("replicas healthy"), 60,
+                   lambda: f"the front to count one healthy backend:\n{front.err[-2000:]}")
+        result = converse_sync(f"ws://127.0.0.1:{front_port}/api/chat", speech_like(1.5), until=got())
         assert result.audio_samples > 0
     finally:
-        front.send_signal(signal.SIGTERM)
-        _, err = front.communicate(timeout=60)
+        code, err = front.stop()
         backend.stop()
-    assert front.returncode == 143
+    assert code == 143
     assert "1/2 replicas healthy" in err
 
 

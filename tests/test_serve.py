@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_AUDIO, child_env, jmoshi
+from conftest import child_env, jmoshi
 from jmoshi_cli import hardware, preflight, runtime, serve
 from jmoshi_cli.artifacts import ModelFiles
 from jmoshi_cli.audio_io import SAMPLE_RATE
@@ -23,103 +23,28 @@ from jmoshi_cli.backends import Kind, ServerSpec
 from jmoshi_cli.backends import contract as contract_env
 from jmoshi_cli.backends.contract import ChildContract, Recording
 from jmoshi_cli.errors import PreflightError
-from jmoshi_cli.hardware import GPU, NvidiaFacts, Probe
+from jmoshi_cli.hardware import GPU, Probe
 from jmoshi_cli.precision import Precision
-from jmoshi_cli.selftest import free_port, speech_like
+from jmoshi_cli.reporter import Reporter
+from jmoshi_cli.selftest import free_port
 
-
-class Served:
-    """`jmoshi serve` in a child process: the URL it prints when ready, its stderr as it comes."""
-
-    def __init__(self, args: list[str], env: dict, verbose: bool = False):
-        flags = ["--verbose"] if verbose else []
-        self.process = subprocess.Popen([sys.executable, "-m", "jmoshi_cli", *flags, "serve", *args],
-                                        env=child_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.url = ""
-        self.err_lines: list[str] = []
-        self._err_reader = threading.Thread(target=self._read_err, daemon=True)
-        self._err_reader.start()
-
-    def _read_err(self) -> None:
-        for line in self.process.stderr:
-            self.err_lines.append(line)
-
-    @property
-    def err(self) -> str:
-        return "".join(self.err_lines)
-
-    def wait_ready(self, timeout: float = 240) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if line.strip():
-                self.url = line.strip()
-                return self.url
-            if self.process.poll() is not None:
-                break
-        raise AssertionError(f"serve never became ready:\n{self.stop()[1][-4000:]}")
-
-    def wait_for(self, text: str, count: int = 1, timeout: float = 180) -> None:
-        """Until `text` has appeared `count` times on stderr (what the person has seen so far)."""
-        deadline = time.monotonic() + timeout
-        while self.err.count(text) < count:
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise AssertionError(f"{text!r} not seen {count} time(s):\n{self.err[-4000:]}")
-            time.sleep(0.1)
-
-    def stop(self, sig=signal.SIGTERM) -> tuple[int, str]:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._err_reader.join(10)
-        self.process.stdout.close()
-        return self.process.returncode, self.err
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def listening(port: int) -> set[str]:
-    """Local addresses with a LISTEN socket on port, read from the kernel's tables."""
-    found = set()
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, hex_port = local.split(":")
-            if state == "0A" and int(hex_port, 16) == port:
-                found.add(address if width == 32 else socket.inet_ntoa(bytes.fromhex(address)[::-1]))
-    return found
-
-
-def user_audio(seconds: float = 3.0):
-    import numpy as np
-    import sphn
-
-    path = SHARED_AUDIO / "daily-5-0276.wav"
-    if not path.is_file():
-        return speech_like(seconds)
-    pcm, _ = sphn.read(str(path), sample_rate=SAMPLE_RATE)
-    return np.ascontiguousarray(pcm[0, : int(seconds * SAMPLE_RATE)], dtype=np.float32)
+from helpers import (
+    ANSWER_S,
+    Served,
+    a_wav,
+    answered,
+    children_of,
+    converse_sync,
+    fake_gpus,
+    japanese,
+    listening,
+    user_audio,
+    wait_until,
+)
 
 
 @pytest.mark.slow
 def test_serve_downloads_then_talks_japanese_on_loopback_only(tiny_env):
-    from jmoshi_cli.chat import chat_sync
-
     port = free_port()
     served = Served(["--variant", "tiny", "--device", "cpu", "--port", str(port)], tiny_env)
     try:
@@ -130,8 +55,9 @@ def test_serve_downloads_then_talks_japanese_on_loopback_only(tiny_env):
         page = subprocess.run(["curl", "-s", url], capture_output=True, text=True).stdout if \
             os.path.exists("/usr/bin/curl") else _http_get(url)
         assert "J-Moshi test UI" in page
-        result = chat_sync(f"ws://127.0.0.1:{port}/api/chat", user_audio(3.0), tail_s=3.0)
-        hang_up_mid_conversation(f"ws://127.0.0.1:{port}/api/chat", port)
+        said = user_audio(3.0)
+        result = converse_sync(f"ws://127.0.0.1:{port}/api/chat", said, until=answered(said))
+        hang_up_mid_conversation(f"ws://127.0.0.1:{port}/api/chat")
         served.wait_for("the browser hung up", count=2)
     finally:
         code, err = served.stop()
@@ -140,7 +66,7 @@ def test_serve_downloads_then_talks_japanese_on_loopback_only(tiny_env):
     assert abs(float(result.audio.std())) > 0
     assert len(result.text_pieces) >= 3
     joined = "".join(result.text_pieces)
-    assert any("\u3040" <= ch <= "\u30ff" or "\u4e00" <= ch <= "\u9fff" for ch in joined), joined
+    assert japanese(joined), joined
     assert code == 143
     assert "ready" in err and "One conversation at a time" in err
     # The child's output reaches the user as steps, conversations and frame summaries; browsers that
@@ -151,29 +77,27 @@ def test_serve_downloads_then_talks_japanese_on_loopback_only(tiny_env):
     assert "frame handled in" not in err and "bitsandbytes" not in err and "Running on" not in err
 
 
-def hang_up_mid_conversation(url: str, port: int) -> None:
-    """A browser that goes away: a client process killed once it has been connected for a while."""
-    script = ("import sys; from jmoshi_cli.chat import chat_sync; from jmoshi_cli.selftest import speech_like; "
-              "chat_sync(sys.argv[1], speech_like(30.0))")
-    client = subprocess.Popen([sys.executable, "-c", script, url])
+# A browser in its own process: it says when J-Moshi's voice first reaches it, then goes on talking.
+HANGING_UP_CLIENT = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from helpers import converse_sync
+from jmoshi_cli.selftest import speech_like
+converse_sync(sys.argv[1], speech_like(30.0), on_audio=lambda: print("answered", flush=True))
+"""
+
+
+def hang_up_mid_conversation(url: str) -> None:
+    """A browser that goes away: a client process killed while the server is sending it J-Moshi's voice."""
+    client = subprocess.Popen([sys.executable, "-c", HANGING_UP_CLIENT, url, str(Path(__file__).parent)],
+                              stdout=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not connected_to(port) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(2.0)
+        ready, _, _ = select.select([client.stdout], [], [], ANSWER_S)
+        assert ready and client.stdout.readline() == "answered\n", "the client never heard an answer"
     finally:
         client.kill()
         client.wait()
-
-
-def connected_to(port: int) -> bool:
-    """Whether a TCP connection to this local port is established, from the kernel's tables."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            if state == "01" and int(local.split(":")[1], 16) == port:
-                return True
-    return False
+        client.stdout.close()
 
 
 def _http_get(url: str) -> str:
@@ -181,6 +105,11 @@ def _http_get(url: str) -> str:
 
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read().decode()
+
+
+def wait_gone(pids: list[int]) -> None:
+    """Until none of these processes exists any more (exited and reaped)."""
+    wait_until(lambda: not [p for p in pids if Path(f"/proc/{p}").exists()], 30, f"processes {pids} to exit")
 
 
 @pytest.mark.slow
@@ -192,8 +121,7 @@ def test_sigterm_leaves_no_process_behind_and_offline_restart_works(tiny_env):
     assert kids, "moshi.server child not found"
     code, _ = served.stop(signal.SIGTERM)
     assert code == 143
-    time.sleep(0.5)
-    assert not [k for k in kids if Path(f"/proc/{k}").exists()]
+    wait_gone(kids)
     assert listening(port) == set()
     # Everything is cached now: it starts with the hub gone, with --offline or without.
     env = dict(tiny_env, HF_ENDPOINT="http://127.0.0.1:9")
@@ -203,7 +131,7 @@ def test_sigterm_leaves_no_process_behind_and_offline_restart_works(tiny_env):
         kids = children_of(again.process.pid)
         code, err = again.stop(signal.SIGINT)
         assert code == 130
-        assert not [k for k in kids if Path(f"/proc/{k}").exists()]
+        wait_gone(kids)
     assert "the hub cannot be reached; using the cached jmoshi-test/tiny@main" in err
     # --verbose: the child's output exactly as it wrote it, colour codes and all.
     assert "\x1b[1;34m[Info]\x1b[0m warming up the model\n" in err and "======== Running on" in err
@@ -255,7 +183,7 @@ def test_no_gpu_is_refused_before_any_download(tiny_env, monkeypatch):
     fake_gpus(monkeypatch)  # the driver answers and lists no GPU, whatever this machine has
     for key in ("JMOSHI_VARIANTS", "JMOSHI_HOME"):
         monkeypatch.setenv(key, tiny_env[key])
-    hooks = serve.ServeHooks(watch_download=lambda plan: pytest.fail("no download before the GPU check"))
+    hooks = NoDownload("no download before the GPU check")
     with pytest.raises(PreflightError, match="no usable NVIDIA GPU: the NVIDIA driver sees no GPU") as caught:
         serve.prepare(serve.ServeOptions(variant="tiny", port=free_port()), hooks)
     assert "--device cpu" in caught.value.hint
@@ -296,6 +224,11 @@ def test_bad_flags_are_one_line_errors(tiny_env, tmp_path):
 
 
 # --- the pure parts: exact child command line, GPU rules (the GPU is the one mocked piece) -----------
+
+
+class NoDownload(Reporter):
+    def __init__(self, why: str):
+        self.watch_download = lambda plan: pytest.fail(why)
 
 
 def _spec(files: ModelFiles, **kw) -> ServerSpec:
@@ -357,13 +290,6 @@ def installed_arch_flags() -> str:
     return probe.value["arch_flags"]
 
 
-def fake_gpus(monkeypatch, *gpus: GPU, arch_flags: str = "sm_70 sm_75 sm_80 sm_86 sm_90 sm_100 sm_120") -> None:
-    """The GPU is the one faked piece: the driver's answer (NVML) and what torch says it can run on."""
-    monkeypatch.setattr(hardware, "nvidia", lambda timeout_s=5.0: Probe(True, NvidiaFacts("550", "12.4", list(gpus))))
-    monkeypatch.setattr(hardware, "torch_cuda", lambda timeout_s=60.0: Probe(True, {
-        "version": "x", "cuda": "12.8", "available": True, "arch_flags": arch_flags, "arch_list": []}))
-
-
 def test_a_gpu_this_torch_has_no_kernels_for_is_refused_before_any_download(tiny_env, monkeypatch,
                                                                             installed_arch_flags):
     """serve and infer stop in preflight, with the fix for the installed runtime (see runtime.py)."""
@@ -378,7 +304,7 @@ def test_a_gpu_this_torch_has_no_kernels_for_is_refused_before_any_download(tiny
     fake_gpus(monkeypatch, GPU(0, name, int(34e9), int(33e9), cc), arch_flags=installed_arch_flags)
     for key in ("JMOSHI_VARIANTS", "JMOSHI_HOME", "HF_HUB_CACHE", "HF_ENDPOINT"):
         monkeypatch.setenv(key, tiny_env[key])
-    hooks = serve.ServeHooks(watch_download=lambda plan: pytest.fail("no download before the kernel check"))
+    hooks = NoDownload("no download before the kernel check")
     with pytest.raises(PreflightError) as caught:
         serve.prepare(serve.ServeOptions(variant="tiny", port=free_port()), hooks)
     sm = f"sm_{cc[0]}{cc[1]}"
@@ -386,23 +312,10 @@ def test_a_gpu_this_torch_has_no_kernels_for_is_refused_before_any_download(tiny
     assert caught.value.hint.endswith(installed.other_install())
     assert caught.value.exit_code == 5
     with pytest.raises(PreflightError, match=sm):
-        infer.run(infer.InferRequest(inputs=[_a_wav(Path(tiny_env["JMOSHI_HOME"]))],
+        infer.run(infer.InferRequest(inputs=[a_wav(Path(tiny_env["JMOSHI_HOME"]))],
                                      out_dir=Path(tiny_env["JMOSHI_HOME"]) / "out", variant="tiny"),
-                  infer.InferHooks(watch_download=lambda plan: pytest.fail("no download before the kernel check")))
+                  hooks)
     assert not Path(tiny_env["HF_HUB_CACHE"]).exists()
-
-
-def _a_wav(folder: Path) -> Path:
-    import wave
-
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "in.wav"
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(SAMPLE_RATE)
-        out.writeframes(b"\x00\x00" * SAMPLE_RATE)
-    return path
 
 
 def test_a_broken_sphn_is_refused_before_any_download(monkeypatch):
@@ -435,8 +348,6 @@ def test_gpu_preflight_accepts_a_4090(monkeypatch):
 
 @pytest.mark.slow
 def test_serves_the_tiny_model_on_cuda(tiny_env):
-    from jmoshi_cli.chat import chat_sync
-
     probe = hardware.torch_cuda()
     if not (probe.ok and probe.value["available"]):
         pytest.skip(f"torch sees no CUDA device here ({probe.error or 'torch.cuda.is_available() is False'})")
@@ -444,7 +355,8 @@ def test_serves_the_tiny_model_on_cuda(tiny_env):
     served = Served(["--variant", "tiny", "--device", "cuda", "--port", str(port)], tiny_env)
     try:
         served.wait_ready()
-        result = chat_sync(f"ws://127.0.0.1:{port}/api/chat", user_audio(3.0), tail_s=3.0)
+        said = user_audio(3.0)
+        result = converse_sync(f"ws://127.0.0.1:{port}/api/chat", said, until=answered(said))
     finally:
         code, err = served.stop()
     assert code == 143, err

@@ -186,12 +186,3 @@ def write_wav(path: Path, pcm: np.ndarray, sample_rate: int) -> None:
         w.writeframes(data.tobytes())
     atomic_write(Path(path), buffer.getvalue())
 
-
-def read_wav_pcm16(path: Path) -> tuple[np.ndarray, int]:
-    """Read a 16-bit PCM WAV written by :func:`write_wav`: ((channels, samples) float32, rate)."""
-    with wave.open(str(path), "rb") as w:
-        ch, width, rate, frames = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
-        if width != 2:
-            raise ValueError(f"{path}: {8 * width}-bit WAV, expected 16-bit")
-        raw = np.frombuffer(w.readframes(frames), dtype="<i2")
-    return (raw.reshape(-1, ch).T.astype(np.float32) / 32767.0), rate

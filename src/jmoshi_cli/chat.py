@@ -92,8 +92,16 @@ async def chat(
     tail_s: float = 3.0,
     timeout_s: float = 60.0,
     ssl: SSLContext | bool | None = None,
+    until: tp.Callable[[ChatResult], bool] | None = None,
+    on_handshake: tp.Callable[[], None] | None = None,
+    on_audio: tp.Callable[[], None] | None = None,
 ) -> ChatResult:
     """Talk to a moshi.server at ``url`` (ws:// or wss://.../api/chat) with ``pcm``.
+
+    After the last frame the client listens up to ``tail_s`` seconds, or, with ``until``, until
+    ``until(what came back so far)`` holds within those seconds: a server slower than real time is
+    waited for, a fast one is not. ``on_handshake`` is called when the server takes the
+    conversation, ``on_audio`` once, when J-Moshi's voice first arrives.
 
     ``ssl``: None for default certificate checks, False to skip them (self-signed test
     certificates), or an ``ssl.SSLContext``. ``timeout_s`` bounds the connection and the wait for
@@ -137,6 +145,8 @@ async def chat(
             samples = opus.decode(data[1:])
             if samples.shape[0]:
                 received.append(samples)
+            if on_audio is not None and messages[kind] == 1:
+                on_audio()
         elif kind == KIND_TEXT:
             text_pieces.append(data[1:].decode("utf-8", errors="replace"))
 
@@ -170,6 +180,8 @@ async def chat(
                     handle(msg.data)
                     if msg.data[:1] == bytes([KIND_HANDSHAKE]):
                         handshake_s = time.monotonic() - t0
+                        if on_handshake is not None:
+                            on_handshake()
                         break
                 elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
                                   aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
@@ -220,11 +232,7 @@ async def chat(
                     if not closed_early:
                         closed_early.append(f"send failed: {exc}")
                 if not closed_early:
-                    # Keep listening: the server lags behind when slower than real time.
-                    try:
-                        await asyncio.wait_for(asyncio.shield(recv_task), timeout=max(tail_s, 0.0))
-                    except asyncio.TimeoutError:
-                        pass
+                    await _listen(recv_task, tail_s, None if until is None else lambda: until(result()))
                 done.set()
             finally:
                 done.set()
@@ -237,6 +245,18 @@ async def chat(
                     f"server closed the connection early after {sent_frames}/{n_frames} frames "
                     f"({closed_early[0]})", result())
     return result()
+
+
+async def _listen(recv_task: asyncio.Task, tail_s: float, enough: tp.Callable[[], bool] | None) -> None:
+    """Keep receiving after the last frame (the server lags behind when slower than real time): up to
+    tail_s, or until `enough()` says what came back is all the caller waits for."""
+    if enough is None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(recv_task), timeout=max(tail_s, 0.0))
+        return
+    deadline = time.monotonic() + max(tail_s, 0.0)
+    while not recv_task.done() and time.monotonic() < deadline and not enough():
+        await asyncio.sleep(0.05)
 
 
 def chat_sync(*args: tp.Any, **kwargs: tp.Any) -> ChatResult:

@@ -226,7 +226,9 @@ def parse_stat(text: str) -> Load:
         if row.get("pxname") != CHAT_BACKEND:
             continue
         if row.get("svname") == "BACKEND":
-            active, queued = int(row.get("scur") or 0), int(row.get("qcur") or 0)
+            # A backend's scur counts the queued streams too: those talking are the rest.
+            queued = int(row.get("qcur") or 0)
+            active = max(int(row.get("scur") or 0) - queued, 0)
         elif row.get("svname") != "FRONTEND":
             servers.append(_server(row))
     return Load(active, queued, tuple(servers), ui_up)

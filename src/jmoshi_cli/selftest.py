@@ -90,7 +90,10 @@ def _converse(server: Server, launch: Launch, on_step: Callable[[str], None], se
         raise _failed(exc, server) from None
     on_step("talking to /api/chat")
     try:
-        chat = chat_sync(f"ws://127.0.0.1:{launch.port}/api/chat", speech_like(seconds), tail_s=3.0, timeout_s=30)
+        # Listen until audio and text came back (up to a minute: a busy CPU runs the tiny model slower than
+        # real time), not for a fixed tail that a loaded machine would cut short.
+        chat = chat_sync(f"ws://127.0.0.1:{launch.port}/api/chat", speech_like(seconds), tail_s=60, timeout_s=30,
+                         until=lambda got: got.audio_samples > 0 and bool(got.text_pieces))
     except ChatError as exc:
         assert server.process is not None  # started: wait_ready returned
         code = server.process.poll()
