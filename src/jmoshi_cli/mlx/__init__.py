@@ -1,0 +1,10 @@
+"""J-Moshi on MLX (Apple Silicon; MLX's CPU backend on Linux): conversion, model and server.
+
+- :mod:`.convert` turns nu-dialogue's PyTorch safetensors into moshi_mlx weights (bf16, q8, q4), once
+  per source file, into jmoshi's data folder, and gives Mimi the attention names rustymimi reads.
+- :mod:`.model` builds moshi_mlx's LM from those files, exactly the PyTorch model (see mlx_config),
+  with a generator that keeps no history beyond what it needs (conversations of any length).
+- :mod:`.server` is the child process jmoshi runs: the /api/chat protocol and web UI of moshi.server.
+
+Nothing here imports mlx, moshi_mlx, rustymimi or numpy at import time: only the functions that use them.
+"""
