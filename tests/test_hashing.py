@@ -17,6 +17,7 @@ from jmoshi_cli import artifacts, hashing, hub
 from jmoshi_cli.artifacts import Status
 from jmoshi_cli.errors import CacheError, HubError
 from jmoshi_cli.hashing import FollowingHash
+from jmoshi_cli.upstream import hub_internals
 
 EXT = "nu-dialogue/j-moshi-ext"
 
@@ -71,7 +72,7 @@ def test_the_follower_keeps_no_reference_to_the_blocks_written(tmp_path):
     block = os.urandom(2 * MIB)
     before = sys.getrefcount(block)
     with partial.open("ab") as raw:
-        hub._PartialFile(raw, None).write(block)  # what huggingface_hub's http_get writes through
+        hub_internals.PartialFile(raw, None).write(block)  # what huggingface_hub's http_get writes through
     assert sys.getrefcount(block) == before  # read back from the file: its memory is the writer's to reuse
     partial.rename(final)
     assert follower.finish(final) == digest(block)
@@ -171,7 +172,7 @@ def test_a_reported_truncate_restarts_the_hash(tmp_path):
         partial.write_bytes(old)
         wait_for(lambda: follower.hashed == len(old))
         with partial.open("ab") as raw:
-            stream = hub._PartialFile(raw, None)  # what huggingface_hub's http_get writes through
+            stream = hub_internals.PartialFile(raw, None)  # what huggingface_hub's http_get writes through
             stream.seek(0)
             stream.truncate()
             stream.write(new)
@@ -183,9 +184,9 @@ def test_a_reported_truncate_restarts_the_hash(tmp_path):
 def test_huggingface_hub_downloads_write_through_the_rewind_reporter():
     from huggingface_hub import file_download
 
-    assert hub._report_rewinds()
+    assert hub_internals.report_rewinds()
     assert getattr(file_download.http_get, "jmoshi_reports_rewinds", False)
-    assert hub._report_rewinds()  # once only: the wrapper is not wrapped again
+    assert hub_internals.report_rewinds()  # once only: the wrapper is not wrapped again
 
 
 def test_the_tail_after_the_rename_is_read_from_the_same_file(tmp_path):

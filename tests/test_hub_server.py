@@ -240,7 +240,7 @@ def test_server_errors_and_corrupt_body(hub: LocalHub, hub_root: Path, client) -
     err500, head500, too_many, corrupt, e_first, a_again = client(ops)
     if CLIENT_RETRIES_5XX:
         # huggingface_hub of the current runtime (0.36) retries 5xx inside the call (up to 5 times, 1-8 s
-        # apart): one or two 500s are absorbed (jmoshi turns that off: hub._one_try_per_request).
+        # apart): one or two 500s are absorbed (jmoshi turns that off: upstream.hub_internals.one_try_per_request).
         assert err500["ok"] and head500["ok"] and e_first["ok"]
     else:
         # 0.28 (the documented runtime): one try, the error raised.

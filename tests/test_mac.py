@@ -73,3 +73,14 @@ def test_the_mlx_backend_refuses_what_it_cannot_do_in_one_line(wanted, needle):
 def test_the_linux_probe_says_it_is_not_a_mac():
     probe = hardware.apple()
     assert probe.ok is hardware.sys.platform.startswith("darwin") or "not an Apple Silicon Mac" in probe.error
+
+
+def test_the_mlx_runtime_is_there_where_it_is_expected():
+    """.ci/run's MLX environment sets JMOSHI_EXPECT_MLX=1: there the MLX tests must run, not skip."""
+    import os
+
+    from jmoshi_cli.backends.mlx import runtime_problem
+
+    if os.environ.get("JMOSHI_EXPECT_MLX") != "1":
+        pytest.skip("this environment is not expected to have the MLX runtime (JMOSHI_EXPECT_MLX unset)")
+    assert runtime_problem() is None

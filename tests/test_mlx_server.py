@@ -237,7 +237,6 @@ def test_kill_9_of_its_parent_leaves_nothing(files):
 
 
 @pytest.mark.parametrize("change, says", [
-    ({"record": {"folder": "/tmp/nowhere"}}, "recording (--record) is not supported"),
     ({"static": "/nonexistent"}, "no index.html there"),
 ])
 def test_what_it_cannot_do_is_one_line_and_an_exit_before_loading(files, change, says):

@@ -6,8 +6,7 @@ import random
 
 import pytest
 
-from jmoshi_cli.mlx.text import PieceJoiner
-from jmoshi_cli.transcript import join_pieces
+from jmoshi_cli.transcript import PieceJoiner, join_pieces
 
 PIECES = ["▁", "▁こんにちは", "今日", "は", "、", "。", "▁Hello", ",", "▁world", "▁3", "▁時", "▁", "ね", "▁ok",
           "<0xE3>", "<0x81>", "<0x82>", "▁(", "▁a", "b▁", "！", "▁▁", "▁ﾃｽﾄ"]

@@ -40,6 +40,7 @@ class Launch:
     port: int
     scheme: str
     contract: ChildContract | None = None  # a server child's; None for any other program
+    name: str = "moshi.server"  # what people call it in messages
 
     @property
     def url(self) -> str:
@@ -88,7 +89,8 @@ REASONS: list[tuple[str, str, str | Callable[[], str]]] = [
 SEE_OUTPUT = "see moshi.server's output above; `jmoshi --verbose serve ...` shows every line it printed"
 
 
-def explain_exit(code: int, tail: list[str], unknown_hint: str = SEE_OUTPUT) -> ServerError:
+def explain_exit(code: int, tail: list[str], unknown_hint: str = SEE_OUTPUT,
+                 name: str = "moshi.server") -> ServerError:
     """The child's exit as one line: a known cause from its last lines, else its last line."""
     text = "\n".join(tail).lower()
     known = next(((reason, hint) for needle, reason, hint in REASONS if needle in text), None)
@@ -99,7 +101,7 @@ def explain_exit(code: int, tail: list[str], unknown_hint: str = SEE_OUTPUT) -> 
         last = next((server_log.plain(line).strip() for line in reversed(tail) if line.strip()), "no output")
         reason, hint = last[:200], unknown_hint
     shown = code if code >= 0 else 128 - code
-    return ServerError(f"moshi.server exited with code {shown}: {reason}", hint, exit_code=shown or 1)
+    return ServerError(f"{name} exited with code {shown}: {reason}", hint, exit_code=shown or 1)
 
 
 # --- running ----------------------------------------------------------------------------------------
@@ -184,7 +186,7 @@ class Server:
         code = self.process.poll()
         if code is not None:
             self.drain()
-            raise explain_exit(code, list(self.tail), unknown_hint)
+            raise explain_exit(code, list(self.tail), unknown_hint, self.launch.name)
         if self.listening():
             return True
         if time.monotonic() - started > timeout_s:
@@ -283,6 +285,6 @@ def _watch(server: Server, on_ready: Callable[[float], None], signals: StopSigna
             on_ready(time.monotonic() - started)
         elif ready and process.poll() is not None:
             server.drain()
-            raise explain_exit(process.returncode, list(server.tail))
+            raise explain_exit(process.returncode, list(server.tail), name=server.launch.name)
         time.sleep(POLL_S)
     return 128 + signals.received[0]

@@ -48,9 +48,10 @@ LoraOpt = Annotated[Optional[Path], typer.Option(
     "checkpoint folder, or lora.safetensors with its config.json beside it. Current runtime only.",
     show_default=False)]
 QuantizeOpt = Annotated[str, typer.Option(
-    "--quantize", help="auto, bf16 or int8. int8 (moshi's own bitsandbytes int8, made once from the bf16 weights "
-    "and kept in jmoshi's data folder) needs ~11 GB of GPU memory instead of ~19 GB; auto picks it, with a note, "
-    "when bf16 does not fit. Current runtime only.")]
+    "--quantize", help="auto, bf16, int8 or int4 (MLX). torch: int8 (moshi's own bitsandbytes int8, made once from "
+    "the bf16 weights and kept in jmoshi's data folder) needs ~11 GB of GPU memory instead of ~19 GB; auto picks it, "
+    "with a note, when bf16 does not fit (current runtime only). MLX: 8-bit or 4-bit weights converted once; auto "
+    "picks the largest that fits the Mac's unified memory and says why.")]
 
 
 ReplicasOpt = Annotated[Optional[str], typer.Option(
@@ -324,12 +325,12 @@ def front(
 
 
 @app.command()
-def selftest(as_json: JsonOpt = False) -> int:
+def selftest(as_json: JsonOpt = False, backend: BackendOpt = "auto") -> int:
     """Prove the installed stack works, before downloading 16 GB: a tiny model on the CPU (about a minute)."""
     from . import selftest as st
 
     with console.status("selftest") as status:
-        result = st.run(on_step=lambda step: status.update(f"selftest: {step}"))
+        result = st.run(on_step=lambda step: status.update(f"selftest: {step}"), backend=backend)
     return finish(result, as_json)
 
 

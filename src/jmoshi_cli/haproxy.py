@@ -286,7 +286,7 @@ class Front:
 
         check_config(self.version.path, self.folder / "haproxy.cfg")
         argv = tied_argv([self.version.path, "-db", "-f", str(self.folder / "haproxy.cfg")])
-        launch = Launch(argv, dict(os.environ), self.config.host, self.config.port, self.scheme)
+        launch = Launch(argv, dict(os.environ), self.config.host, self.config.port, self.scheme, name="HAProxy")
         self.server = Server(launch, relay=relay or (lambda line: None)).start()
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.config.runtime_socket.exists():

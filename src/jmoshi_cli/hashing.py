@@ -13,7 +13,7 @@ The writer may start over, and the hash then starts again from byte 0:
 - a truncate the writer reported (`note_rewind`). huggingface_hub 0.36.2 and later truncate the
   file in place when a server answers a resumed request with the whole file, then write it again
   from byte 0; it may grow back past what was hashed before the thread looks again, so only the
-  report makes such a truncate certain to be seen (hub._report_rewinds wires it).
+  report makes such a truncate certain to be seen (upstream.hub_internals.report_rewinds wires it).
 
 The follower keeps no copy of what the writer wrote: it reads each block back into one reused
 buffer, from the page cache, right behind the writer. Holding on to the writer's blocks until they

@@ -7,7 +7,6 @@ reads them once, at import.
 
 from __future__ import annotations
 
-import functools
 import os
 import random
 import threading
@@ -18,6 +17,8 @@ from typing import Callable, TypeVar
 
 from . import hashing
 from .errors import CacheError, HubError, HubUnreachable, JMoshiError, UsageError
+from .upstream import hub_internals
+from .upstream.hub_internals import Stopped
 
 T = TypeVar("T")
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -249,81 +250,10 @@ def _followable(artifact: Artifact) -> bool:
     Only LFS files have a plain sha256 to check (small files are hashed after, at no real cost).
     hf_transfer and Xet write blocks out of order, so reading behind them would hash holes;
     elsewhere than POSIX an open reader can block the final rename; and without its truncates
-    reported (_report_rewinds) a rewritten partial could go unseen.
+    reported (upstream.hub_internals) a rewritten partial could go unseen.
     """
-    from huggingface_hub import constants, file_download
-
-    xet = getattr(file_download, "is_xet_available", None)  # huggingface_hub >= 0.31
-    return (bool(artifact.sha256) and hashing.supported() and not constants.HF_HUB_ENABLE_HF_TRANSFER
-            and not (xet is not None and xet()) and _report_rewinds())
-
-
-class Stopped(Exception):
-    """A download told to stop because another one failed: not an error of its own."""
-
-
-_this_thread = threading.local()  # .stop: the event that stops the download running on this thread
-
-
-class _PartialFile:
-    """The partial file huggingface_hub writes to: reports each truncate to its follower, and ends the
-    download after its next block once its thread's stop event is set (the partial stays, resumable)."""
-
-    def __init__(self, stream, stop: threading.Event | None):
-        self._stream = stream
-        self._stop = stop
-
-    def write(self, data):
-        written = self._stream.write(data)  # first: a block that arrived is kept for the resume
-        if self._stop is not None and self._stop.is_set():
-            raise Stopped()
-        return written
-
-    def truncate(self, *args):
-        size = self._stream.truncate(*args)
-        hashing.note_rewind(self._stream.fileno())  # after: what is read from now on is the new content
-        return size
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-
-def _report_rewinds() -> bool:
-    """Have huggingface_hub's HTTP downloads report when they cut the partial file back.
-
-    huggingface_hub 0.36.2 and later truncate the partial file in place when a server answers a
-    resumed request with the whole file (200, not 206), then write it again from byte 0: the same
-    inode, and it may grow back past what was hashed before the follower looks again, so only the
-    truncate itself tells. False when there is no http_get to wrap: then nothing is followed.
-    """
-    from huggingface_hub import file_download
-
-    get = getattr(file_download, "http_get", None)
-    if get is None:
-        return False
-    if getattr(get, "jmoshi_reports_rewinds", False):
-        return True
-
-    @functools.wraps(get)
-    def reporting(url, temp_file, *args, **kwargs):
-        if not isinstance(temp_file, _PartialFile):  # it calls itself again to resume
-            temp_file = _PartialFile(temp_file, getattr(_this_thread, "stop", None))
-        return get(url, temp_file, *args, **kwargs)
-
-    reporting.__dict__["jmoshi_reports_rewinds"] = True  # via __dict__: functools' wrapper type declares no such field
-    file_download.http_get = reporting
-    return True
-
-
-_wrapping = threading.Lock()  # files fetched side by side: only one thread wraps huggingface_hub
-
-
-def _wrap_downloads() -> None:
-    """Wrap huggingface_hub's download functions once: one try per request, and the partial file
-    seen through _PartialFile (its truncates reported, its thread's stop obeyed) on every path."""
-    with _wrapping:
-        _one_try_per_request()
-        _report_rewinds()
+    return bool(artifact.sha256) and hashing.supported() and hub_internals.writes_in_order() \
+        and hub_internals.report_rewinds()
 
 
 def fetch(artifact: Artifact, on_bytes: Callable[[int], None] | None = None,
@@ -335,16 +265,16 @@ def fetch(artifact: Artifact, on_bytes: Callable[[int], None] | None = None,
     still catching up after the last byte landed. Once `stop` is set the download ends with Stopped
     after its next block (huggingface_hub writes 10 MB at a time).
     """
-    _wrap_downloads()
+    hub_internals.wrap_downloads()
     blob = repo_folder(artifact.repo) / "blobs" / str(artifact.etag)
     partial = blob.with_name(f"{blob.name}.incomplete")
-    _this_thread.stop = stop
+    hub_internals.this_thread.stop = stop
     try:
         if _followable(artifact):
             return _fetch_followed(artifact, blob, partial, on_bytes, on_retry, on_hashed)
         return _fetch_watched(artifact, partial, on_bytes, on_retry)
     finally:
-        _this_thread.stop = None
+        hub_internals.this_thread.stop = None
 
 
 def _fetch_watched(artifact: Artifact, partial: Path, on_bytes: Callable[[int], None] | None,
@@ -401,31 +331,6 @@ def _remove_if_empty(partial: Path) -> None:
             partial.unlink()
     except OSError:
         pass
-
-
-def _one_try_per_request() -> None:
-    """One HTTP try per request inside hf_hub_download, on every huggingface_hub version.
-
-    huggingface_hub 0.28 (the documented runtime) makes one try and raises; later versions (0.36 in the
-    current runtime) retry 5xx answers and connection errors inside the call, up to 5 times with their
-    own backoff (1 to 8 s) and a warning per try. jmoshi already retries (with_retries: Retry-After,
-    a note per retry, the one-line error at the end); both together would multiply the tries and
-    print the library's warnings. So its backoff is told to retry nothing: the behaviour of 0.28.
-    """
-    from huggingface_hub import file_download
-
-    backoff = getattr(file_download, "http_backoff", None)  # absent in 0.28: nothing to do
-    if backoff is None or getattr(backoff, "jmoshi_one_try", False):
-        return
-
-    @functools.wraps(backoff)
-    def one_try(*args, **kwargs):
-        kwargs.setdefault("retry_on_status_codes", ())
-        kwargs.setdefault("retry_on_exceptions", ())
-        return backoff(*args, **kwargs)
-
-    one_try.__dict__["jmoshi_one_try"] = True  # via __dict__: functools' wrapper type declares no such field
-    file_download.http_backoff = one_try
 
 
 def _download(artifact: Artifact, on_retry: Callable[[int, BaseException, float], None] | None) -> Path:

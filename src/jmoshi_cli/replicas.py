@@ -227,7 +227,7 @@ class Fleet:
         server = replica.server
         assert server is not None and server.process is not None  # _watch saw its process exit
         server.drain()
-        error = explain_exit(server.process.returncode, list(server.tail))
+        error = explain_exit(server.process.returncode, list(server.tail), name=server.launch.name)
         replica.server, replica.healthy_since, replica.last_error = None, None, error
         replica.in_rotation = False
         self.front.set_state(replica.where.name, "maint")

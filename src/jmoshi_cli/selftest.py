@@ -56,27 +56,41 @@ def speech_like(seconds: float = 3.0, sample_rate: int = SAMPLE_RATE):
     return (0.3 * voice * envelope / np.max(np.abs(voice))).astype(np.float32)
 
 
-def run(on_step: Callable[[str], None] = lambda step: None, seconds: float = 3.0) -> SelftestResult:
+def run(on_step: Callable[[str], None] = lambda step: None, seconds: float = 3.0,
+        backend: str | None = None) -> SelftestResult:
+    """The tiny model through `backend` (--backend: auto, torch or mlx), the same launch as `serve`."""
+    from . import backends
     from .tiny_model import cached_tiny_repo
 
+    chosen = backends.choose(backend)
+    chosen.refuse(backends.Features(device="cpu"))
     on_step("building the tiny model (cached after the first run)")
     repo = cached_tiny_repo()
     with tempfile.TemporaryDirectory(prefix="jmoshi-selftest-") as tmp:
-        launch = _launch(repo, Path(tmp))
-        on_step("starting moshi.server on the CPU")
+        launch = _launch(chosen.kind, repo, Path(tmp), on_step)
+        on_step(f"starting {chosen.server_name} on the CPU")
         # Started on the caller's (main) thread, as Server.start requires; the child dies with jmoshi.
         with Server(launch, relay=lambda line: None) as server:
-            return _converse(server, launch, on_step, seconds)
+            result = _converse(server, launch, on_step, seconds)
+    result.server = chosen.server_name
+    return result
 
 
-def _launch(repo: Path, tmp: Path) -> Launch:
+def _launch(kind: Kind, repo: Path, tmp: Path, on_step: Callable[[str], None]) -> Launch:
     from .tiny_model import build_web_ui_bundle
 
     static = unpack_bundle(build_web_ui_bundle(tmp / "dist.tgz"), tmp / "dist")
     files = ModelFiles(repo / "model.safetensors", repo / "tokenizer-e351c8d8-checkpoint125.safetensors",
                        repo / "tokenizer_spm_32k_3.model", repo / "config.json", static)
+    if kind is Kind.MLX:
+        from .mlx import convert
+
+        on_step("converting the tiny model to MLX")
+        made = convert.ensure_mlx(tmp, files.moshi_weight, None, files.config, Precision.BF16)
+        files = ModelFiles(made.weight, convert.ensure_mimi(tmp, files.mimi_weight, None), files.tokenizer,
+                           made.config, static)
     contract = ChildContract(bind_host="127.0.0.1", config_path=str(files.config), threads=cpu_threads())
-    return ServerSpec(Kind.TORCH, files, SELFTEST_REPO, Precision.BF16, "127.0.0.1", free_port(), "cpu",
+    return ServerSpec(kind, files, SELFTEST_REPO, Precision.BF16, "127.0.0.1", free_port(), "cpu",
                       contract=contract).render()
 
 
@@ -101,7 +115,7 @@ def _converse(server: Server, launch: Launch, on_step: Callable[[str], None], se
             raise SelftestError(f"the /api/chat conversation failed: {exc}", f"run `jmoshi doctor`; {SEE_LOG}",
                                 _server_lines(server)) from None
         server.drain()
-        raise _failed(explain_exit(code, list(server.tail), SEE_LOG), server) from None
+        raise _failed(explain_exit(code, list(server.tail), SEE_LOG, server.launch.name), server) from None
     result.handshake_s = chat.handshake_s
     result.audio_samples = chat.audio_samples
     result.text_pieces = chat.text_pieces
@@ -113,17 +127,17 @@ def _converse(server: Server, launch: Launch, on_step: Callable[[str], None], se
 
 def _check(result: SelftestResult, server: Server) -> None:
     if result.audio_samples == 0:
-        raise SelftestError("moshi.server answered the handshake but sent no audio",
+        raise SelftestError("the server answered the handshake but sent no audio",
                             f"run `jmoshi doctor` (a sphn that does not fit moshi breaks audio); {SEE_LOG}",
                             _server_lines(server))
     if not result.text_pieces:
-        raise SelftestError("moshi.server sent audio but no text pieces", f"run `jmoshi doctor`; {SEE_LOG}",
+        raise SelftestError("the server sent audio but no text pieces", f"run `jmoshi doctor`; {SEE_LOG}",
                             _server_lines(server))
 
 
 def _failed(error: ServerError, server: Server) -> SelftestError:
     """The server's failure as the selftest's, with the output that selftest never shows."""
-    return SelftestError(f"moshi.server failed: {error.message}", error.hint, _server_lines(server))
+    return SelftestError(f"{server.launch.name} failed: {error.message}", error.hint, _server_lines(server))
 
 
 def _server_lines(server: Server) -> str:

@@ -134,4 +134,4 @@ class MlxBackend(Backend):
             argv += ["--cpu"]
         env = without_contract(os.environ if spec.base_env is None else spec.base_env)
         env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-        return Launch(argv, env, spec.host, spec.port, spec.scheme, spec.contract)
+        return Launch(argv, env, spec.host, spec.port, spec.scheme, spec.contract, self.server_name)

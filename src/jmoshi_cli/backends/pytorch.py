@@ -49,4 +49,4 @@ class TorchBackend(Backend):
         env = without_contract(os.environ if spec.base_env is None else spec.base_env)
         env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         env.update(runtime.compile_setup(spec.device, env)[0])  # NO_TORCH_COMPILE=1 on the CPU (runtime.py)
-        return Launch(argv, env, spec.host, spec.port, spec.scheme, spec.contract)
+        return Launch(argv, env, spec.host, spec.port, spec.scheme, spec.contract, self.server_name)

@@ -174,6 +174,11 @@ class Generator:
         mx.eval(self.tokens)
         return int(text[0].item())
 
+    def last_text_token(self) -> int | None:
+        """The text token of the frame that just became complete (moshi's LMGen returns text with its audio)."""
+        at = self.step_idx - 1 - self.max_delay
+        return int(self.tokens[0, 0, self._col(at)].item()) if at >= 0 else None
+
     def last_audio_tokens(self):
         """J-Moshi's audio codes of the frame that just became complete ((1, 8) int32), or None yet."""
         at = self.step_idx - 1 - self.max_delay

@@ -17,7 +17,7 @@ multiprocessing children behind on SIGTERM, and offline without --static it hang
 - its console lines are moshi.server's (``[Info] accepted connection``, ``[Info] frame handled in
   N.Nms``, ``[Info] connection closed``, ``[Info] done with connection``, ``[Info] text token '...'``),
   without colours, so that server_log relays the same things for both backends;
-- the text sent is joined by jmoshi's rule (text.PieceJoiner), not with a space for every ``▁``.
+- the text sent is joined by jmoshi's rule (transcript.PieceJoiner), not with a space for every ``▁``.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class Engine:
         self.settings = settings
         say("info", f"loading the text tokenizer {args.tokenizer}")
         self.tokenizer = sentencepiece.SentencePieceProcessor(str(args.tokenizer))  # type: ignore[call-arg]
-        lm_kwargs = read_lm_kwargs(args.lm_config)
+        lm_kwargs = self.lm_kwargs = read_lm_kwargs(args.lm_config)
         quantization = weights_quantization(args.moshi_weight, lm_kwargs)
         say("info", f"loading moshi ({describe(quantization)}) from {args.moshi_weight}")
         self.lm = load_lm(lm_kwargs, args.moshi_weight, quantization)
@@ -146,6 +146,7 @@ class Session:
         self.first = True
 
     def frame(self, pcm):
+        """(J-Moshi's PCM, its text id) for the frame that became complete with this one; (None, None) yet."""
         import mlx.core as mx
         import numpy as np
 
@@ -156,12 +157,13 @@ class Session:
             self.mimi.reset()
             self.first = False
         user = mx.array(codes).transpose(0, 2, 1)[0, :, : self.generator.main]
-        text = self.generator.step(user)
+        self.generator.step(user)
+        # Text and voice of the same frame together, `max_delay` steps on, as moshi.server sends them.
         audio = self.generator.last_audio_tokens()
         if audio is None:
-            return None, text
+            return None, None
         out = self.mimi.decode_step(np.array(audio).astype(np.uint32)[:, :, None])
-        return np.asarray(out, dtype=np.float32).reshape(-1), text
+        return np.asarray(out, dtype=np.float32).reshape(-1), self.generator.last_text_token()
 
 
 def weights_quantization(weight: Path, lm_kwargs: dict):
@@ -185,8 +187,9 @@ def describe(quantization) -> str:
 
 
 class ChatServer:
-    def __init__(self, engine: Engine, pool: concurrent.futures.ThreadPoolExecutor):
+    def __init__(self, engine: Engine, pool: concurrent.futures.ThreadPoolExecutor, recorder=None):
         self.engine, self.pool = engine, pool
+        self.listener = recorder if recorder is not None else _Silent()
         self.lock = asyncio.Lock()
         self.open: set = set()  # the websockets of this and the waiting conversations
 
@@ -216,12 +219,13 @@ class ChatServer:
     async def converse(self, ws) -> None:
         import sphn
 
-        from .text import PieceJoiner
+        from ..transcript import PieceJoiner
 
         loop = asyncio.get_running_loop()
         session = await loop.run_in_executor(self.pool, self.engine.start)
+        self.listener.conversation_starts()  # in the request's task: the recorder knows which conversation
         conversation = _Conversation(ws, session, sphn.OpusStreamWriter(SAMPLE_RATE), PieceJoiner(),
-                                     self.engine.tokenizer)
+                                     self.engine.tokenizer, self.listener)
         reader = sphn.OpusStreamReader(SAMPLE_RATE)
         try:
             await ws.send_bytes(b"\x00")
@@ -261,12 +265,13 @@ async def _user_audio(ws, reader):
 class _Conversation:
     """Cuts the user's audio into 80 ms frames, runs each through the model, sends what comes out."""
 
-    def __init__(self, ws, session: Session, writer, joiner, tokenizer):
+    def __init__(self, ws, session: Session, writer, joiner, tokenizer, listener):
         import numpy as np
 
         from ..transcript import SKIPPED_TEXT_IDS
 
         self.ws, self.session, self.writer, self.joiner, self.tokenizer = ws, session, writer, joiner, tokenizer
+        self.listener = listener  # the recorder (recording/tap.py) or nobody: what the model heard and said
         self.skipped = SKIPPED_TEXT_IDS
         self.pending: Any = np.zeros(0, dtype=np.float32)  # the user's samples not yet a whole frame
 
@@ -279,6 +284,7 @@ class _Conversation:
             began = time.monotonic()
             chunk, self.pending = self.pending[:FRAME_SIZE], self.pending[FRAME_SIZE:]
             out, text_id = await loop.run_in_executor(pool, self.session.frame, chunk)
+            self._tell(chunk, out, text_id)
             try:
                 await self._send(out, text_id)
             except ConnectionResetError:  # aiohttp's "Cannot write to closing transport": the browser left
@@ -286,18 +292,80 @@ class _Conversation:
             say("info", f"frame handled in {1000 * (time.monotonic() - began):.1f}ms")
         return True
 
-    async def _send(self, out, text_id: int) -> None:
+    def _tell(self, heard, out, text_id: int | None) -> None:
+        """The recorder's view of one frame, as the torch tap gives it: heard, stepped, then said."""
+        import numpy as np
+
+        self.listener.heard(heard)
+        # Tokens come back from the step that first has audio, as from moshi's LMGen; the text id rides along.
+        self.listener.stepped(None if out is None else np.full((1, 1, 1), text_id))
+        if out is not None:
+            self.listener.said(out)
+
+    async def _send(self, out, text_id: int | None) -> None:
         if out is not None:
             opus = self.writer.append_pcm(out)
             if len(opus) > 0:
                 await self.ws.send_bytes(b"\x01" + opus)
-        if text_id in self.skipped or not 0 <= text_id < self.tokenizer.get_piece_size() \
+        if text_id is None or text_id in self.skipped or not 0 <= text_id < self.tokenizer.get_piece_size() \
                 or self.tokenizer.is_control(text_id):
             return
         text = self.joiner.feed(self.tokenizer.id_to_piece(text_id))
         if text:
             say("info", f"text token '{text}'")
             await self.ws.send_bytes(b"\x02" + text.encode("utf-8"))
+
+
+class _Silent:
+    """Nobody listens (no --record): the frames go to the browser only."""
+
+    def conversation_starts(self) -> None:
+        pass
+
+    def heard(self, x) -> None:
+        pass
+
+    def stepped(self, tokens) -> None:
+        pass
+
+    def said(self, pcm) -> None:
+        pass
+
+
+def _recorder(contract, engine: Engine, args: argparse.Namespace):
+    """`serve --record`: the same recorder as on torch (recording/tap.py), listening to this server's frames."""
+    if contract.record is None:
+        return None
+    from ..recording.tap import Recorder, Settings
+
+    def notify(line: str) -> None:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    return Recorder(Settings.from_contract(contract), notify, seeds=False)  # Engine.start seeds MLX itself
+
+
+def _model_facts(engine: Engine, args: argparse.Namespace):
+    from dataclasses import asdict
+
+    from ..recording.tap import ModelFacts
+
+    quantization = weights_quantization(args.moshi_weight, engine.lm_kwargs)
+    max_delay = max(engine.lm.cfg.audio_delays) if engine.lm.cfg.audio_delays else 0
+    return ModelFacts(engine.tokenizer, max_delay, asdict(engine.settings.sampling), "cpu" if args.cpu else "gpu",
+                      "bfloat16" if quantization is None else f"bfloat16, {describe(quantization)} weights")
+
+
+def _runtime() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in ("mlx", "moshi_mlx", "rustymimi", "sphn", "aiohttp", "jmoshi"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def make_app(chat: ChatServer, static: str):
@@ -327,11 +395,14 @@ def ssl_context(folder: Path | None):
     return context
 
 
-async def serve(args: argparse.Namespace, engine: Engine, pool) -> None:
+async def serve(args: argparse.Namespace, engine: Engine, pool, recorder=None) -> None:
     from aiohttp import web
 
-    chat = ChatServer(engine, pool)
-    runner = web.AppRunner(make_app(chat, args.static), handle_signals=False, shutdown_timeout=SHUTDOWN_S)
+    chat = ChatServer(engine, pool, recorder)
+    app = make_app(chat, args.static)
+    if recorder is not None:
+        recorder.attach(app, _model_facts(engine, args), _runtime())
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_S)
     await runner.setup()
     context = ssl_context(args.ssl)
     site = web.TCPSite(runner, args.host, args.port, ssl_context=context)
@@ -359,9 +430,6 @@ def main(argv: list[str] | None = None) -> None:
         die_with_parent(contract.parent_pid, signal.SIGKILL)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     args.host = contract.bind_host or args.host
-    if contract.record is not None:  # refused rather than a study that silently records nothing
-        say("error", "recording (--record) is not supported by the MLX server yet")
-        sys.exit(2)
     if args.static != "none" and not Path(args.static, "index.html").is_file():
         say("error", f"--static {args.static}: no index.html there (the web UI folder, or none)")
         sys.exit(2)
@@ -378,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     except JMoshiError as exc:
         say("error", f"{exc.message}" + (f" ({exc.hint})" if exc.hint else ""))
         sys.exit(exc.exit_code)
-    asyncio.run(serve(args, engine, pool))
+    asyncio.run(serve(args, engine, pool, _recorder(contract, engine, args)))
     pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -98,9 +98,10 @@ def _runtime() -> dict:
 class Recorder:
     """The process's tap: knows the server, the conversation being recorded, and every writer."""
 
-    def __init__(self, settings: Settings, notify: Notify):
+    def __init__(self, settings: Settings, notify: Notify, seeds: bool = True):
         self.settings = settings
         self.notify = notify
+        self.seeds = seeds  # seed torch at each conversation's start (--seed); a backend that seeds itself: False
         self.active: Conversation | None = None
         self.writers: list[SessionWriter] = []
         self.base_meta: dict = {}
@@ -167,7 +168,7 @@ class Recorder:
 
     def conversation_starts(self) -> None:
         """The handler reset the generator under the server's lock: its conversation begins."""
-        if self.settings.seed is not None:
+        if self.seeds and self.settings.seed is not None:
             seed_all(self.settings.seed)
         conversation = CURRENT.get()
         if conversation is None or self.settings.record_dir is None:

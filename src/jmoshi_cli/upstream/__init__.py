@@ -6,8 +6,8 @@ versions it was checked against.
 - `moshi_server`: the patches the server child applies before running moshi.server unchanged (bind
   address, CPU warm-up, config path, int8 scales, the seed, the recording tap's hook, the browser's
   Japanese text), checked on moshi 0.2.2 and 0.2.13.
-- `hub_internals`: huggingface_hub's download functions jmoshi wraps (hub.py), checked on
-  huggingface_hub 0.28.1 and 0.36.2.
+- `hub_internals`: huggingface_hub's download functions jmoshi wraps (the partial file's truncates and
+  a stop per thread, one try per request), checked on huggingface_hub 0.28.1 and 0.36.2.
 
 When a new upstream release changes one of them, the tests of that module fail, not a user's run.
 """

@@ -26,7 +26,6 @@ from typing import Any, Callable, Protocol
 
 CHECKED = ("0.2.2", "0.2.13")
 CHAT_PATH = "/api/chat"
-MARKER = "\u2581"  # SentencePiece's word start
 
 
 class Listener(Protocol):
@@ -219,30 +218,22 @@ class BrowserText:
     """
 
     def __init__(self, tokenizer: Any):
+        from ..transcript import PieceJoiner
+
         self._tokenizer = tokenizer
-        self._before = ""  # the last character sent in this conversation
-        self._pending: list[str] = []  # pieces whose text is not decided yet (a trailing `▁`, a cut character)
+        self._joiner = PieceJoiner()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._tokenizer, name)
 
     def id_to_piece(self, token: int) -> str:
-        from ..transcript import join_pieces
-
         piece = self._tokenizer.id_to_piece(token)
-        pieces = [*self._pending, piece]
-        text = join_pieces([self._before, *pieces])[len(self._before):]
-        if text.endswith("\ufffd"):  # a character cut between byte pieces: wait for its other bytes
-            self._pending = pieces
-            return ""
-        # A trailing `▁` is a space or nothing depending on the next piece's first character.
-        self._pending = [MARKER] if piece.endswith(MARKER) else []
-        if text:
-            self._before = text[-1]
-        return text
+        return self._joiner.feed(piece) if isinstance(piece, str) else piece
 
     def conversation_starts(self) -> None:
-        self._before, self._pending = "", []
+        from ..transcript import PieceJoiner
+
+        self._joiner = PieceJoiner()
 
     def heard(self, x: Any) -> None:
         pass
