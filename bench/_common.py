@@ -45,3 +45,13 @@ def bench_env(endpoint: str, cache: Path) -> dict:
     env.update(HF_ENDPOINT=endpoint, HF_HUB_CACHE=str(cache), JMOSHI_HOME=str(cache.parent / "home"),
                JMOSHI_VARIANTS=str(variants), HF_HUB_DISABLE_TELEMETRY="1", NO_COLOR="1")
     return env
+
+
+def emit_json(result: dict, path: str | None) -> None:
+    """The benchmark's result on stdout, and in `path` too when given (--json)."""
+    import json
+
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        Path(path).write_text(text + "\n")

@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from _common import emit_json  # noqa: E402
+
 OURS = """
 import json, sys
 from pathlib import Path
@@ -110,10 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("jmoshi", "upstream"):
             if name in result:
                 result[name]["peak_rss_over_source"] = round(result[name]["peak_rss_gib"] * 2**30 / size, 2)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit_json(result, args.json)
     return 0
 
 

@@ -14,7 +14,7 @@ import shutil
 import pytest
 
 from conftest import child_env, jmoshi
-from jmoshi_cli import precision, preflight, quantize, runtime
+from jmoshi_cli import derived, precision, preflight, quantize, runtime
 from jmoshi_cli.errors import CacheError, PreflightError, UsageError
 from jmoshi_cli.hardware import GPU
 from jmoshi_cli.precision import Precision
@@ -71,7 +71,7 @@ def test_it_is_made_once_and_a_half_written_one_is_never_used(tiny_repo, tmp_pat
     first = quantize.ensure_int8(tmp_path, source, None, tiny_repo / "config.json")
     again = quantize.ensure_int8(tmp_path, source, None, tiny_repo / "config.json")
     assert again.made_s is None and again.weight == first.weight and quantize.verify(again)
-    assert first.source_sha256 == quantize._sha256_of(source)  # keyed by the source's content
+    assert first.source_sha256 == derived.sha256_of(source)  # keyed by the source's content
 
     folder = first.weight.parent
     with open(first.weight, "r+b") as f:  # a file cut short (the machine died while renaming, a full disk)
@@ -87,14 +87,14 @@ def test_it_is_made_once_and_a_half_written_one_is_never_used(tiny_repo, tmp_pat
 def test_not_enough_disk_is_one_line_and_leaves_nothing(tmp_path):
     free = shutil.disk_usage(tmp_path).free
     with pytest.raises(CacheError, match=r"not enough disk to make the int8 checkpoint: it needs .* GB is free") as e:
-        quantize._check_room(tmp_path, free + 10**12)
+        derived.check_room(tmp_path, free + 10**12, "the int8 checkpoint")
     assert "JMOSHI_HOME" in e.value.hint and list(tmp_path.iterdir()) == []
 
 
 def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CacheError, match="cannot read .* to quantize it"):
+    with pytest.raises(CacheError, match="cannot read .*model.safetensors: not a safetensors file"):
         quantize._open(bad)
 
 

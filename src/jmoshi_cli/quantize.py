@@ -27,14 +27,13 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from . import lm_config
+from . import derived, lm_config
 from .errors import CacheError, UsageError
 
 if TYPE_CHECKING:
@@ -42,8 +41,6 @@ if TYPE_CHECKING:
 
 FORMAT = 1
 WEIGHT, CONFIG, MANIFEST = "model.int8.safetensors", "config.json", "int8.json"
-DISK_MARGIN = 512 * 2**20  # left free after the int8 file is written
-_DTYPES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
 _TORCH: dict = {}  # the same names as torch dtypes, filled on first use (torch is imported late)
 
 
@@ -91,7 +88,7 @@ def cached(folder: Path) -> Int8Checkpoint | None:
 def verify(checkpoint: Int8Checkpoint) -> bool:
     """Whether the int8 file still has the sha256 it was written with (reads it whole)."""
     manifest = json.loads((checkpoint.weight.parent / MANIFEST).read_text(encoding="utf-8"))
-    return _sha256_of(checkpoint.weight) == manifest["sha256"]
+    return derived.sha256_of(checkpoint.weight) == manifest["sha256"]
 
 
 def int8_files(plan, files, data_dir: Path, on_note: Callable[[str], None]):
@@ -109,58 +106,19 @@ def int8_files(plan, files, data_dir: Path, on_note: Callable[[str], None]):
 def ensure_int8(data_dir: Path, source: Path, source_sha256: str | None, config: Path | None,
                 on_note: Callable[[str], None] = lambda note: None) -> Int8Checkpoint:
     """The int8 checkpoint of `source`, made now if it is not there yet (once per source file)."""
-    sha = source_sha256 or local_sha256(data_dir, source, on_note)
+    sha = source_sha256 or derived.local_sha256(data_dir, source, on_note, "int8 checkpoint")
     folder = folder_for(data_dir, sha)
     found = cached(folder)
     if found is not None:
         return found
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CacheError(f"cannot create {folder}: {exc.strerror or exc}",
-                         "set JMOSHI_HOME to a folder you can write to") from exc
-    with _locked(folder):
+    derived.make_folder(folder)
+    with derived.locked(folder):
         found = cached(folder)  # made meanwhile by another jmoshi
         if found is not None:
             return found
         on_note(f"making the int8 checkpoint of {source.name} once (moshi's QLinear, bitsandbytes); "
                 f"it is kept in {folder}")
         return make_int8(source, folder, sha, lm_config.base(config))
-
-
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    import fcntl
-
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def local_sha256(data_dir: Path, path: Path, on_note: Callable[[str], None]) -> str:
-    """sha256 of a local checkpoint, remembered by path, size and mtime so that it is read once."""
-    from .fsutil import atomic_write_text
-
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    memo = data_dir / "int8" / "local-sha256.json"
-    try:
-        known = json.loads(memo.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        known = {}
-    if key not in known:
-        on_note(f"hashing {path} ({stat.st_size / 1e9:.1f} GB) to key its int8 checkpoint")
-        known[key] = _sha256_of(path)
-        with contextlib.suppress(OSError):
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(memo, json.dumps(known, indent=1) + "\n")
-    return known[key]
-
-
-def _sha256_of(path: Path) -> str:
-    from .artifacts import file_hash
-
-    return file_hash(path, "sha256")
 
 
 # --- making it -------------------------------------------------------------------------------------------
@@ -191,7 +149,7 @@ def make_int8(source: Path, folder: Path, source_sha256: str, lm_config: dict) -
     reader = _open(source)
     layout = _layout(reader, model)
     size = _file_size(layout)
-    _check_room(folder, size)
+    derived.check_room(folder, size, "the int8 checkpoint")
     partial = folder / (WEIGHT + ".partial")
     try:
         with torch.no_grad():
@@ -214,67 +172,25 @@ def _torch_dtypes() -> None:
                   U8=torch.uint8, I16=torch.int16, I32=torch.int32, I64=torch.int64, BOOL=torch.bool)
 
 
-def _open(source: Path) -> "_Reader":
-    try:
-        return _Reader(source)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CacheError(f"cannot read {source} to quantize it: {exc}",
-                         "run `jmoshi verify`; a damaged file is fetched again by `jmoshi download`") from exc
+def _open(source: Path) -> derived.SafetensorsReader:
+    return derived.SafetensorsReader(source)
 
 
-class _Reader:
-    """A safetensors file read tensor by tensor with plain reads.
+def _tensor(reader: derived.SafetensorsReader, key: str):
+    """A tensor of the source as torch has it (its own dtype), read on its own."""
+    import torch
 
-    safetensors' own reader maps the file into memory, and every page it touches stays resident: to
-    quantize 15 GB that way is to hold 15 GB. Here only the tensor being converted is in memory.
-    """
-
-    def __init__(self, path: Path):
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if not 2 <= length <= 100_000_000:
-                raise ValueError("not a safetensors file (bad header length)")
-            header = json.loads(f.read(length))
-        header.pop("__metadata__", None)
-        self.path, self.start, self.entries = path, 8 + length, header
-        for entry in header.values():
-            begin, end = entry["data_offsets"]
-            if entry["dtype"] not in _DTYPES or end - begin != _count(entry["shape"]) * _DTYPES[entry["dtype"]]:
-                raise ValueError("not a safetensors file (bad tensor entry)")
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def dtype_and_shape(self, key: str) -> tuple[str, tuple[int, ...]]:
-        return self.entries[key]["dtype"], tuple(self.entries[key]["shape"])
-
-    def get_tensor(self, key: str):
-        import torch
-
-        if not _TORCH:
-            _torch_dtypes()
-        entry = self.entries[key]
-        begin, end = entry["data_offsets"]
-        data = bytearray(end - begin)
-        with open(self.path, "rb") as f:
-            f.seek(self.start + begin)
-            if f.readinto(data) != len(data):
-                raise OSError(f"{self.path} ends before tensor {key}")
-        if not data:
-            return torch.empty(entry["shape"], dtype=_TORCH[entry["dtype"]])
-        return torch.frombuffer(data, dtype=_TORCH[entry["dtype"]]).reshape(entry["shape"])
-
-
-def _count(shape) -> int:
-    count = 1
-    for n in shape:
-        count *= n
-    return count
+    if not _TORCH:
+        _torch_dtypes()
+    data, dtype, shape = reader.raw(key), reader.dtype(key), reader.shape(key)
+    if not data:
+        return torch.empty(shape, dtype=_TORCH[dtype])
+    return torch.frombuffer(data, dtype=_TORCH[dtype]).reshape(shape)
 
 
 def _check_written(partial: Path, written: str, layout: list[_Out]) -> None:
     """Read the file back: the same bytes, and the real reader finds every tensor."""
-    if _sha256_of(partial) != written:
+    if derived.sha256_of(partial) != written:
         raise CacheError(f"the int8 checkpoint read back from {partial} differs from what was written",
                          "check the disk (`dmesg`), then run the command again")
     if set(_open(partial).keys()) != {o.name for o in layout}:
@@ -321,7 +237,7 @@ def _layout(reader, model) -> list[_Out]:
 
     layout = []
     for key in reader.keys():
-        dtype, shape = reader.dtype_and_shape(key)
+        dtype, shape = reader.dtype(key), reader.shape(key)
         meta = torch.empty(shape, dtype=torch.float32, device="meta")
         for name, part in _parts(model, key, meta).items():
             if _quantized(model, name):
@@ -333,7 +249,7 @@ def _layout(reader, model) -> list[_Out]:
 
 
 def _nbytes(out: _Out) -> int:
-    return _count(out.shape) * _DTYPES[out.dtype]
+    return derived.count(out.shape) * derived.BYTES[out.dtype]
 
 
 def _header(layout: list[_Out], source_sha256: str) -> bytes:
@@ -353,14 +269,6 @@ def _file_size(layout: list[_Out]) -> int:
     return len(_header(layout, "0" * 64)) + sum(_nbytes(o) for o in layout)
 
 
-def _check_room(folder: Path, size: int) -> None:
-    free = shutil.disk_usage(folder).free
-    if free < size + DISK_MARGIN:
-        raise CacheError(f"not enough disk to make the int8 checkpoint: it needs {size / 1e9:.1f} GB in "
-                         f"{folder}, {free / 1e9:.1f} GB is free",
-                         "free some space there, or set JMOSHI_HOME to a disk with room")
-
-
 def _write(path: Path, layout: list[_Out], reader, model, source_sha256: str) -> str:
     """Stream the int8 file: each source tensor read, split, quantized and written, then dropped."""
     digest = hashlib.sha256()
@@ -374,7 +282,7 @@ def _write(path: Path, layout: list[_Out], reader, model, source_sha256: str) ->
         put(_header(layout, source_sha256))
         for out in layout:
             if out.source != current:
-                current, done = out.source, _convert(model, out.source, reader.get_tensor(out.source))
+                current, done = out.source, _convert(model, out.source, _tensor(reader, out.source))
             put(memoryview(_raw(done[out.name])))
         f.flush()
         os.fsync(f.fileno())

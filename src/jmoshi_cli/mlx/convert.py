@@ -27,13 +27,13 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
+from .. import derived
 from ..errors import CacheError, UsageError
 from ..precision import Precision
 from .model import Quantization
@@ -41,8 +41,6 @@ from .model import Quantization
 FORMAT = 1
 CONFIG = "config.json"
 MIMI = "mimi.safetensors"
-DISK_MARGIN = 512 * 2**20  # left free after the file is written
-_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "U32": 4, "I32": 4, "I64": 8, "U8": 1, "I8": 1}
 _MLX_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "uint32": "U32", "int32": "I32"}
 
 
@@ -97,7 +95,7 @@ def cached(folder: Path, precision: Precision) -> MlxCheckpoint | None:
 def verify(checkpoint: MlxCheckpoint) -> bool:
     """Whether the file still has the sha256 it was written with (reads it whole)."""
     manifest = json.loads((checkpoint.weight.parent / manifest_name(checkpoint.precision)).read_text("utf-8"))
-    return _sha256_of(checkpoint.weight) == manifest["sha256"]
+    return derived.sha256_of(checkpoint.weight) == manifest["sha256"]
 
 
 def lm_kwargs_for(config: Path | None) -> dict[str, Any]:
@@ -128,15 +126,15 @@ def ensure_mlx(data_dir: Path, source: Path, source_sha256: str | None, config: 
     source_sha256: the verified hash of `source` when known (hashed here otherwise, once per file).
     config: the repo's config.json, None for J-Moshi (moshi's built-in 7B kwargs).
     """
-    sha = source_sha256 or local_sha256(Path(data_dir), Path(source), on_note)
+    sha = source_sha256 or derived.local_sha256(Path(data_dir), Path(source), on_note, "MLX weights")
     folder = folder_for(data_dir, sha)
     found = cached(folder, precision)
     if found is not None:
         return found
     lm_kwargs = lm_kwargs_for(config)
     check_precision(lm_kwargs, precision)
-    _make_folder(folder)
-    with _locked(folder):
+    derived.make_folder(folder)
+    with derived.locked(folder):
         found = cached(folder, precision)  # made meanwhile by another jmoshi
         if found is not None:
             return found
@@ -144,96 +142,11 @@ def ensure_mlx(data_dir: Path, source: Path, source_sha256: str | None, config: 
         return convert_lm(Path(source), folder, sha, lm_kwargs, precision)
 
 
-def _make_folder(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CacheError(f"cannot create {folder}: {exc.strerror or exc}",
-                         "set JMOSHI_HOME to a folder you can write to") from exc
-
-
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    import fcntl
-
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def local_sha256(data_dir: Path, path: Path, on_note: Callable[[str], None]) -> str:
-    """sha256 of a local file (--moshi-weight), remembered by path, size and mtime so that it is read once."""
-    from ..fsutil import atomic_write_text
-
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    memo = Path(data_dir) / "mlx" / "local-sha256.json"
-    try:
-        known = json.loads(memo.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        known = {}
-    if key not in known:
-        on_note(f"hashing {path} ({stat.st_size / 1e9:.1f} GB) to key its MLX weights")
-        known[key] = _sha256_of(path)
-        with contextlib.suppress(OSError):
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(memo, json.dumps(known, indent=1) + "\n")
-    return known[key]
-
-
-def _sha256_of(path: Path) -> str:
-    from ..artifacts import file_hash
-
-    return file_hash(path, "sha256")
-
-
 # --- reading a safetensors file tensor by tensor ----------------------------------------------------------
 
 
-class Reader:
-    """A safetensors file read tensor by tensor with plain reads.
-
-    safetensors' and MLX's own readers map the file into memory, and every page touched stays resident:
-    to convert 15 GB that way is to hold 15 GB. Here only the tensor being converted is in memory.
-    """
-
-    def __init__(self, path: Path):
-        try:
-            with open(path, "rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                if not 2 <= length <= 100_000_000:
-                    raise ValueError("not a safetensors file (bad header length)")
-                header = json.loads(f.read(length))
-            header.pop("__metadata__", None)
-            for entry in header.values():
-                begin, end = entry["data_offsets"]
-                if entry["dtype"] not in _BYTES or end - begin != _count(entry["shape"]) * _BYTES[entry["dtype"]]:
-                    raise ValueError("not a safetensors file (bad tensor entry)")
-        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
-            raise CacheError(f"cannot read {path}: {exc}",
-                             "run `jmoshi verify`; a damaged file is fetched again by `jmoshi download`") from exc
-        self.path, self.start, self.entries = Path(path), 8 + length, header
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def dtype(self, key: str) -> str:
-        return self.entries[key]["dtype"]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.entries[key]["shape"])
-
-    def raw(self, key: str) -> bytearray:
-        begin, end = self.entries[key]["data_offsets"]
-        data = bytearray(end - begin)
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.start + begin)
-                if f.readinto(data) != len(data):
-                    raise OSError(f"{self.path} ends before tensor {key}")
-        except OSError as exc:
-            raise CacheError(f"cannot read {self.path}: {exc}", "run `jmoshi verify`") from exc
-        return data
+class Reader(derived.SafetensorsReader):
+    """The source read tensor by tensor (derived.SafetensorsReader), each tensor as an MLX array."""
 
     def array(self, key: str):
         """The tensor as an MLX array (its own dtype)."""
@@ -246,13 +159,6 @@ class Reader:
         numpy_dtype = {"F16": np.float16, "F32": np.float32, "I32": np.int32, "I64": np.int64, "U8": np.uint8,
                        "I8": np.int8, "U32": np.uint32}[dtype]
         return mx.array(np.frombuffer(data, dtype=numpy_dtype).reshape(shape))
-
-
-def _count(shape) -> int:
-    count = 1
-    for n in shape:
-        count *= n
-    return count
 
 
 # --- PyTorch names -> moshi_mlx names ------------------------------------------------------------------------
@@ -400,7 +306,7 @@ class _Out:
 
     @property
     def nbytes(self) -> int:
-        return _count(self.shape) * _BYTES[self.dtype]
+        return derived.count(self.shape) * derived.BYTES[self.dtype]
 
 
 def _parameters(model) -> dict[str, Any]:
@@ -539,13 +445,13 @@ def convert_lm(source: Path, folder: Path, source_sha256: str, lm_kwargs: dict[s
     layout = _layout(reader, lm_kwargs, precision)
     metadata = {"format": "mlx"}
     size = len(_header(layout, metadata)) + sum(out.nbytes for out in layout)
-    _check_room(folder, size)
+    derived.check_room(folder, size, "the MLX weights")
     weight = folder / weight_name(precision)
     partial = folder / (weight.name + ".partial")
     try:
         atomic_write_text(folder / CONFIG, json.dumps(lm_kwargs, indent=2) + "\n")
         written = _write(partial, layout, reader, metadata)
-        if _sha256_of(partial) != written:
+        if derived.sha256_of(partial) != written:
             raise CacheError(f"the MLX weights read back from {partial} differ from what was written",
                              "check the disk (`dmesg`), then run the command again")
         os.replace(partial, weight)
@@ -556,14 +462,6 @@ def convert_lm(source: Path, folder: Path, source_sha256: str, lm_kwargs: dict[s
         partial.unlink(missing_ok=True)
     _finish(folder, precision, source_sha256, size, written)
     return MlxCheckpoint(weight, folder / CONFIG, precision, source_sha256, size, time.monotonic() - started)
-
-
-def _check_room(folder: Path, size: int) -> None:
-    free = shutil.disk_usage(folder).free
-    if free < size + DISK_MARGIN:
-        raise CacheError(f"not enough disk to convert the model: it needs {size / 1e9:.1f} GB in {folder}, "
-                         f"{free / 1e9:.1f} GB is free",
-                         "free some space there, or set JMOSHI_HOME to a disk with room")
 
 
 def _finish(folder: Path, precision: Precision, source_sha256: str, size: int, sha256: str) -> None:
@@ -607,13 +505,13 @@ def ensure_mimi(data_dir: Path, source: Path, source_sha256: str | None,
     if len(set(renamed.values())) != len(renamed):
         raise CacheError(f"{source} has per-step attention weights, which Mimi does not: not a Mimi checkpoint",
                          "download the model again")
-    sha = source_sha256 or local_sha256(Path(data_dir), Path(source), on_note)
+    sha = source_sha256 or derived.local_sha256(Path(data_dir), Path(source), on_note, "MLX Mimi")
     folder = Path(data_dir) / "mlx" / "mimi" / sha
     done = folder / MIMI
     if _mimi_cached(folder):
         return done
-    _make_folder(folder)
-    with _locked(folder):
+    derived.make_folder(folder)
+    with derived.locked(folder):
         if not _mimi_cached(folder):
             on_note(f"renaming {sum(k != n for k, n in renamed.items())} attention tensors of {Path(source).name} "
                     f"for rustymimi; kept in {folder}")

@@ -1,19 +1,19 @@
 """The MLX backend's numbers: conversion at full size, ms per frame against torch, and a Mac report.
 
-    .venv-mlx/bin/python bench/mlx.py convert [--precision int4] [--layers 32]
+    .venv-mlx/bin/python bench/mlx_backend.py convert [--precision int4] [--layers 32]
         A random bf16 checkpoint of J-Moshi's shapes (moshi's built-in Moshi-7B kwargs, the legacy attention
         names J-Moshi's files have; 15.4 GB at 32 layers) is written to a temporary folder and converted by
         jmoshi_cli.mlx.convert in a fresh process: wall time and peak RSS against the source's size. The
         folder is deleted afterwards.
 
-    .venv-mlx/bin/python bench/mlx.py frames [--seconds 6]
+    .venv-mlx/bin/python bench/mlx_backend.py frames [--seconds 6]
         ms per 80 ms frame on this machine for the tiny test model, same input, one run each: the torch path
         (Mimi encode, LMGen step, Mimi decode, as moshi.server does per frame, in a child set up as jmoshi's
         torch backend sets up its CPU server), the MLX path (the MLX server's Session: rustymimi and moshi_mlx)
         in process, and the MLX server itself, from its own "frame handled" lines over /api/chat (Opus and
         the network included). The first 5 frames of each are left out (one-off setup).
 
-    python bench/mlx.py mac --repo DIR [--precisions bf16,int8,int4] [--seconds 30]
+    python bench/mlx_backend.py mac --repo DIR [--precisions bf16,int8,int4] [--seconds 30]
         For a Mac owner (nobody working on jmoshi has one): converts J-Moshi from a folder holding
         model.safetensors, tokenizer_spm_32k_3.model and tokenizer-e351c8d8-checkpoint125.safetensors (for
         example the Hugging Face snapshot `jmoshi download` fetched) at each precision, runs that many seconds
@@ -36,8 +36,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, this file's folder comes first on sys.path, where this file would shadow the mlx package.
-sys.path[:] = [str(ROOT / "src")] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT / "src"))
+
+from _common import emit_json  # noqa: E402
 
 FRAME = 1920
 SAMPLE_RATE = 24000
@@ -318,10 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         each.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
     result = {"convert": convert_bench, "frames": frames_bench, "mac": mac_bench}[args.mode](args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit_json(result, args.json)
     return 0
 
 
