@@ -22,6 +22,8 @@ from jmoshi_cli.infer import InferOptions, InferRequest, Session, run, summarize
 from jmoshi_cli.infer_inputs import collect_inputs, expected_frames, output_names, prepare_out_dir
 from jmoshi_cli.transcript import join_pieces
 
+from builders import read_wav_pcm16
+
 SHARED_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "audio"
 PROMPT = SHARED_AUDIO / "prompt-62.wav"
 SEED = 1234
@@ -180,8 +182,8 @@ def check_outputs(result, samples: int, sample_rate: int) -> None:
     length = frames * FRAME_SIZE
     assert wav_info(result.outputs["jmoshi"]) == (SAMPLE_RATE, 1, length)
     assert wav_info(result.outputs["dialogue"]) == (SAMPLE_RATE, 2, length)
-    mono, _ = audio_io.read_wav_pcm16(result.outputs["jmoshi"])
-    dialogue, _ = audio_io.read_wav_pcm16(result.outputs["dialogue"])
+    mono, _ = read_wav_pcm16(result.outputs["jmoshi"])
+    dialogue, _ = read_wav_pcm16(result.outputs["dialogue"])
     # J-Moshi on the right, sample for sample the mono file; the user on the left.
     np.testing.assert_array_equal(dialogue[1], mono[0])
     assert np.abs(mono).max() > 0  # the random model does make sound
@@ -415,7 +417,7 @@ def test_run_many_inputs_one_model(tiny_files, prompt, tmp_path):
     assert frames_seen[0] == []
 
     # The user's side of the dialogue is the left channel, resampled to 24 kHz, padded.
-    dialogue, _ = audio_io.read_wav_pcm16(by_rel["prompt-62.wav"].outputs["dialogue"])
+    dialogue, _ = read_wav_pcm16(by_rel["prompt-62.wav"].outputs["dialogue"])
     left = audio_io.resample(prompt.pcm[0], 32000, SAMPLE_RATE)
     np.testing.assert_allclose(dialogue[0], np.clip(left, -1, 1), atol=1.5 / 32767)
 
@@ -434,7 +436,7 @@ def test_channels_differ(session, prompt, tmp_path):
         result = with_options(session, channel=channel).run_file(src, prepare_out_dir(tmp_path / channel))
         check_outputs(result, 32000, 32000)
         assert result.channel == channel and channel in result.note
-        dialogue, _ = audio_io.read_wav_pcm16(result.outputs["dialogue"])
+        dialogue, _ = read_wav_pcm16(result.outputs["dialogue"])
         left_user[channel] = dialogue[0]
     expected = {
         "left": prompt.pcm[0, 64000:96000],
@@ -498,7 +500,7 @@ def test_every_frame_is_fed_once_and_output_is_aligned(session, tmp_path):
     assert result.frames == 7 and model.max_delay == 1
     assert encoded == [FRAME_SIZE] * 7
     assert len(stepped) == 8 and stepped[0] is stepped[1]
-    user, _ = audio_io.read_wav_pcm16(result.outputs["dialogue"])
+    user, _ = read_wav_pcm16(result.outputs["dialogue"])
     assert np.all(user[0, 12000:] == 0)  # padding to whole frames is silence on the user's side
 
 
@@ -588,7 +590,7 @@ def test_same_tokens_and_samples_as_moshi_run_inference(session, tiny_files, tmp
         pcm = torch.from_numpy(audio_io.read_audio(src).pcm)[None]
         torch.manual_seed(11)
         (text_tokens, out_pcm), = state.run(pcm)
-    mono, _ = audio_io.read_wav_pcm16(ours.outputs["jmoshi"])
+    mono, _ = read_wav_pcm16(ours.outputs["jmoshi"])
     np.testing.assert_array_equal(audio_io.to_pcm16(mono[0]), audio_io.to_pcm16(out_pcm[0].numpy()))
     # ids 0 and 3 are skipped as upstream does; 1 and 2 are control pieces of the toy tokenizer.
     theirs = [(f, t) for f, t in enumerate(text_tokens.tolist()) if t > 3]

@@ -349,6 +349,7 @@ def infer(
     moshi_weight: MoshiWeightOpt = None,
     lora: LoraOpt = None,
     quantize: QuantizeOpt = "auto",
+    backend: BackendOpt = "auto",
     temp: Annotated[Optional[float], typer.Option("--temp", help="Audio sampling temperature [default: 0.8]",
                                                   show_default=False)] = None,
     temp_text: Annotated[Optional[float], typer.Option("--temp-text", help="Text temperature [default: 0.7]",
@@ -368,7 +369,8 @@ def infer(
 
     options = inf.InferOptions(device=device, half=half, channel=channel, temp=temp, temp_text=temp_text,
                                top_k=top_k, top_k_text=top_k_text, seed=seed, quantize=quantize)
-    request = inf.InferRequest(inputs, out, variant, revision, offline, moshi_weight, options, lora=lora)
+    request = inf.InferRequest(inputs, out, variant, revision, offline, moshi_weight, options, lora=lora,
+                               backend=backend)
     return finish(InferResult(inf.run(request, ConsoleReporter())), as_json)
 
 

@@ -1,7 +1,8 @@
 """File inference: feed recordings of a user to J-Moshi and save what it answers.
 
 :func:`run` is the whole `jmoshi infer`: check the inputs, the output folder and the device, make the
-model local, load it once (:class:`Session`) and process every input in turn. For an input
+model local, load it once (:class:`Session`; on the MLX backend through :mod:`~jmoshi_cli.mlx.infer`)
+and process every input in turn. For an input
 ``<stem>.<ext>`` three files are written to the output folder (:mod:`~jmoshi_cli.infer_outputs`):
 J-Moshi's voice, a stereo dialogue wav and a timed transcript. Both wav files hold the input's
 length rounded up to whole 80 ms frames (:mod:`~jmoshi_cli.infer_inputs`); how the two voices line
@@ -26,7 +27,7 @@ import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from . import audio_io, generation, infer_outputs, transcript
 from .artifacts import ModelFiles
@@ -34,6 +35,9 @@ from .audio_io import FRAME_S, SAMPLE_RATE
 from .errors import JMoshiError, UsageError
 from .infer_inputs import UserAudio, collect_inputs, load_user, output_names, output_paths, prepare_out_dir
 from .reporter import Reporter
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .precision import Precision
 
 OnFrame = Callable[[int, int], None]
 
@@ -118,6 +122,7 @@ class InferRequest:
     moshi_weight: Path | None = None
     options: InferOptions = field(default_factory=InferOptions)
     lora: Path | None = None  # a moshi-finetune adapter over the variant (finetune.py)
+    backend: str = "auto"  # --backend: auto, torch or mlx (backends.choose)
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,11 +150,22 @@ def _note(user: UserAudio, segments: list[tuple[int, int]], max_frames: int | No
     return "; ".join(notes) or None
 
 
+class Generating(Protocol):
+    """What a Session needs of a loaded model: generation.Model (PyTorch) or mlx.infer.MlxModel."""
+
+    tokenizer: Any
+    sampling: dict[str, Any]
+    max_frames: int | None
+
+    def generate(self, pcm: Any, segments: list[tuple[int, int]], seed: int | None,
+                 on_step: generation.OnStep | None = None) -> tuple[Any, list[int]]: ...
+
+
 @dataclass
 class Session:
     """J-Moshi loaded once, and the run's per-file options (channel, seed)."""
 
-    model: generation.Model
+    model: Generating
     options: InferOptions
 
     @classmethod
@@ -230,34 +246,61 @@ def run(request: InferRequest, report: Reporter | None = None) -> list[FileResul
     """Check inputs, output folder and device (seconds), make the model local, load it once, process
     every input. Raises JMoshiError for problems of the whole run; per-file problems are in the results.
     """
-    from . import precision
-    from .console import settings
-    from .preparation import ModelRequest, prepare_model
+    from . import backends, precision
 
     report = report or Reporter()
+    backend = backends.choose(request.backend)
+    mlx = backend.kind is backends.Kind.MLX
     options = request.options
-    if options.device == "auto":
+    if mlx:
+        backend.refuse(backends.Features(lora=request.lora is not None, half=options.half, device=options.device))
+    elif options.device == "auto":
         options = replace(options, device="cuda")
-    asked = precision.parse(options.quantize, (precision.Precision.AUTO, precision.Precision.BF16,
-                                               precision.Precision.INT8))
+    asked = precision.parse(options.quantize, backend.precisions)
     sources = collect_inputs(request.inputs, on_warning=report.note)
     prepare_out_dir(request.out_dir)
-    model = prepare_model(ModelRequest(request.variant, request.revision, request.moshi_weight, request.lora, asked,
-                                       options.device, options.half, request.offline),
-                          web_ui=False, watch=report.watch_download, on_note=report.note)
-    options = replace(options, half=model.half)
-    files, chosen = model.files, model.variant
-    if options.channel == "left":
-        report.note("the user is the left channel of stereo inputs (--channel right|mix to change)")
-    with report.loading(f"loading {chosen.name} on {options.device}"):
-        # What moshi prints while loading is for those who asked to see details (--verbose, JMOSHI_DEBUG).
-        session = Session.load(files, options, quiet=not settings.show_tracebacks)
+    session = (_load_mlx if mlx else _load_torch)(request, options, asked, report)
     progress = report.progress(len(sources))
     if progress is None:
         return session.run_many(sources, request.out_dir)
     with progress as view:
         return session.run_many(sources, request.out_dir, on_file=view.file, on_frame=view.frame,
                                 on_result=view.result)
+
+
+def _channel_note(options: InferOptions, report: Reporter) -> None:
+    if options.channel == "left":
+        report.note("the user is the left channel of stereo inputs (--channel right|mix to change)")
+
+
+def _load_torch(request: InferRequest, options: InferOptions, asked: Precision, report: Reporter) -> Session:
+    from .console import settings
+    from .preparation import ModelRequest, prepare_model
+
+    model = prepare_model(ModelRequest(request.variant, request.revision, request.moshi_weight, request.lora, asked,
+                                       options.device, options.half, request.offline),
+                          web_ui=False, watch=report.watch_download, on_note=report.note)
+    options = replace(options, half=model.half)
+    _channel_note(options, report)
+    with report.loading(f"loading {model.variant.name} on {options.device}"):
+        # What moshi prints while loading is for those who asked to see details (--verbose, JMOSHI_DEBUG).
+        return Session.load(model.files, options, quiet=not settings.show_tracebacks)
+
+
+def _load_mlx(request: InferRequest, options: InferOptions, asked: Precision, report: Reporter) -> Session:
+    from .backends.mlx import MlxBackend
+    from .console import settings
+    from .mlx import infer as mlx_infer
+    from .preparation import ModelRequest
+
+    backend = MlxBackend()
+    device = backend.device(options.device)
+    model = backend.prepare(ModelRequest(request.variant, request.revision, request.moshi_weight, None, asked,
+                                         device, False, request.offline),
+                            web_ui=False, watch=report.watch_download, on_note=report.note)
+    _channel_note(options, report)
+    with report.loading(f"loading {model.variant.name} ({model.precision.value}) on MLX ({device})"):
+        return mlx_infer.load_session(model.files, options, device, quiet=not settings.show_tracebacks)
 
 
 def summarize(results: list[FileResult]) -> dict[str, Any]:

@@ -45,10 +45,10 @@ def pick(memory_gb: float, lm_gb: float, asked: Precision) -> tuple[Precision, s
     for precision in (Precision.BF16, Precision.INT8, Precision.INT4):
         if need_gb(lm_gb, precision) <= usable:
             others = ", ".join(f"{p.value} ~{need_gb(lm_gb, p):.1f} GB" for p in SHARE if p is not precision)
-            return precision, (f"serving {precision.value} (~{need_gb(lm_gb, precision):.1f} GB): the largest that "
+            return precision, (f"using {precision.value} (~{need_gb(lm_gb, precision):.1f} GB): the largest that "
                                f"fits in {usable:.0f} of {memory_gb:.0f} GB of memory ({others}; --quantize to choose)")
     if need_gb(lm_gb, Precision.INT4) <= memory_gb:
-        return Precision.INT4, (f"serving int4 (~{need_gb(lm_gb, Precision.INT4):.1f} GB of {memory_gb:.0f} GB): it "
+        return Precision.INT4, (f"using int4 (~{need_gb(lm_gb, Precision.INT4):.1f} GB of {memory_gb:.0f} GB): it "
                                 "fits only with little else running; close other programs")
     raise PreflightError(f"J-Moshi needs about {need_gb(lm_gb, Precision.INT4):.1f} GB of memory even in int4; this "
                          f"machine has {memory_gb:.0f} GB", "close other programs, or use a Mac with 16 GB or more")
