@@ -189,14 +189,15 @@ def test_doctor_text_output_has_hints_and_mentions_selftest(no_gpu, monkeypatch,
 
 
 @pytest.mark.parametrize("args", [["--help"], ["doctor", "--help"], ["download", "--help"], ["serve", "--help"],
-                                  ["infer", "--help"], ["selftest", "--help"], ["verify", "--help"]])
+                                  ["infer", "--help"], ["selftest", "--help"], ["verify", "--help"],
+                                  ["analyze", "--help"], ["recordings", "--help"], ["front", "--help"]])
 def test_help_imports_no_heavy_module(args):
     import subprocess
     import sys
 
     script = ("import sys, atexit\n"
               "atexit.register(lambda: print('HEAVY=' + ','.join(m for m in ('torch', 'moshi', 'huggingface_hub',"
-              " 'numpy') if m in sys.modules)))\n"
+              " 'numpy', 'mlx', 'moshi_mlx', 'matplotlib') if m in sys.modules)))\n"
               f"sys.argv = ['jmoshi'] + {args!r}\n"
               "from jmoshi_cli.cli import main\nmain()\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)

@@ -61,8 +61,7 @@ class MlxModel:
     def _conversation(self, pcm: np.ndarray, on_step: OnStep | None) -> tuple[np.ndarray, list[int]]:
         """One conversation from a fresh state (module docstring): (pcm, one text id per frame)."""
         frames = pcm.shape[0] // FRAME_SIZE
-        session = self.engine.start()
-        session.first = False  # no encoder reset after the first frame (the server's alignment, not infer's)
+        session = self.engine.start(reset_encoder=False)  # the encoder runs over the input unbroken
         silence = np.zeros(FRAME_SIZE, dtype=np.float32)
         out_pcm: list[np.ndarray] = []
         text_ids: list[int] = []

@@ -123,7 +123,9 @@ class Engine:
         for _ in range(WARMUP_FRAMES + session.generator.max_delay):
             session.frame(np.zeros(FRAME_SIZE, dtype=np.float32))
 
-    def start(self) -> Session:
+    def start(self, reset_encoder: bool = True) -> Session:
+        """A conversation from a fresh state. reset_encoder: reset Mimi's encoder after the first frame, as
+        moshi.server does (a live conversation); `jmoshi infer` runs the encoder over the input unbroken."""
         import rustymimi
 
         from .model import Generator, reset
@@ -135,15 +137,15 @@ class Engine:
         reset(self.lm)
         # A new Mimi rather than reset(): rustymimi 0.4.1's reset leaves its downsampling convolution's state.
         self.mimi = rustymimi.Tokenizer(self.mimi_file, num_codebooks=self.lm.cfg.depformer.num_slices)
-        return Session(self.lm, self.mimi, Generator(self.lm, self.settings.sampling))
+        return Session(self.lm, self.mimi, Generator(self.lm, self.settings.sampling), reset_encoder)
 
 
 class Session:
     """One conversation: a frame of the user's PCM in, J-Moshi's PCM (or None yet) and text id out."""
 
-    def __init__(self, lm, mimi, generator):
+    def __init__(self, lm, mimi, generator, reset_encoder: bool = True):
         self.lm, self.mimi, self.generator = lm, mimi, generator
-        self.first = True
+        self.first = reset_encoder  # the first frame is still to come, and the encoder is reset after it
 
     def frame(self, pcm):
         """(J-Moshi's PCM, its text id) for the frame that became complete with this one; (None, None) yet."""

@@ -114,4 +114,4 @@ def one_try_per_request() -> None:
         return backoff(*args, **kwargs)
 
     one_try.__dict__["jmoshi_one_try"] = True  # via __dict__: functools' wrapper type declares no such field
-    file_download.http_backoff = one_try
+    file_download.http_backoff = one_try  # type: ignore[attr-defined]  # 0.28 has none (returned above)
