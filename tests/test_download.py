@@ -144,9 +144,10 @@ def test_verify_reports_corruption_and_download_repairs_it(env, hub, hub_root):
 
 def test_interrupted_download_exits_130_and_the_next_run_resumes(env, hub, hub_root):
     hub.add_fault(EXT, "model.safetensors", "slow")
-    # 320 KiB/s: huggingface_hub writes 10 MiB blocks, so the first lands after ~30 s and the rest takes ~50 s
-    # more: the download is still going when the wait below sees its first block, however busy the machine.
-    hub.slow_delay = 0.2
+    # 11 MiB at once, then nothing for ten minutes: huggingface_hub writes its first 10 MiB block and waits
+    # for the rest, so the download is still going when the wait below sees that block, however busy the
+    # machine (the hub's pause ends when the hub stops).
+    hub.slow_chunk, hub.slow_delay = 11 * 2**20, 600.0
     child = subprocess.Popen([sys.executable, "-m", "jmoshi_cli", "download"], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     cache = Path(env["HF_HUB_CACHE"]) / "models--nu-dialogue--j-moshi-ext" / "blobs"

@@ -53,6 +53,18 @@ def test_serve_backend_mlx_downloads_converts_talks_and_records(tiny_env, tmp_pa
     assert transcript["text"] == join_pieces(p["piece"] for p in transcript["pieces"])
     assert sent and transcript["text"].startswith(sent[: len(sent) // 2])  # what the browser read, recorded
 
+    # Offline, the second time: nothing fetched, the conversion kept (made once), the same server.
+    port = free_port()
+    again = Served(["--backend", "mlx", "--variant", "tiny", "--quantize", "bf16", "--port", str(port), "--offline"],
+                   child_env(tiny_env))
+    try:
+        again.wait_ready()
+        second = converse_sync(f"ws://127.0.0.1:{port}/api/chat", said, until=answered(said))
+    finally:
+        _, err = again.stop()
+    assert "converting" not in err and "downloading" not in err, err
+    assert second.audio_samples > 0 and japanese("".join(second.text_pieces))
+
 
 @pytest.mark.slow
 def test_serve_backend_mlx_refuses_what_it_cannot_do_before_anything_loads(tiny_env):

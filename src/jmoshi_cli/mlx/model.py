@@ -18,7 +18,6 @@ so a conversation has no length limit.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,13 +37,9 @@ class Quantization:
 
 def read_lm_kwargs(path: Path) -> dict[str, Any]:
     """The moshi LM kwargs (config.json) that the converter wrote beside the MLX weights."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CacheError(f"cannot read the LM config {path}: {exc}", "convert the model again") from exc
-    if not isinstance(data, dict):
-        raise CacheError(f"LM config {path} is not a JSON object", "convert the model again")
-    return data
+    from .. import lm_config
+
+    return lm_config.read(path, corrupt_hint="convert the model again")
 
 
 def check_kwargs(lm_kwargs: dict[str, Any]) -> None:
