@@ -83,3 +83,16 @@ def test_selftest_json(tiny_env):
                           "audio_samples": "int", "audio_s": "float", "text_pieces": "int", "frames_sent": "int",
                           "ms_per_frame": "float"}
     assert out["audio_samples"] > 0 and out["text_pieces"] > 0
+
+
+def test_brackets_in_a_message_are_shown_as_written(env):
+    """Rich reads [..] as style; an error, hint or note naming `.[mlx]` must reach the person whole."""
+    from jmoshi_cli import cli
+    from jmoshi_cli.errors import UsageError
+
+    with_brackets = UsageError("cannot read /data/[study]/a.wav", "pip install '.[mlx]'")
+    from jmoshi_cli.console import console
+
+    with console.capture() as captured:
+        cli._fail(with_brackets.message, with_brackets.hint, 2, with_brackets)
+    assert "/data/[study]/a.wav" in captured.get() and "'.[mlx]'" in captured.get()

@@ -426,7 +426,9 @@ def _fail(message: str, hint: str, code: int, exc: BaseException) -> int:
         detail = getattr(exc, "detail", "")
         if detail:
             console.print(detail, markup=False, highlight=False, soft_wrap=True)
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape  # a message may hold brackets: pip install '.[mlx]', a path
+
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     if hint:
-        console.print(f"[dim]hint:[/] {hint}", highlight=False, soft_wrap=True)
+        console.print(f"[dim]hint:[/] {escape(hint)}", highlight=False, soft_wrap=True)
     return code

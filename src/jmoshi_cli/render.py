@@ -6,6 +6,7 @@ import functools
 import time
 from dataclasses import dataclass
 
+from rich.markup import escape
 from rich.table import Table
 
 from . import results
@@ -278,7 +279,7 @@ def show_infer_summary(results, totals) -> None:
 
 
 def show_note(text: str) -> None:
-    console.print(f"[yellow]note:[/] {text}", soft_wrap=True)
+    console.print(f"[yellow]note:[/] {escape(text)}", soft_wrap=True)
 
 
 def show_starting(prepared) -> None:
@@ -369,7 +370,7 @@ def show_load(load) -> None:
 
 
 def show_event(text: str) -> None:
-    console.print(f"[yellow]replicas:[/] {text}", soft_wrap=True)
+    console.print(f"[yellow]replicas:[/] {escape(text)}", soft_wrap=True)
 
 
 def show_recording(folder) -> None:

@@ -84,8 +84,10 @@ class MlxBackend(Backend):
                              "MLX runs on the Mac's GPU by itself (--device cpu for MLX's CPU backend)")
         problem = runtime_problem()
         if problem:
-            install = "pip install 'jmoshi[mlx]'" if not is_apple_silicon() else "pip install --force-reinstall ."
-            raise PreflightError(problem, f"{install} (Linux: MLX's CPU backend, for tests)")
+            if is_apple_silicon():
+                raise PreflightError(problem, "reinstall jmoshi on this Mac: pip install --force-reinstall .")
+            raise PreflightError(problem, "pip install '.[mlx]' in jmoshi's folder (Linux: MLX's CPU backend, "
+                                          "for tests)")
 
     def device(self, asked: str) -> str:
         return ("gpu" if is_apple_silicon() else "cpu") if asked == "auto" else asked
