@@ -17,6 +17,9 @@ from typing import Callable, Sequence, TypeVar
 T = TypeVar("T")
 
 
+WAKE_S = 0.2  # how often the waiting main thread looks at signals (see _next)
+
+
 def run_all(calls: Sequence[Callable[[], T]], at_once: int, stop: threading.Event,
             order: Sequence[int] | None = None, grace_s: float = 10.0) -> list[T]:
     """Each call's result, in the order of `calls`; at most `at_once` run together.
@@ -35,7 +38,7 @@ def run_all(calls: Sequence[Callable[[], T]], at_once: int, stop: threading.Even
             while waiting and running < at_once:
                 _start(calls, waiting.pop(0), finished)
                 running += 1
-            index, error, result = finished.get()
+            index, error, result = _next(finished)
             running -= 1
             if error is not None:
                 raise error
@@ -48,6 +51,17 @@ def run_all(calls: Sequence[Callable[[], T]], at_once: int, stop: threading.Even
         _wind_down(finished, running, grace_s)
         raise
     return [results[i] for i in range(len(calls))]
+
+
+def _next(finished: queue.Queue) -> tuple:
+    """The next call that ended. Waits in short slices: the kernel may hand Ctrl-C's signal to a download
+    thread, and Python raises KeyboardInterrupt only when the main thread runs again, which a wait with no
+    end would put off until a whole download had finished."""
+    while True:
+        try:
+            return finished.get(timeout=WAKE_S)
+        except queue.Empty:
+            continue
 
 
 def _start(calls: Sequence[Callable[[], T]], index: int, finished: queue.Queue) -> None:
