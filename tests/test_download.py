@@ -148,8 +148,10 @@ def test_interrupted_download_exits_130_and_the_next_run_resumes(env, hub, hub_r
     # for the rest, so the download is still going when the wait below sees that block, however busy the
     # machine (the hub's pause ends when the hub stops).
     hub.slow_chunk, hub.slow_delay = 11 * 2**20, 600.0
+    # As from a terminal: a test run in the background of a shell inherits SIGINT ignored, and so would jmoshi.
     child = subprocess.Popen([sys.executable, "-m", "jmoshi_cli", "download"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     cache = Path(env["HF_HUB_CACHE"]) / "models--nu-dialogue--j-moshi-ext" / "blobs"
     weights = hub_root / EXT / "model.safetensors"
     deadline = time.monotonic() + 240

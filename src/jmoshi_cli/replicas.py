@@ -149,6 +149,7 @@ class Replica:
     restart_at: float = 0.0
     healthy_since: float | None = None
     ever_healthy: bool = False
+    restarted: bool = False  # crashed and started again: "back in rotation" once it is healthy
     in_rotation: bool = False  # jmoshi has told HAProxy to use it (it listens)
     gave_up: bool = False
     last_error: ServerError | None = None
@@ -217,8 +218,11 @@ class Fleet:
         if state is not None and state.up and replica.server is not None:
             if replica.healthy_since is None:
                 replica.healthy_since = now
-                if replica.ever_healthy:
+                # After a crash, whether or not a tick saw it healthy before (the front's stats can time
+                # out on a busy machine, so a replica may serve before jmoshi has seen it up).
+                if replica.restarted:
                     self.report.event(f"{name}: back in rotation")
+                    replica.restarted = False
                 replica.ever_healthy = True
             if now - replica.healthy_since > HEALTHY_RESETS_S:
                 replica.failures = 0
@@ -229,6 +233,7 @@ class Fleet:
         server.drain()
         error = explain_exit(server.process.returncode, list(server.tail), name=server.launch.name)
         replica.server, replica.healthy_since, replica.last_error = None, None, error
+        replica.restarted = True
         replica.in_rotation = False
         self.front.set_state(replica.where.name, "maint")
         replica.failures += 1
