@@ -118,17 +118,18 @@ class Served(Running):
 # --- processes and sockets, from the kernel's tables ----------------------------------------------------
 
 
-def children_of(pid: int) -> list[int]:
-    found = []
+def processes() -> tp.Iterator[tuple[int, list[str]]]:
+    """Each process's pid and the fields of /proc/PID/stat after its name (state, ppid, pgrp, session...)."""
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                yield int(entry.name), (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
+
+
+def children_of(pid: int) -> list[int]:
+    return [child for child, fields in processes() if int(fields[1]) == pid]
 
 
 def alive(pid: int) -> bool:

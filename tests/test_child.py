@@ -22,21 +22,12 @@ from jmoshi_cli.child import Launch, Server, supervise
 from jmoshi_cli.errors import ServerError
 from jmoshi_cli.selftest import SelftestError, free_port
 
-from helpers import LOAD_S, Served, alive, children_of, listening
+from helpers import LOAD_S, Served, alive, children_of, listening, processes
 
 
 def in_session(sid: int) -> list[int]:
     """Live processes of a session: the child leads its own, so this is it and anything it started."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and alive(int(entry.name)):
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid:
-                found.append(int(entry.name))
-    return found
+    return [pid for pid, fields in processes() if int(fields[3]) == sid and alive(pid)]
 
 
 def moshi_child(parent: int, timeout: float = 120) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -73,6 +74,21 @@ def check_room(folder: Path, size: int, what: str) -> None:
         raise CacheError(f"not enough disk to make {what}: it needs {size / 1e9:.1f} GB in {folder}, "
                          f"{free / 1e9:.1f} GB is free",
                          "free some space there, or set JMOSHI_HOME to a disk with room")
+
+
+@contextlib.contextmanager
+def written_in_one_step(final: Path, what: str) -> Iterator[Path]:
+    """A `.partial` path to write `final` to: renamed into place when the block ends well, removed
+    otherwise, so a half-written file never has the final name; a failed write is one CacheError."""
+    partial = final.with_name(final.name + ".partial")
+    try:
+        yield partial
+        os.replace(partial, final)
+    except OSError as exc:
+        raise CacheError(f"could not write {what} in {final.parent}: {exc.strerror or exc}",
+                         "free some space there, or set JMOSHI_HOME to a disk with room") from exc
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def count(shape) -> int:

@@ -150,17 +150,9 @@ def make_int8(source: Path, folder: Path, source_sha256: str, lm_config: dict) -
     layout = _layout(reader, model)
     size = _file_size(layout)
     derived.check_room(folder, size, "the int8 checkpoint")
-    partial = folder / (WEIGHT + ".partial")
-    try:
-        with torch.no_grad():
-            written = _write(partial, layout, reader, model, source_sha256)
+    with derived.written_in_one_step(folder / WEIGHT, "the int8 checkpoint") as partial, torch.no_grad():
+        written = _write(partial, layout, reader, model, source_sha256)
         _check_written(partial, written, layout)
-        os.replace(partial, folder / WEIGHT)
-    except OSError as exc:
-        raise CacheError(f"could not write the int8 checkpoint in {folder}: {exc.strerror or exc}",
-                         "free some space there, or set JMOSHI_HOME to a disk with room") from exc
-    finally:
-        partial.unlink(missing_ok=True)
     _finish(folder, lm_config, source_sha256, size, written)
     return Int8Checkpoint(folder / WEIGHT, folder / CONFIG, source_sha256, size, time.monotonic() - started)
 

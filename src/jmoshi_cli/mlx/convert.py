@@ -447,19 +447,12 @@ def convert_lm(source: Path, folder: Path, source_sha256: str, lm_kwargs: dict[s
     size = len(_header(layout, metadata)) + sum(out.nbytes for out in layout)
     derived.check_room(folder, size, "the MLX weights")
     weight = folder / weight_name(precision)
-    partial = folder / (weight.name + ".partial")
-    try:
+    with derived.written_in_one_step(weight, "the MLX weights") as partial:
         atomic_write_text(folder / CONFIG, json.dumps(lm_kwargs, indent=2) + "\n")
         written = _write(partial, layout, reader, metadata)
         if derived.sha256_of(partial) != written:
             raise CacheError(f"the MLX weights read back from {partial} differ from what was written",
                              "check the disk (`dmesg`), then run the command again")
-        os.replace(partial, weight)
-    except OSError as exc:
-        raise CacheError(f"could not write the MLX weights in {folder}: {exc.strerror or exc}",
-                         "free some space there, or set JMOSHI_HOME to a disk with room") from exc
-    finally:
-        partial.unlink(missing_ok=True)
     _finish(folder, precision, source_sha256, size, written)
     return MlxCheckpoint(weight, folder / CONFIG, precision, source_sha256, size, time.monotonic() - started)
 
@@ -539,25 +532,17 @@ def _copy_renamed(reader: Reader, renamed: dict[str, str], folder: Path, source_
         offset += end - begin
     text = json.dumps(entries, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    partial = folder / (MIMI + ".partial")
     digest = hashlib.sha256()
-    try:
-        with open(partial, "wb") as f:
-            def put(data: bytes | bytearray) -> None:
-                f.write(data)
-                digest.update(data)
+    with derived.written_in_one_step(folder / MIMI, "Mimi for MLX") as partial, open(partial, "wb") as f:
+        def put(data: bytes | bytearray) -> None:
+            f.write(data)
+            digest.update(data)
 
-            put(struct.pack("<Q", len(text)) + text)
-            for key in reader.keys():
-                put(reader.raw(key))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, folder / MIMI)
-    except OSError as exc:
-        raise CacheError(f"could not write {folder / MIMI}: {exc.strerror or exc}",
-                         "free some space there, or set JMOSHI_HOME to a disk with room") from exc
-    finally:
-        partial.unlink(missing_ok=True)
+        put(struct.pack("<Q", len(text)) + text)
+        for key in reader.keys():
+            put(reader.raw(key))
+        f.flush()
+        os.fsync(f.fileno())
     manifest = {"format": FORMAT, "size": (folder / MIMI).stat().st_size, "sha256": digest.hexdigest(),
                 "source_sha256": source_sha256}
     atomic_write_text(folder / "mimi.json", json.dumps(manifest, indent=2) + "\n")
