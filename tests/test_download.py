@@ -169,6 +169,37 @@ def test_interrupted_download_exits_130_and_the_next_run_resumes(env, hub, hub_r
     assert jmoshi("verify", env=env).returncode == 0
 
 
+def test_the_cache_symlink_check_runs_before_the_downloads_start(env, hub, monkeypatch):
+    """huggingface_hub tests once per repo folder whether it holds symlinks, in a temporary folder inside
+    it. Run by a download thread, a Ctrl-C could end the process while that folder is made: the exit
+    removes it under the thread, prints a traceback and leaves a folder in the cache."""
+    import threading
+
+    from huggingface_hub import file_download
+
+    from jmoshi_cli import artifacts
+    from jmoshi_cli.variants import load_catalogue
+
+    for key in ("HF_ENDPOINT", "HF_HUB_CACHE", "JMOSHI_HOME", "JMOSHI_RETRY_BASE_S", "XDG_CONFIG_HOME"):
+        monkeypatch.setenv(key, env[key])
+    known: dict[str, bool] = {}
+    monkeypatch.setattr(file_download, "_are_symlinks_supported_in_dir", known)
+    tested: list[tuple[str, bool]] = []  # (folder, on the main thread) of each test actually run
+    check = file_download.are_symlinks_supported
+
+    def watched(folder=None):
+        if str(Path(folder).resolve()) not in known:
+            tested.append((Path(folder).name, threading.current_thread() is threading.main_thread()))
+        return check(folder)
+
+    monkeypatch.setattr(file_download, "are_symlinks_supported", watched)
+    catalogue = load_catalogue()
+    artifacts.download(artifacts.resolve(catalogue, catalogue.get("ext")))
+    assert {name for name, _ in tested} >= {"models--nu-dialogue--j-moshi-ext", "models--kyutai--moshi-artifacts"}
+    assert all(on_main for _, on_main in tested), tested
+    assert not [p for p in Path(env["HF_HUB_CACHE"]).glob("models--*/tmp*")]
+
+
 def test_all_downloads_every_variant(env, hub):
     result = jmoshi("download", "--variant", "all", "--json", env=env)
     assert result.returncode == 0, result.stderr

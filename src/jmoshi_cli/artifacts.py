@@ -393,6 +393,8 @@ def _fetch_all(entries: list[Entry], on_progress: Progress | None, on_retry: Ret
 
     The first failure stops the others at their next block (their partial files stay, resumable).
     """
+    for repo in sorted({e.artifact.repo for e in entries}):
+        hub.check_symlinks(repo)
     stop = threading.Event()
     calls = [functools.partial(_fetch_verified, e, on_progress, on_retry, attempts, on_hash, stop) for e in entries]
     biggest_first = sorted(range(len(entries)), key=lambda i: -(entries[i].artifact.size or 0))

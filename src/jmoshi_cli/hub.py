@@ -344,5 +344,13 @@ def _download(artifact: Artifact, on_retry: Callable[[int, BaseException, float]
     return with_retries(call, artifact.label, on_retry=on_retry)
 
 
+def check_symlinks(repo: str) -> None:
+    """Before files of `repo` are fetched side by side (see hub_internals.check_symlinks)."""
+    try:
+        hub_internals.check_symlinks(repo_folder(repo))
+    except OSError:
+        pass  # an unwritable cache: the download meets it too, and says so
+
+
 def repo_folder(repo: str) -> Path:
     return cache_dir() / ("models--" + repo.replace("/", "--"))

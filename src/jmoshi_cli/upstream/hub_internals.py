@@ -5,12 +5,16 @@
   block once its thread's stop event is set (side by side downloads: the first failure stops the others).
 - `file_download.http_backoff` (0.36) is told to retry nothing: jmoshi retries itself (hub.with_retries).
 - `writes_in_order`: hf_transfer and Xet write blocks out of order, which no follower can hash.
+- `check_symlinks`: huggingface_hub tests once per repo folder whether it can hold symlinks, in a
+  temporary folder inside it, from whichever download links a file first. jmoshi runs that test on
+  the main thread before the downloads start (see the function).
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+from pathlib import Path
 
 from .. import hashing
 
@@ -79,6 +83,21 @@ def report_rewinds() -> bool:
     reporting.__dict__["jmoshi_reports_rewinds"] = True  # via __dict__: functools' wrapper type declares no such field
     file_download.http_get = reporting
     return True
+
+
+def check_symlinks(repo_folder: Path) -> None:
+    """Run huggingface_hub's once-per-folder symlink test now, on this thread.
+
+    Left to a download thread, the test's temporary folder may still be in the making when Ctrl-C ends
+    the process: the interpreter's exit then removes it while that thread writes into it, prints a
+    traceback and leaves the folder in the cache. huggingface_hub keys the test by the resolved common
+    folder of a blob and its snapshot link, which is the repo folder; the result is remembered, so the
+    downloads do not run it again.
+    """
+    from huggingface_hub import file_download
+
+    repo_folder.mkdir(parents=True, exist_ok=True)
+    file_download.are_symlinks_supported(repo_folder)
 
 
 _wrapping = threading.Lock()  # files fetched side by side: only one thread wraps huggingface_hub
