@@ -110,8 +110,8 @@ def generate(args: argparse.Namespace) -> int:
     import torch
 
     from jmoshi_cli import generation, runtime
-    from jmoshi_cli.artifacts import ModelFiles
     from jmoshi_cli.audio_io import FRAME_SIZE
+    from jmoshi_cli.cache.artifacts import ModelFiles
 
     if args.compile:  # load_model would turn it off on the CPU; keep upstream's behaviour instead
         runtime.apply_compile_policy = lambda device: None

@@ -131,7 +131,7 @@ def sha256_alone(root: Path) -> float:
     No verified download can end sooner than this after its first byte: a link faster than this
     rate (an unpaced loopback hub can be) leaves the hash, not the transfer, setting the wall.
     """
-    from jmoshi_cli.artifacts import file_hash
+    from jmoshi_cli.cache.artifacts import file_hash
 
     started = time.perf_counter()
     for name in FILES:

@@ -25,8 +25,8 @@ import threading
 import time
 from pathlib import Path
 
-from jmoshi_cli import haproxy
 from jmoshi_cli.selftest import free_port, speech_like
+from jmoshi_cli.serving import haproxy
 
 from _common import BIN, bench_env, tiny_hub_root
 from hub_server import LocalHub
@@ -77,7 +77,7 @@ async def first_audio_after_release(url: str) -> float:
     """Hold both replicas, queue a third client, free one replica: seconds to the third one's audio."""
     import aiohttp
 
-    from jmoshi_cli.opus import OpusStream
+    from jmoshi_cli.serving.opus import OpusStream
 
     async with aiohttp.ClientSession() as session:
         held = [await session.ws_connect(url) for _ in range(2)]

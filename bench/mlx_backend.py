@@ -48,7 +48,7 @@ CONVERT = """
 import json, sys
 from pathlib import Path
 from jmoshi_cli.mlx import convert
-from jmoshi_cli.precision import Precision
+from jmoshi_cli.model.precision import Precision
 source, out, kwargs, precision = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]), Precision(sys.argv[4])
 made = convert.convert_lm(source, out, "0" * 64, kwargs, precision)
 print(json.dumps({"size": made.size}))
@@ -88,7 +88,7 @@ def make_source(path: Path, layers: int) -> dict:
     import numpy as np
     from moshi.models import loaders
 
-    from jmoshi_cli.lm_config import lm_kwargs
+    from jmoshi_cli.model.lm_config import lm_kwargs
     from jmoshi_cli.tiny_model import legacy_key_names
 
     kwargs = dict(lm_kwargs(None), num_layers=layers)
@@ -203,8 +203,8 @@ def served_frames(lm_config: Path, weight: Path, mimi: Path, tokenizer: Path, pc
     """The MLX server as a child, one conversation over /api/chat: its own "frame handled" lines."""
     import socket
 
-    from jmoshi_cli.chat import chat_sync
-    from jmoshi_cli.server_log import frame_ms
+    from jmoshi_cli.serving.chat import chat_sync
+    from jmoshi_cli.serving.server_log import frame_ms
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -227,7 +227,7 @@ def served_frames(lm_config: Path, weight: Path, mimi: Path, tokenizer: Path, pc
 
 def frames_bench(args) -> dict:
     from jmoshi_cli.mlx import convert
-    from jmoshi_cli.precision import Precision
+    from jmoshi_cli.model.precision import Precision
     from jmoshi_cli.tiny_model import cached_tiny_repo
 
     repo = cached_tiny_repo()
@@ -277,7 +277,7 @@ def mac_one(args, name: str) -> dict:
     import mlx.core as mx
 
     from jmoshi_cli.mlx import convert
-    from jmoshi_cli.precision import Precision
+    from jmoshi_cli.model.precision import Precision
 
     repo, data = Path(args.repo), Path(args.home)
     mimi = convert.ensure_mimi(data, repo / "tokenizer-e351c8d8-checkpoint125.safetensors", None)

@@ -31,7 +31,7 @@ from _common import emit_json  # noqa: E402
 OURS = """
 import json, sys
 from pathlib import Path
-from jmoshi_cli import quantize
+from jmoshi_cli.model import quantize
 src, out, config = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 made = quantize.make_int8(src, out, "0" * 64, config)
 print(json.dumps({"size": made.size}))
@@ -42,7 +42,7 @@ import json, sys, torch
 from moshi.models import loaders
 from moshi.utils.quantize import replace_linear_with_qlinear
 from safetensors.torch import save_file
-from jmoshi_cli import quantize
+from jmoshi_cli.model import quantize
 src, out, config = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 with torch.no_grad():
     lm = loaders.get_moshi_lm(src, lm_kwargs=quantize.lm_kwargs(config), device="cpu")
@@ -57,7 +57,7 @@ def make_source(path: Path, layers: int) -> dict:
     import torch
     from moshi.models import loaders
 
-    from jmoshi_cli import quantize
+    from jmoshi_cli.model import quantize
 
     config = dict(loaders._lm_kwargs, num_layers=layers)
     config.pop("depformer_causal", None)

@@ -36,7 +36,7 @@ import numpy as np
 
 from jmoshi_cli.audio_io import FRAME_S, FRAME_SIZE, SAMPLE_RATE
 from jmoshi_cli.selftest import free_port, speech_like
-from jmoshi_cli.server_log import frame_ms
+from jmoshi_cli.serving.server_log import frame_ms
 
 from _common import BIN, bench_env, tiny_hub_root
 from hub_server import LocalHub
@@ -80,7 +80,7 @@ async def paced_conversation(url: str, pcm: np.ndarray, ahead: int) -> int:
     """Send `pcm` frame by frame, never more than `ahead` frames ahead of the answers; returns frames sent."""
     import aiohttp
 
-    from jmoshi_cli.opus import OpusStream
+    from jmoshi_cli.serving.opus import OpusStream
 
     opus = OpusStream(SAMPLE_RATE)
     received = 0

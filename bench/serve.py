@@ -22,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from jmoshi_cli.chat import chat_sync
 from jmoshi_cli.selftest import free_port, speech_like
-from jmoshi_cli.server_log import frame_ms
+from jmoshi_cli.serving.chat import chat_sync
+from jmoshi_cli.serving.server_log import frame_ms
 
 from _common import BIN, bench_env, tiny_hub_root
 from hub_server import LocalHub

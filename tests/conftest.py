@@ -123,8 +123,8 @@ def child_env(env: dict) -> dict:
 @pytest.fixture(scope="session")
 def haproxy_binary() -> str:
     """HAProxy is a system package: .ci/run installs it; elsewhere its absence skips the tests that need it."""
-    from jmoshi_cli import haproxy
     from jmoshi_cli.errors import PreflightError
+    from jmoshi_cli.serving import haproxy
 
     try:
         return haproxy.find().path

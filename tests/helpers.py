@@ -23,9 +23,9 @@ import numpy as np
 from conftest import SHARED_AUDIO, child_env
 from jmoshi_cli import hardware
 from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE
-from jmoshi_cli.chat import ChatResult, chat
 from jmoshi_cli.hardware import GPU, NvidiaFacts, Probe
 from jmoshi_cli.selftest import speech_like
+from jmoshi_cli.serving.chat import ChatResult, chat
 
 LOAD_S = 240.0  # a model loading (and the tiny one downloading) on a busy CPU
 ANSWER_S = 120.0  # a server answering every frame it was sent, on a busy CPU slower than real time

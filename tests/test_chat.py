@@ -9,8 +9,8 @@ import pytest
 
 from jmoshi_cli import audio_io
 from jmoshi_cli.audio_io import FRAME_SIZE
-from jmoshi_cli.chat import ChatError, _prepare_pcm, chat_sync
 from jmoshi_cli.errors import JMoshiError
+from jmoshi_cli.serving.chat import ChatError, _prepare_pcm, chat_sync
 
 
 def test_prepare_pcm_resamples_without_delay_and_pads_to_frames():

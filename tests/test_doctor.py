@@ -9,7 +9,7 @@ import pytest
 
 from conftest import jmoshi
 from jmoshi_cli import cli, doctor, hardware, runtime
-from jmoshi_cli.artifacts import Status
+from jmoshi_cli.cache.artifacts import Status
 from jmoshi_cli.hardware import GPU, NvidiaFacts, Probe
 from jmoshi_cli.runtime import INSTALL
 from jmoshi_cli.variants import load_catalogue

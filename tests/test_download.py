@@ -177,7 +177,7 @@ def test_the_cache_symlink_check_runs_before_the_downloads_start(env, hub, monke
 
     from huggingface_hub import file_download
 
-    from jmoshi_cli import artifacts
+    from jmoshi_cli.cache import artifacts
     from jmoshi_cli.variants import load_catalogue
 
     for key in ("HF_ENDPOINT", "HF_HUB_CACHE", "JMOSHI_HOME", "JMOSHI_RETRY_BASE_S", "XDG_CONFIG_HOME"):
@@ -297,9 +297,9 @@ def test_gated_repo_needs_a_token(env, hub):
 
 
 def test_not_enough_disk_is_refused_before_downloading(tmp_path, monkeypatch):
-    from jmoshi_cli import artifacts
+    from jmoshi_cli.cache import artifacts
+    from jmoshi_cli.cache.hub import Artifact
     from jmoshi_cli.errors import CacheError
-    from jmoshi_cli.hub import Artifact
     from jmoshi_cli.variants import load_catalogue
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
@@ -330,8 +330,8 @@ def test_each_file_line_gives_its_own_time_and_the_summary_the_total(env, hub):
 
 
 def view_entry(size: int):
-    from jmoshi_cli.artifacts import Entry, Status
-    from jmoshi_cli.hub import Artifact
+    from jmoshi_cli.cache.artifacts import Entry, Status
+    from jmoshi_cli.cache.hub import Artifact
 
     return Entry(Artifact("moshi", EXT, "model.safetensors", "main", "0" * 40, size=size, sha256="a" * 64),
                  status=Status.COMPLETE)
@@ -362,7 +362,7 @@ def test_view_keeps_quiet_about_a_quick_hash(capsys):
 def test_view_times_each_file_from_its_own_start(capsys):
     from dataclasses import replace
 
-    from jmoshi_cli.artifacts import Status
+    from jmoshi_cli.cache.artifacts import Status
     from jmoshi_cli.render import DownloadView
 
     first, second = view_entry(10**6), replace(view_entry(10**6), artifact=replace(

@@ -13,10 +13,11 @@ import shutil
 import pytest
 
 from conftest import TINY_VARIANTS, child_env, jmoshi
-from jmoshi_cli import finetune, runtime
-from jmoshi_cli.artifacts import ModelFiles
+from jmoshi_cli import runtime
+from jmoshi_cli.cache.artifacts import ModelFiles
 from jmoshi_cli.errors import UsageError
-from jmoshi_cli.precision import Precision
+from jmoshi_cli.model import finetune
+from jmoshi_cli.model.precision import Precision
 from jmoshi_cli.variants import Variant
 
 from helpers import Served, a_wav, converse_sync, got, user_audio

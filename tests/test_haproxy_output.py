@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from jmoshi_cli import haproxy
 from jmoshi_cli.selftest import free_port
+from jmoshi_cli.serving import haproxy
 
 
 def test_haproxy_alerts_reach_the_relay_while_it_runs(haproxy_binary):

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from conftest import MIB, sha256
-from jmoshi_cli import artifacts, hashing, hub
-from jmoshi_cli.artifacts import Status
+from jmoshi_cli.cache import artifacts, hashing, hub
+from jmoshi_cli.cache.artifacts import Status
+from jmoshi_cli.cache.hashing import FollowingHash
 from jmoshi_cli.errors import CacheError, HubError
-from jmoshi_cli.hashing import FollowingHash
 from jmoshi_cli.upstream import hub_internals
 
 EXT = "nu-dialogue/j-moshi-ext"

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from jmoshi_cli import audio_io
-from jmoshi_cli.artifacts import ModelFiles
 from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE
+from jmoshi_cli.cache.artifacts import ModelFiles
 from jmoshi_cli.errors import CacheError, PreflightError, UsageError
 from jmoshi_cli.infer import InferOptions, InferRequest, Session, run, summarize
 from jmoshi_cli.infer_inputs import collect_inputs, expected_frames, output_names, prepare_out_dir
@@ -296,7 +296,7 @@ def _load_and_step(files: ModelFiles, quiet: bool) -> subprocess.CompletedProces
     paths = [str(p) for p in (files.moshi_weight, files.mimi_weight, files.tokenizer, files.config)]
     script = (
         "from pathlib import Path\nimport numpy as np\n"
-        "from jmoshi_cli.artifacts import ModelFiles\nfrom jmoshi_cli.infer import InferOptions, Session\n"
+        "from jmoshi_cli.cache.artifacts import ModelFiles\nfrom jmoshi_cli.infer import InferOptions, Session\n"
         f"files = ModelFiles(*map(Path, {paths!r}))\n"
         f"model = Session.load(files, InferOptions(device='cpu'), quiet={quiet}).model\n"
         "model.generate(np.zeros(1920, np.float32), [(0, 1)], seed=1)\n"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from jmoshi_cli.errors import ConfigError, UsageError
-from jmoshi_cli.lora import (
+from jmoshi_cli.model.lora import (
     Adapter,
     Tensor,
     check_fits,
@@ -419,7 +419,7 @@ def test_moshi_reads_the_converted_config_as_its_lm_kwargs(tmp_path, tiny_repo):
 
 
 def test_importing_it_loads_no_heavy_module():
-    code = ("import sys, jmoshi_cli.lora; print(','.join(m for m in ('torch', 'moshi', 'safetensors', "
+    code = ("import sys, jmoshi_cli.model.lora; print(','.join(m for m in ('torch', 'moshi', 'safetensors', "
             "'huggingface_hub', 'numpy') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == ""

@@ -10,7 +10,7 @@ from jmoshi_cli.backends import Features, Kind
 from jmoshi_cli.backends.mlx import MlxBackend, need_gb, pick
 from jmoshi_cli.errors import PreflightError, UsageError
 from jmoshi_cli.hardware import AppleFacts, Probe
-from jmoshi_cli.precision import Precision
+from jmoshi_cli.model.precision import Precision
 from test_doctor import EXT, by_name, facts
 
 

@@ -11,7 +11,7 @@ pytest.importorskip("moshi_mlx", reason="the MLX runtime is not installed (pip i
 
 from jmoshi_cli.errors import CacheError, UsageError  # noqa: E402
 from jmoshi_cli.mlx import convert  # noqa: E402
-from jmoshi_cli.precision import Precision  # noqa: E402
+from jmoshi_cli.model.precision import Precision  # noqa: E402
 from jmoshi_cli.tiny_model import MIMI_NAME, MLX_8BIT_OVERRIDES, MOSHI_NAME, cached_tiny_repo, default_cache_root  # noqa: E402,E501
 
 QUANTIZED = (Precision.INT8, Precision.INT4)
@@ -113,8 +113,8 @@ def test_the_builtin_7b_config_builds_moshi_mlx_own_7b_apart_from_the_context_fi
     from mlx.utils import tree_flatten
     from moshi_mlx import models
 
-    from jmoshi_cli.lm_config import lm_kwargs
     from jmoshi_cli.mlx.model import mlx_config
+    from jmoshi_cli.model.lm_config import lm_kwargs
 
     ours, kyutai = mlx_config(lm_kwargs(None)), models.config_v0_1()
     assert (ours.transformer.context, ours.transformer.max_seq_len) == (2999, 3000)

@@ -25,12 +25,12 @@ pytest.importorskip("moshi_mlx", reason="the MLX runtime is not installed (pip i
 
 from conftest import child_env, jmoshi  # noqa: E402
 from jmoshi_cli import generation, infer  # noqa: E402
-from jmoshi_cli.artifacts import ModelFiles  # noqa: E402
 from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE  # noqa: E402
+from jmoshi_cli.cache.artifacts import ModelFiles  # noqa: E402
 from jmoshi_cli.infer_inputs import load_user  # noqa: E402
 from jmoshi_cli.mlx import convert  # noqa: E402
 from jmoshi_cli.mlx import infer as mlx_infer  # noqa: E402
-from jmoshi_cli.precision import Precision  # noqa: E402
+from jmoshi_cli.model.precision import Precision  # noqa: E402
 from jmoshi_cli.tiny_model import MIMI_NAME, MOSHI_NAME, TOKENIZER_NAME  # noqa: E402
 from test_mlx_convert import mlx_tiny_repo  # noqa: E402
 

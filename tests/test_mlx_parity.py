@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("moshi_mlx", reason="the MLX runtime is not installed (pip install -e '.[mlx]')")
 
 from jmoshi_cli.mlx import convert  # noqa: E402
-from jmoshi_cli.precision import Precision  # noqa: E402
+from jmoshi_cli.model.precision import Precision  # noqa: E402
 from jmoshi_cli.tiny_model import MOSHI_NAME  # noqa: E402
 from test_mlx_convert import mlx_tiny_repo  # noqa: E402
 

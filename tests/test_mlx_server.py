@@ -19,7 +19,7 @@ pytest.importorskip("moshi_mlx", reason="the MLX runtime is not installed (pip i
 
 from jmoshi_cli.backends.contract import ChildContract  # noqa: E402
 from jmoshi_cli.mlx import convert  # noqa: E402
-from jmoshi_cli.precision import Precision  # noqa: E402
+from jmoshi_cli.model.precision import Precision  # noqa: E402
 from jmoshi_cli.tiny_model import MIMI_NAME, MOSHI_NAME, TOKENIZER_NAME  # noqa: E402
 from test_mlx_convert import mlx_tiny_repo  # noqa: E402
 
@@ -99,7 +99,7 @@ def talk(port: int, pcm):
 def test_two_conversations_each_from_a_fresh_state_on_loopback_only(files, precision):
     import numpy as np
 
-    from jmoshi_cli import server_log
+    from jmoshi_cli.serving import server_log
 
     port = free_port()
     child = Child(server_argv(files, precision, port, "--seed", "7"), port)
@@ -163,7 +163,7 @@ def test_every_session_starts_from_the_same_fresh_state(files):
 
 def talk_in_thread(port: int, seconds: float) -> dict:
     """A conversation in a thread: its ChatResult (or ChatError) lands in the returned dict."""
-    from jmoshi_cli.chat import ChatError
+    from jmoshi_cli.serving.chat import ChatError
 
     out: dict = {}
     pcm = user_audio(seconds)

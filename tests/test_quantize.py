@@ -14,10 +14,11 @@ import shutil
 import pytest
 
 from conftest import child_env, jmoshi
-from jmoshi_cli import derived, precision, preflight, quantize, runtime
+from jmoshi_cli import preflight, runtime
 from jmoshi_cli.errors import CacheError, PreflightError, UsageError
 from jmoshi_cli.hardware import GPU
-from jmoshi_cli.precision import Precision
+from jmoshi_cli.model import derived, precision, quantize
+from jmoshi_cli.model.precision import Precision
 
 from helpers import Served, a_wav, converse_sync, fake_gpus, got, user_audio
 

@@ -61,7 +61,7 @@ def recorded_frames(folder: Path, at_least: int) -> bool:
 
 def talk_in_background(url: str, seconds: float) -> subprocess.Popen:
     """A browser talking for `seconds`, in its own process: the tests stop it (or its server) mid-conversation."""
-    script = ("import sys; from jmoshi_cli.chat import chat_sync; from jmoshi_cli.selftest import speech_like; "
+    script = ("import sys; from jmoshi_cli.serving.chat import chat_sync; from jmoshi_cli.selftest import speech_like; "
               "chat_sync(sys.argv[1], speech_like(float(sys.argv[2])), tail_s=1.0)")
     return subprocess.Popen([sys.executable, "-c", script, url, str(seconds)], stderr=subprocess.DEVNULL)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jmoshi_cli import lm_config
 from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE
 from jmoshi_cli.backends.contract import ChildContract, Recording
+from jmoshi_cli.model import lm_config
 from jmoshi_cli.recording import format as recordings
 from jmoshi_cli.recording import store, tap
 from jmoshi_cli.recording import writer as rec_writer

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from conftest import child_env
-from jmoshi_cli import haproxy, hardware, replicas
+from jmoshi_cli import hardware
 from jmoshi_cli.errors import PreflightError, UsageError
 from jmoshi_cli.hardware import GPU, NvidiaFacts, Probe
-from jmoshi_cli.precision import Precision
+from jmoshi_cli.model.precision import Precision
 from jmoshi_cli.selftest import free_port, speech_like
+from jmoshi_cli.serving import haproxy, replicas
 
 from helpers import (
     ANSWER_S,
@@ -269,7 +270,7 @@ def test_busy_answer_says_so_in_words(tiny_env, haproxy_binary):
 
 @pytest.mark.slow
 def test_a_killed_replica_is_replaced_while_the_other_keeps_talking(tiny_env, haproxy_binary):
-    from jmoshi_cli.chat import ChatError
+    from jmoshi_cli.serving.chat import ChatError
 
     served, port = serve_replicas(tiny_env)
     try:
@@ -381,7 +382,7 @@ def test_front_over_a_serve_elsewhere_with_health_checks(tiny_env, haproxy_binar
 
 
 def test_front_refuses_a_backend_that_is_not_host_port():
-    from jmoshi_cli import front
+    from jmoshi_cli.serving import front
 
     with pytest.raises(UsageError):
         front.parse_backend("localhost", 0)

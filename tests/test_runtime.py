@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from jmoshi_cli import _moshi_entry, child, runtime
+from jmoshi_cli import _moshi_entry, runtime
 from jmoshi_cli.backends.contract import ChildContract
 from jmoshi_cli.runtime import CURRENT, DOCUMENTED, INSTALL, UNTESTED, Runtime
+from jmoshi_cli.serving import child
 from jmoshi_cli.upstream.moshi_server import Patches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,8 +233,8 @@ def test_runtime_detection_imports_nothing_heavy():
 def test_opus_round_trip_on_the_installed_sphn():
     import numpy as np
 
-    from jmoshi_cli.opus import OpusStream
     from jmoshi_cli.selftest import speech_like
+    from jmoshi_cli.serving.opus import OpusStream
 
     pcm = speech_like(1.0)
     sender, receiver = OpusStream(24000), OpusStream(24000)
@@ -252,7 +253,7 @@ def test_downloads_stay_on_plain_http_unless_asked():
     """The current runtime's huggingface_hub would use Xet where the hub offers it; jmoshi keeps HTTP."""
     import subprocess
 
-    script = ("from jmoshi_cli import hub\n"
+    script = ("from jmoshi_cli.cache import hub\n"
               "try:\n    from huggingface_hub.utils._runtime import is_xet_available\n"
               "except ImportError:\n    print('no-xet-support')\nelse:\n    print(is_xet_available())\n")
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_XET"}

@@ -16,17 +16,18 @@ from pathlib import Path
 import pytest
 
 from conftest import child_env, jmoshi
-from jmoshi_cli import hardware, preflight, runtime, serve
-from jmoshi_cli.artifacts import ModelFiles
+from jmoshi_cli import hardware, preflight, runtime
 from jmoshi_cli.audio_io import SAMPLE_RATE
 from jmoshi_cli.backends import Kind, ServerSpec
 from jmoshi_cli.backends import contract as contract_env
 from jmoshi_cli.backends.contract import ChildContract, Recording
+from jmoshi_cli.cache.artifacts import ModelFiles
 from jmoshi_cli.errors import PreflightError
 from jmoshi_cli.hardware import GPU, Probe
-from jmoshi_cli.precision import Precision
+from jmoshi_cli.model.precision import Precision
 from jmoshi_cli.reporter import Reporter
 from jmoshi_cli.selftest import free_port
+from jmoshi_cli.serving import serve
 
 from helpers import (
     ANSWER_S,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import statistics
 
 from jmoshi_cli import render
-from jmoshi_cli.child import explain_exit
-from jmoshi_cli.server_log import Event, FrameStats, Kind, ServerLog, frame_ms, plain
+from jmoshi_cli.serving.child import explain_exit
+from jmoshi_cli.serving.server_log import Event, FrameStats, Kind, ServerLog, frame_ms, plain
 
 # --- text captured from real runs of moshi 0.2.2 / aiohttp 3.11 -----------------------------------------
 

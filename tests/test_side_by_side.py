@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from jmoshi_cli.side_by_side import run_all
+from jmoshi_cli.cache.side_by_side import run_all
 
 
 def test_results_come_in_the_calls_order_whatever_order_they_finish_in():

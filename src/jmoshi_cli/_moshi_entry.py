@@ -28,7 +28,7 @@ def _die_with_parent(parent_pid: int | None) -> None:
     """
     if parent_pid is None:
         return  # run by hand, not by jmoshi: nothing to follow
-    from .lifetime import die_with_parent
+    from .serving.lifetime import die_with_parent
 
     die_with_parent(parent_pid, signal.SIGKILL)
 

@@ -161,7 +161,7 @@ def download(
     as_json: JsonOpt = False,
 ) -> int:
     """Fetch weights, tokenizer, Mimi codec and web UI into the Hugging Face cache (verified)."""
-    from . import artifacts
+    from .cache import artifacts
     from .render import DownloadView, show_note
     from .results import DownloadResult
 
@@ -185,7 +185,7 @@ def verify(
     as_json: JsonOpt = False,
 ) -> int:
     """Re-hash what is cached for a variant; report corrupt or missing files (exit 1 if any)."""
-    from . import artifacts
+    from .cache import artifacts
     from .results import VerifyResult
 
     catalogue, names = _variant_names(variant)
@@ -228,8 +228,8 @@ def serve(
     backend: BackendOpt = "auto",
 ) -> int:
     """Talk to J-Moshi in the browser: check, fetch what is missing, then run its server."""
-    from . import serve as srv
     from .render import ConsoleReporter
+    from .serving import serve as srv
 
     options = srv.ServeOptions(
         variant=variant, host=host, port=port, device=device, half=half, offline=offline, https=https, ssl_dir=ssl,
@@ -317,8 +317,8 @@ def front(
     drain_timeout: DrainTimeoutOpt = 60.0,
 ) -> int:
     """One URL over `jmoshi serve` instances on other machines: HAProxy, health checks, a fair queue."""
-    from . import front as frontdoor
     from .render import ConsoleReporter
+    from .serving import front as frontdoor
 
     options = frontdoor.FrontOptions(backend, host, port, https, ssl, queue_timeout, drain_timeout)
     return frontdoor.run(options, ConsoleReporter(ui.settings.verbose))

@@ -13,7 +13,7 @@ from enum import Enum
 from typing import Any
 
 from . import hardware, runtime
-from .artifacts import Status
+from .cache.artifacts import Status
 from .hardware import GPU, NvidiaFacts, Probe
 from .variants import Catalogue, Variant
 
@@ -90,7 +90,7 @@ class Facts:
 
 
 def gather(catalogue: Catalogue, variant: Variant, host: str = "127.0.0.1", port: int = 8998) -> Facts:
-    from . import artifacts, hub
+    from .cache import artifacts, hub
 
     packages = {**runtime.installed_versions(), "jmoshi": hardware.package_version("jmoshi")}
     apple = hardware.apple()
@@ -114,8 +114,8 @@ def gather(catalogue: Catalogue, variant: Variant, host: str = "127.0.0.1", port
 
 
 def _haproxy_probe() -> Probe[Any]:
-    from . import haproxy
     from .errors import JMoshiError
+    from .serving import haproxy
 
     try:
         return Probe(True, haproxy.find())
@@ -124,7 +124,7 @@ def _haproxy_probe() -> Probe[Any]:
 
 
 def _cache_facts(plan: Probe[Any]) -> tuple[Probe[list[CacheRow]], int | None]:
-    from . import artifacts
+    from .cache import artifacts
 
     if not plan.ok:
         return Probe(False, error=plan.error), None
@@ -165,7 +165,7 @@ def _mac_checks(facts: Facts, variant: Variant) -> list[Check]:
     """Apple Silicon: MLX and Metal, and which precision fits the unified memory (the NVIDIA rows do not apply)."""
     from .backends.mlx import need_gb, pick
     from .errors import PreflightError
-    from .precision import Precision
+    from .model.precision import Precision
 
     assert facts.apple is not None  # called only when facts.on_mac
     mac = facts.apple.value
@@ -380,7 +380,7 @@ def _port(facts: Facts) -> Check:
 
 
 def _haproxy(probe: Probe[Any]) -> Check:
-    from .haproxy import INSTALL_HINT
+    from .serving.haproxy import INSTALL_HINT
 
     if probe.ok:
         version = ".".join(map(str, probe.value.version))

@@ -66,10 +66,10 @@ from typing import Any, Callable, Iterator, TypedDict
 
 import numpy as np
 
-from .artifacts import ModelFiles
 from .audio_io import FRAME_SIZE, SAMPLE_RATE
+from .cache.artifacts import ModelFiles
 from .errors import CacheError, PreflightError, UsageError
-from .lm_config import read as read_config_file
+from .model.lm_config import read as read_config_file
 
 # LMGen's defaults (the same in moshi 0.2.2 and 0.2.13), used when neither the options nor config.json
 # say otherwise.
@@ -330,7 +330,7 @@ def load_model(files: ModelFiles, device: str = "cuda", half: bool = False,
         mimi, tokenizer, lm = _load_modules(files, config, torch_device,
                                             torch.float16 if half else torch.bfloat16, captured)
     if (config.lm_config or {}).get("quantize"):
-        from .quantize import restore_scales
+        from .model.quantize import restore_scales
 
         restore_scales(lm, Path(files.moshi_weight))  # moshi cast them to the LM's dtype (quantize.py)
     _check_loaded(mimi, lm)

@@ -30,14 +30,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from . import audio_io, generation, infer_outputs, transcript
-from .artifacts import ModelFiles
 from .audio_io import FRAME_S, SAMPLE_RATE
+from .cache.artifacts import ModelFiles
 from .errors import JMoshiError, UsageError
 from .infer_inputs import UserAudio, collect_inputs, load_user, output_names, output_paths, prepare_out_dir
 from .reporter import Reporter
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .precision import Precision
+    from .model.precision import Precision
 
 OnFrame = Callable[[int, int], None]
 
@@ -246,7 +246,8 @@ def run(request: InferRequest, report: Reporter | None = None) -> list[FileResul
     """Check inputs, output folder and device (seconds), make the model local, load it once, process
     every input. Raises JMoshiError for problems of the whole run; per-file problems are in the results.
     """
-    from . import backends, precision
+    from . import backends
+    from .model import precision
 
     report = report or Reporter()
     backend = backends.choose(request.backend)
@@ -275,7 +276,7 @@ def _channel_note(options: InferOptions, report: Reporter) -> None:
 
 def _load_torch(request: InferRequest, options: InferOptions, asked: Precision, report: Reporter) -> Session:
     from .console import settings
-    from .preparation import ModelRequest, prepare_model
+    from .model.preparation import ModelRequest, prepare_model
 
     model = prepare_model(ModelRequest(request.variant, request.revision, request.moshi_weight, request.lora, asked,
                                        options.device, options.half, request.offline),
@@ -291,7 +292,7 @@ def _load_mlx(request: InferRequest, options: InferOptions, asked: Precision, re
     from .backends.mlx import MlxBackend
     from .console import settings
     from .mlx import infer as mlx_infer
-    from .preparation import ModelRequest
+    from .model.preparation import ModelRequest
 
     backend = MlxBackend()
     device = backend.device(options.device)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import hardware, runtime
 from .errors import PreflightError, UsageError
-from .precision import Precision
+from .model.precision import Precision
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def check_device(device: str, vram_min_gb: float, variant_name: str, precision: 
                  int8_gb: float | None = None) -> DeviceCheck:
     """Refuse a run that cannot work (packages, GPU, kernels, memory); choose fp16 for a pre-Ampere GPU
     and int8 when bf16 does not fit the GPU's free memory but int8 does (`int8_gb` given, `precision` auto)."""
-    from . import quantize
+    from .model import quantize
 
     rt = check_runtime()
     if precision is Precision.INT8:

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import results
-from .artifacts import Status
+from .cache.artifacts import Status
 from .console import console, plain
 from .reporter import Reporter
 
@@ -205,7 +205,7 @@ class _HashClock:
 
 
 def _verified_by(entry) -> str:
-    from .artifacts import expected_hash
+    from .cache.artifacts import expected_hash
 
     expected = expected_hash(entry)
     if expected is None:
@@ -292,7 +292,7 @@ def show_starting(prepared) -> None:
 def show_ready(launch, seconds: float, replicas: str | None = None) -> None:
     import socket
 
-    from .serve import is_loopback, lan_addresses
+    from .serving.serve import is_loopback, lan_addresses
 
     if replicas is None:
         console.print(f"[bold green]ready[/] at {launch.url} (took {seconds:.1f} s). One conversation at a time: "
@@ -321,7 +321,7 @@ def server_relay(verbose: bool, name: str | None = None):
     """
     import sys
 
-    from .server_log import FRAME_BUDGET_MS, Kind, ServerLog
+    from .serving.server_log import FRAME_BUDGET_MS, Kind, ServerLog
 
     if verbose:
         def raw(line: str) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 if TYPE_CHECKING:
-    from .artifacts import WatchFactory
-    from .child import Launch
-    from .haproxy import Load
+    from .cache.artifacts import WatchFactory
+    from .serving.child import Launch
+    from .serving.haproxy import Load
 
 Relay = Callable[[str], None]
 

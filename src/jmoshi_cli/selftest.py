@@ -15,15 +15,15 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from . import server_log
-from .artifacts import ModelFiles, unpack_bundle
 from .audio_io import SAMPLE_RATE
 from .backends import Kind, ServerSpec, cpu_threads
 from .backends.contract import ChildContract
-from .child import Launch, Server, explain_exit
+from .cache.artifacts import ModelFiles, unpack_bundle
 from .errors import JMoshiError, ServerError
-from .precision import Precision
+from .model.precision import Precision
 from .results import SelftestResult
+from .serving import server_log
+from .serving.child import Launch, Server, explain_exit
 
 SELFTEST_REPO = "jmoshi/selftest-tiny"
 SEE_LOG = "`jmoshi --verbose selftest` (or JMOSHI_DEBUG=1) shows the server's last lines"
@@ -95,7 +95,7 @@ def _launch(kind: Kind, repo: Path, tmp: Path, on_step: Callable[[str], None]) -
 
 
 def _converse(server: Server, launch: Launch, on_step: Callable[[str], None], seconds: float) -> SelftestResult:
-    from .chat import ChatError, chat_sync
+    from .serving.chat import ChatError, chat_sync
 
     result = SelftestResult()
     try:

@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
 from ..errors import UsageError
-from ..precision import Precision
+from ..model.precision import Precision
 from .contract import ChildContract
 
 if TYPE_CHECKING:
-    from ..artifacts import ModelFiles, WatchFactory
-    from ..child import Launch
-    from ..preparation import ModelRequest, PreparedModel
+    from ..cache.artifacts import ModelFiles, WatchFactory
+    from ..model.preparation import ModelRequest, PreparedModel
+    from ..serving.child import Launch
 
 
 class Kind(str, Enum):

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import PreflightError, UsageError
-from ..precision import Precision
+from ..model.precision import Precision
 from . import Backend, Features, Kind, ServerSpec, is_apple_silicon
 from .contract import without_contract
 
@@ -93,9 +93,10 @@ class MlxBackend(Backend):
         return ("gpu" if is_apple_silicon() else "cpu") if asked == "auto" else asked
 
     def prepare(self, request, *, web_ui, watch=None, on_note=lambda note: None):
-        from .. import artifacts, finetune, preparation
+        from ..cache import artifacts
         from ..hardware import memory_total
         from ..mlx import convert
+        from ..model import finetune, preparation
         from ..variants import load_catalogue
 
         catalogue = load_catalogue()
@@ -120,7 +121,7 @@ class MlxBackend(Backend):
                                          request.revision)
 
     def command(self, spec: ServerSpec):
-        from ..child import Launch
+        from ..serving.child import Launch
 
         files = spec.files
         argv = [sys.executable, "-m", "jmoshi_cli.mlx.server",

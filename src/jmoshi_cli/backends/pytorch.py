@@ -6,7 +6,7 @@ import os
 import sys
 
 from .. import runtime
-from ..precision import Precision
+from ..model.precision import Precision
 from . import Backend, Features, Kind, ServerSpec
 from .contract import without_contract
 
@@ -23,13 +23,13 @@ class TorchBackend(Backend):
         return "cuda" if asked == "auto" else asked
 
     def prepare(self, request, *, web_ui, watch=None, on_note=lambda note: None):
-        from ..preparation import prepare_model
+        from ..model.preparation import prepare_model
 
         return prepare_model(request, web_ui=web_ui, watch=watch, on_note=on_note)
 
     def command(self, spec: ServerSpec):
         """Explicit local paths and an offline hub; the rest travels in the child's contract."""
-        from ..child import Launch
+        from ..serving.child import Launch
 
         files = spec.files
         argv = [sys.executable, "-m", "jmoshi_cli._moshi_entry",

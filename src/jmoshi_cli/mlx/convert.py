@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import derived
 from ..errors import CacheError, UsageError
-from ..precision import Precision
+from ..model import derived
+from ..model.precision import Precision
 from .model import Quantization
 
 FORMAT = 1
@@ -100,7 +100,7 @@ def verify(checkpoint: MlxCheckpoint) -> bool:
 
 def lm_kwargs_for(config: Path | None) -> dict[str, Any]:
     """The LM kwargs of the repo's config.json, or moshi's built-in Moshi-7B ones when it has none (J-Moshi)."""
-    from .. import lm_config
+    from ..model import lm_config
 
     return lm_config.lm_kwargs(config)
 

@@ -29,7 +29,7 @@ from ..errors import CacheError
 from ..generation import OnStep, captured_output, read_config, resolve_sampling
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..artifacts import ModelFiles
+    from ..cache.artifacts import ModelFiles
     from ..infer import InferOptions, Session
     from .server import Engine
 

@@ -37,7 +37,7 @@ class Quantization:
 
 def read_lm_kwargs(path: Path) -> dict[str, Any]:
     """The moshi LM kwargs (config.json) that the converter wrote beside the MLX weights."""
-    from .. import lm_config
+    from ..model import lm_config
 
     return lm_config.read(path, corrupt_hint="convert the model again")
 

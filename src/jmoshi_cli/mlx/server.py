@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
 
     contract = ChildContract.from_env(os.environ)
     if contract.parent_pid:  # first thing: from here on the kernel kills this process when jmoshi dies
-        from ..lifetime import die_with_parent
+        from ..serving.lifetime import die_with_parent
 
         die_with_parent(contract.parent_pid, signal.SIGKILL)
     args = parse_args(sys.argv[1:] if argv is None else argv)

@@ -16,7 +16,7 @@ import functools
 import threading
 from pathlib import Path
 
-from .. import hashing
+from ..cache import hashing
 
 CHECKED = ("0.28.1", "0.36.2")
 

@@ -104,7 +104,7 @@ def _from_hf_repo(config_path: str | None, seed: int | None) -> None:
 def _int8_scales() -> None:
     from moshi.models import loaders
 
-    from ..quantize import restore_scales
+    from ..model.quantize import restore_scales
 
     get_moshi_lm = loaders.get_moshi_lm
 

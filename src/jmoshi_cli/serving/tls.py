@@ -7,7 +7,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from .errors import UsageError
+from ..errors import UsageError
 
 VALID_DAYS = 365
 RENEW_BEFORE = dt.timedelta(days=7)

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import audio_io
-from .audio_io import FRAME_S, FRAME_SIZE, SAMPLE_RATE
-from .errors import JMoshiError
+from .. import audio_io
+from ..audio_io import FRAME_S, FRAME_SIZE, SAMPLE_RATE
+from ..errors import JMoshiError
 
 if tp.TYPE_CHECKING:
     from ssl import SSLContext

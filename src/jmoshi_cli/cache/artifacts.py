@@ -27,11 +27,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, ContextManager, Protocol
 
+from ..errors import CacheError, HubUnreachable, UsageError
+from ..fsutil import atomic_write
+from ..variants import Catalogue, Variant
 from . import hub, side_by_side
-from .errors import CacheError, HubUnreachable, UsageError
-from .fsutil import atomic_write
 from .hub import Artifact
-from .variants import Catalogue, Variant
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 DISK_MARGIN = 256 * 1024**2
@@ -321,7 +321,7 @@ def check_writable(folder: Path) -> None:
 
 
 def check_disk(plan: Plan) -> None:
-    from .hardware import disk_free
+    from ..hardware import disk_free
 
     need = plan.missing_bytes
     free = disk_free(hub.cache_dir())

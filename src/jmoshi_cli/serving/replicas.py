@@ -14,13 +14,13 @@ import socket
 import time
 from dataclasses import dataclass
 
-from . import hardware
-from .backends import ServerSpec, cpu_threads
+from .. import hardware
+from ..backends import ServerSpec, cpu_threads
+from ..errors import PreflightError, ServerError, UsageError
+from ..model.precision import Precision
+from ..reporter import Reporter
 from .child import Launch, Server, StopSignals, explain_exit
-from .errors import PreflightError, ServerError, UsageError
 from .haproxy import Backend, Front, Load
-from .precision import Precision
-from .reporter import Reporter
 
 RESTART_DELAYS_S = (1, 2, 4, 8, 16, 30)
 GIVE_UP_AFTER = 5  # failed starts in a row, before the replica was ever healthy

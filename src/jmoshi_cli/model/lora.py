@@ -39,8 +39,8 @@ import typing as tp
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ConfigError, UsageError
 from . import lm_config
-from .errors import ConfigError, UsageError
 
 LORA_NAME = "lora.safetensors"
 FULL_NAME = "consolidated.safetensors"

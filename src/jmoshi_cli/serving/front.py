@@ -11,10 +11,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import artifacts, haproxy, preflight, tls
+from .. import preflight
+from ..cache import artifacts
+from ..errors import UsageError
+from ..reporter import Reporter
+from . import haproxy, tls
 from .child import Launch
-from .errors import UsageError
-from .reporter import Reporter
 
 
 @dataclass(frozen=True)

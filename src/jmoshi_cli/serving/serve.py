@@ -13,14 +13,17 @@ import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import artifacts, backends, lm_config, precision, preflight, recording, tls
-from .backends import Features, ServerSpec
-from .backends.contract import ChildContract, Recording
+from .. import backends, preflight, recording
+from ..backends import Features, ServerSpec
+from ..backends.contract import ChildContract, Recording
+from ..cache import artifacts
+from ..errors import UsageError
+from ..model import lm_config, precision
+from ..model.preparation import ModelRequest, PreparedModel
+from ..reporter import Reporter
+from ..variants import Variant
+from . import tls
 from .child import Launch
-from .errors import UsageError
-from .preparation import ModelRequest, PreparedModel
-from .reporter import Reporter
-from .variants import Variant
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,7 @@ def _run_replicas(options: ServeOptions, prepared: Prepared, report: Reporter) -
 
 def prepare(options: ServeOptions, report: Reporter) -> Prepared:
     """Everything before a child starts: seconds of checks, then the files, then the server as structure."""
-    from .variants import load_catalogue
+    from ..variants import load_catalogue
 
     backend = backends.choose(options.backend)
     backend.refuse(Features(replicas=options.replicas is not None, lora=options.lora is not None,
@@ -174,7 +177,7 @@ def _place_replicas(options: ServeOptions, chosen: Variant,
 
 
 def _int8_runs() -> bool:
-    from . import runtime
+    from .. import runtime
 
     rt = runtime.detect()
     return rt.has_int8 and rt.bitsandbytes is not None
@@ -185,7 +188,7 @@ def _int8_runs() -> bool:
 
 def sampling_overrides(options: ServeOptions) -> dict:
     """The sampling values given, checked as `jmoshi infer` checks them (same flags, same messages)."""
-    from .infer import InferOptions
+    from ..infer import InferOptions
 
     checked = InferOptions(temp=options.temp, temp_text=options.temp_text, top_k=options.top_k,
                            top_k_text=options.top_k_text, seed=options.seed)

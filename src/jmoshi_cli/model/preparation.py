@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import artifacts, finetune, preflight, quantize, runtime
-from .artifacts import ModelFiles
+from .. import preflight, runtime
+from ..cache import artifacts
+from ..cache.artifacts import ModelFiles
+from ..variants import Catalogue, Variant
+from . import finetune, quantize
 from .precision import Precision
-from .variants import Catalogue, Variant
 
 Note = Callable[[str], None]
 
@@ -48,7 +50,7 @@ class PreparedModel:
 
     def facts(self) -> dict[str, Any]:
         """What only jmoshi knows of the model, for each recording's meta.json."""
-        from . import __version__
+        from .. import __version__
 
         entry = next((e for e in self.plan.entries if e.artifact.repo == self.variant.repo), None)
         return {"variant": self.variant.name, "repo": self.variant.repo,
@@ -68,7 +70,7 @@ def decide_precision(fine_tune: finetune.FineTune, asked: Precision) -> Precisio
 def prepare_model(request: ModelRequest, *, web_ui: bool, watch: artifacts.WatchFactory | None = None,
                   on_note: Note = lambda note: None, catalogue: Catalogue | None = None) -> PreparedModel:
     """Checks in seconds, then the files: everything a backend needs to load the model."""
-    from .variants import load_catalogue
+    from ..variants import load_catalogue
 
     catalogue = catalogue or load_catalogue()
     chosen = catalogue.get(request.variant)

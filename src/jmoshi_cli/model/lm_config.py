@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import CacheError, ConfigError
-from .fsutil import atomic_write
+from ..errors import CacheError, ConfigError
+from ..fsutil import atomic_write
 
 FOLDER = "lm-configs"
 # Keys moshi's CheckpointInfo pops before the rest goes to LMModel.
@@ -45,7 +45,7 @@ def read(path: Path, corrupt_hint: str = "") -> Config:
 def base(path: Path | None) -> Config:
     """The config a model is built with: the file, or moshi's built-in Moshi-7B kwargs when there is none."""
     if path is None:
-        from .upstream.moshi_private import builtin_lm_kwargs
+        from ..upstream.moshi_private import builtin_lm_kwargs
 
         return builtin_lm_kwargs()
     return read(path, corrupt_hint="download the model again")

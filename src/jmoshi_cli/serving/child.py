@@ -22,9 +22,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from ..backends.contract import ChildContract
+from ..errors import ServerError
 from . import server_log
-from .backends.contract import ChildContract
-from .errors import ServerError
 
 POLL_S = 0.1  # how often supervise looks at the stop signal, the child's exit and the port
 READY_TIMEOUT_S = 1800.0  # a 7B load from a slow disk takes minutes; half an hour means it hangs
@@ -59,7 +59,7 @@ def url_host(host: str) -> str:
 
 def _kernel_hint() -> str:
     """The way to a torch with kernels for this GPU, for the installed runtime (see runtime.py)."""
-    from . import runtime
+    from .. import runtime
 
     rt = runtime.detect()
     if rt.kind == runtime.UNTESTED:

@@ -15,10 +15,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from ..errors import CacheError, HubError, HubUnreachable, JMoshiError, UsageError
+from ..upstream import hub_internals
+from ..upstream.hub_internals import Stopped
 from . import hashing
-from .errors import CacheError, HubError, HubUnreachable, JMoshiError, UsageError
-from .upstream import hub_internals
-from .upstream.hub_internals import Stopped
 
 T = TypeVar("T")
 DEFAULT_ENDPOINT = "https://huggingface.co"

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from ..errors import CacheError, UsageError
 from . import derived, lm_config
-from .errors import CacheError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +46,7 @@ _TORCH: dict = {}  # the same names as torch dtypes, filled on first use (torch 
 
 def check_runtime(rt) -> None:
     """Refuse int8 where moshi or bitsandbytes cannot run it, before anything is made or loaded."""
-    from .runtime import CURRENT, INSTALL
+    from ..runtime import CURRENT, INSTALL
 
     if not rt.has_int8:
         raise UsageError(f"int8 needs the current runtime (moshi 0.2.13); this is moshi {rt.moshi}",
@@ -315,7 +315,7 @@ def _raw(tensor):
 def _finish(folder: Path, lm_config: dict, source_sha256: str, size: int, sha256: str) -> None:
     from importlib import metadata
 
-    from .fsutil import atomic_write_text
+    from ..fsutil import atomic_write_text
 
     atomic_write_text(folder / CONFIG, json.dumps({**lm_config, "quantize": True}, indent=2) + "\n")
     versions = {}

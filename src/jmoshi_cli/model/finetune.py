@@ -19,11 +19,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from . import lora, preflight
-from .artifacts import ModelFiles
-from .errors import UsageError
+from .. import preflight
+from ..cache.artifacts import ModelFiles
+from ..errors import UsageError
+from ..variants import Variant
+from . import lora
 from .precision import Precision
-from .variants import Variant
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def precision_for(fine_tune: FineTune, rt, precision: Precision) -> Precision:
     """Refuse what cannot load an adapter; an adapter means bf16 (moshi has no LoRA over int8)."""
     if fine_tune.adapter is None:
         return precision
-    from .runtime import CURRENT, INSTALL
+    from ..runtime import CURRENT, INSTALL
 
     if not rt.has_lora:
         raise UsageError(f"--lora needs the current runtime (moshi 0.2.13); this is moshi {rt.moshi}, which has "

@@ -5,7 +5,7 @@ exec for ordinary binaries. It is set in the child itself, and the child then ch
 parent is still the process that started it: if jmoshi died between the fork and the prctl call,
 the signal would never come, and the child would have been re-parented already.
 
-Run any program tied to jmoshi with `python -m jmoshi_cli.lifetime PARENT_PID PROGRAM ARGS...`.
+Run any program tied to jmoshi with `python -m jmoshi_cli.serving.lifetime PARENT_PID PROGRAM ARGS...`.
 
 macOS has no PR_SET_PDEATHSIG: there a Python child (a server's bootstrap) watches its parent from a
 thread instead, and notices within a quarter of a second.
@@ -50,7 +50,7 @@ def _watch_parent(parent_pid: int, sig: int) -> None:
 
 def tied_argv(argv: list[str], parent_pid: int | None = None) -> list[str]:
     """The command line that runs `argv` tied to this process (or to `parent_pid`)."""
-    return [sys.executable, "-m", "jmoshi_cli.lifetime", str(parent_pid or os.getpid()), *argv]
+    return [sys.executable, "-m", "jmoshi_cli.serving.lifetime", str(parent_pid or os.getpid()), *argv]
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import struct
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import CacheError
+from ..errors import CacheError
 
 DISK_MARGIN = 512 * 2**20  # left free after a derived file is written
 BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "U32": 4, "I64": 8, "BOOL": 1}
@@ -44,7 +44,7 @@ def locked(folder: Path) -> Iterator[None]:
 
 def local_sha256(data_dir: Path, path: Path, on_note: Callable[[str], None], purpose: str) -> str:
     """sha256 of a local file, remembered by path, size and mtime so that it is read once."""
-    from .fsutil import atomic_write_text
+    from ..fsutil import atomic_write_text
 
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
@@ -63,7 +63,7 @@ def local_sha256(data_dir: Path, path: Path, on_note: Callable[[str], None], pur
 
 
 def sha256_of(path: Path) -> str:
-    from .artifacts import file_hash
+    from ..cache.artifacts import file_hash
 
     return file_hash(path, "sha256")
 

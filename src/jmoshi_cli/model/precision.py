@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 class Precision(str, Enum):
