@@ -6,5 +6,6 @@
 - `hashing`: sha256 of a file while it is still being written (downloads are checked as they arrive);
 - `side_by_side`: a few downloads at once, the first error ending them all.
 
-The rest of jmoshi goes through `artifacts`; `hub` is what it stands on.
+The rest of jmoshi goes through `artifacts` (doctor also reads `hub.offline_env`); `artifacts` stands on
+`hub`, and huggingface_hub's wrapped internals (`upstream.hub_internals`) report to `hashing`.
 """
