@@ -86,7 +86,8 @@ def _load_float32(files):
 
     import torch
 
-    from jmoshi_cli import generation, runtime
+    from jmoshi_cli import runtime
+    from jmoshi_cli.infer import generation
 
     runtime.apply_compile_policy("cpu")
     config = generation.read_config(files.config)
@@ -109,9 +110,10 @@ def generate(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from jmoshi_cli import generation, runtime
+    from jmoshi_cli import runtime
     from jmoshi_cli.audio_io import FRAME_SIZE
     from jmoshi_cli.cache.artifacts import ModelFiles
+    from jmoshi_cli.infer import generation
 
     if args.compile:  # load_model would turn it off on the CPU; keep upstream's behaviour instead
         runtime.apply_compile_policy = lambda device: None

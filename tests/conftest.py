@@ -14,6 +14,12 @@ import pytest
 
 from hub_server import LocalHub
 
+# The suite runs on two workers (pyproject.toml: pytest-xdist), each test's torch on one thread, as jmoshi
+# gives each server child on the CPU (backends.cpu_threads): OpenMP's threads wait for their slowest, so two
+# multi-threaded torch processes on two busy cores stall each other at every parallel region. Set before
+# anything imports torch; every child inherits it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 SHARED_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "audio"
 MIB = 1024 * 1024
 
@@ -75,9 +81,31 @@ def env(tmp_path, hub) -> dict:
 
 
 def jmoshi(*args: str, env: dict, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-    """Run the real CLI in a child process (huggingface_hub reads its settings at import)."""
-    return subprocess.run([sys.executable, "-m", "jmoshi_cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, **kw)
+    """Run the real CLI in a child process: for what only a process shows (its exit on a signal, the children
+    it leaves or not, a model loaded into a fresh interpreter); otherwise :func:`cli` is as real and faster."""
+    return subprocess.run([sys.executable, "-m", "jmoshi_cli", *args], env=child_env(env), capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def run_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+    """Run the real CLI in this process, as `jmoshi ARGS` runs in a shell with `env`: the same entry point
+    (the one place errors become exit codes), its stdout and stderr captured, the environment swapped in for
+    the call. jmoshi reads its settings (HF_ENDPOINT, HF_HUB_CACHE, HF_HUB_OFFLINE...) from the environment
+    at each call and hands them to huggingface_hub, so nothing read at import stands in the way."""
+    import contextlib
+    from unittest import mock
+
+    from jmoshi_cli import cli as entry
+    from jmoshi_cli import console as ui
+
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.dict(os.environ, child_env(env), clear=True), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
+        try:
+            code = entry.run(list(args))
+        finally:
+            ui.settings.verbose = False
+    return subprocess.CompletedProcess(["jmoshi", *args], code, out.getvalue(), err.getvalue())
 
 
 def sha256(path: Path) -> str:
@@ -132,3 +160,22 @@ def haproxy_binary() -> str:
         if os.environ.get("CI"):
             pytest.fail(f"CI must install HAProxy: {exc.message}")
         pytest.skip(exc.message)
+
+
+def pytest_configure(config) -> None:
+    """The type check starts beside the suite, once (in xdist's controller, not in each worker), when the run
+    includes it; tests/test_style.py collects the verdict."""
+    if hasattr(config, "workerinput"):
+        return
+    tests = Path(__file__).parent
+    if not config.args or any("test_style" in arg or Path(arg).resolve() == tests for arg in config.args):
+        from test_style import Mypy
+
+        Mypy.start()
+
+
+def pytest_unconfigure(config) -> None:
+    if not hasattr(config, "workerinput"):
+        from test_style import Mypy
+
+        Mypy.stop()

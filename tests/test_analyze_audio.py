@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SHARED_AUDIO, jmoshi
+from conftest import SHARED_AUDIO, run_cli
 from jmoshi_cli.analysis import Params, analyze_file
 from jmoshi_cli.analysis.events import JMOSHI, USER
 from jmoshi_cli.audio_io import read_audio, resample, write_wav
@@ -123,7 +123,7 @@ def test_cli_json_csv_plot_and_bad_inputs(tmp_path):
     nothing.mkdir()
     (nothing / "notes.txt").write_text("no audio here")
     args = [str(good), str(mono), str(three), str(empty), str(corrupt), str(nothing), str(tmp_path / "missing.wav")]
-    done = jmoshi("analyze", *args, "--json", "--csv", str(tmp_path / "out.csv"), "--plot", str(tmp_path / "plots"),
+    done = run_cli("analyze", *args, "--json", "--csv", str(tmp_path / "out.csv"), "--plot", str(tmp_path / "plots"),
                   env=_env(tmp_path))
     assert done.returncode == 2, done.stderr  # a missing path and an empty folder are bad usage
     out = json.loads(done.stdout)
@@ -147,7 +147,7 @@ def test_cli_json_csv_plot_and_bad_inputs(tmp_path):
     png = tmp_path / "plots" / "talk.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    only_failures = jmoshi("analyze", str(mono), str(good), env=_env(tmp_path))
+    only_failures = run_cli("analyze", str(mono), str(good), env=_env(tmp_path))
     assert only_failures.returncode == 1 and "IPU J-Moshi" in only_failures.stderr
     assert only_failures.stdout == ""
 
@@ -165,7 +165,7 @@ def test_cli_against_and_sessions(tmp_path, daily):
     infer_out.mkdir()
     write_wav(infer_out / "scene.dialogue.wav", dialogue(daily, SCENE, 15.0), 24000)
     write_wav(infer_out / "scene.jmoshi.wav", np.zeros(100, dtype=np.float32), 24000)  # ignored: mono output
-    done = jmoshi("analyze", str(root), "--against", str(infer_out), "--json", env=_env(tmp_path))
+    done = run_cli("analyze", str(root), "--against", str(infer_out), "--json", env=_env(tmp_path))
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert len(out["files"]) == 2 and [f["path"] for f in out["against"]["files"]] == [
@@ -174,14 +174,15 @@ def test_cli_against_and_sessions(tmp_path, daily):
     assert turns["difference"] == pytest.approx(turns["set"] - turns["against"])
     assert "set vs --against" in done.stderr
 
-    listed = jmoshi("recordings", str(root), "--stats", "--json", env=_env(tmp_path))
+    listed = run_cli("recordings", str(root), "--stats", "--json", env=_env(tmp_path))
     assert listed.returncode == 0, listed.stderr
-    sessions = json.loads(listed.stdout)
+    sessions = json.loads(listed.stdout)["sessions"]
     assert [s["stats"]["speakers"][JMOSHI]["turns"] for s in sessions] == [5, 5]
-    shown = jmoshi("recordings", str(root), "--stats", env=_env(tmp_path))
+    shown = run_cli("recordings", str(root), "--stats", env=_env(tmp_path))
     assert shown.returncode == 0 and "turn-taking per session" in shown.stderr and "aaaaaa" in shown.stderr
 
 
+@pytest.mark.slow
 def test_batched_vad_agrees_with_one_uninterrupted_run(daily):
     from jmoshi_cli.analysis import vad
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from jmoshi_cli import selftest
-from jmoshi_cli.backends.contract import ChildContract
+from jmoshi_cli.backends.contract import ChildContract, Launch
 from jmoshi_cli.errors import ServerError
 from jmoshi_cli.selftest import SelftestError, free_port
-from jmoshi_cli.serving.child import Launch, Server, supervise
+from jmoshi_cli.serving.child import Server, supervise
 
 from helpers import LOAD_S, Served, alive, children_of, listening, processes
 

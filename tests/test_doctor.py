@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import jmoshi
+from conftest import run_cli
 from jmoshi_cli import cli, doctor, hardware, runtime
 from jmoshi_cli.cache.artifacts import Status
 from jmoshi_cli.hardware import GPU, NvidiaFacts, Probe
@@ -174,8 +174,8 @@ def test_doctor_without_gpu_says_so_and_exits_1(no_gpu, hub, capsys):
 
 
 def test_doctor_sees_a_complete_cache(env, hub):
-    assert jmoshi("download", env=env).returncode == 0
-    result = jmoshi("doctor", "--json", env=env, timeout=60)
+    assert run_cli("download", env=env).returncode == 0
+    result = run_cli("doctor", "--json", env=env)
     checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
     assert checks["cache"]["status"] == "OK" and "verified" in checks["cache"]["detail"]
     assert "0.0 GB still to download" in checks["disk"]["detail"]

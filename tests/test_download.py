@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import jmoshi, sha256
+from conftest import run_cli, sha256
 
 FILES = ("model.safetensors", "tokenizer_spm_32k_3.model", "tokenizer-e351c8d8-checkpoint125.safetensors")
 EXT = "nu-dialogue/j-moshi-ext"
@@ -31,7 +31,7 @@ def assert_one_line_error(result, *needles: str) -> None:
 
 
 def test_download_fetches_every_file_verified_and_prints_paths(env, hub, hub_root):
-    result = jmoshi("download", "--variant", "ext", env=env)
+    result = run_cli("download", "--variant", "ext", env=env)
     assert result.returncode == 0, result.stderr
     paths = [Path(p) for p in result.stdout.split()]
     by_name = {p.name: p for p in paths}
@@ -48,16 +48,16 @@ def test_download_fetches_every_file_verified_and_prints_paths(env, hub, hub_roo
 
 
 def test_second_download_fetches_nothing(env, hub):
-    assert jmoshi("download", env=env).returncode == 0
+    assert run_cli("download", env=env).returncode == 0
     hub.clear_log()
-    again = jmoshi("download", env=env)
+    again = run_cli("download", env=env)
     assert again.returncode == 0, again.stderr
     assert resolve_gets(hub) == []
     assert "already cached" in again.stderr
 
 
 def test_cached_files_resolve_offline_with_huggingface_hub_itself(env, hub):
-    assert jmoshi("download", env=env).returncode == 0
+    assert run_cli("download", env=env).returncode == 0
     offline = dict(env, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
     script = (f"from huggingface_hub import hf_hub_download as d; print(d('{EXT}', 'model.safetensors'));"
               "print(d('kyutai/moshi-artifacts', 'dist.tgz'))")
@@ -67,9 +67,9 @@ def test_cached_files_resolve_offline_with_huggingface_hub_itself(env, hub):
 
 
 def test_dry_run_lists_missing_bytes_and_downloads_nothing(env, hub, hub_root):
-    result = jmoshi("download", "--dry-run", "--json", env=env)
+    result = run_cli("download", "--dry-run", "--json", env=env)
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)[0]
+    report = json.loads(result.stdout)["variants"][0]
     expected = sum((hub_root / EXT / n).stat().st_size for n in FILES)
     expected += (hub_root / "kyutai/moshi-artifacts/dist.tgz").stat().st_size
     assert report["missing_bytes"] == expected
@@ -79,65 +79,65 @@ def test_dry_run_lists_missing_bytes_and_downloads_nothing(env, hub, hub_root):
 
 def test_cut_connection_is_resumed_within_the_same_run(env, hub, hub_root):
     hub.add_fault(EXT, "model.safetensors", "cut")
-    result = jmoshi("download", env=env)
+    result = run_cli("download", env=env)
     assert result.returncode == 0, result.stderr
     assert "retrying model.safetensors" in result.stderr
     ranged = [r for r in resolve_gets(hub) if r[1].endswith("model.safetensors") and "Range" in r[2]]
     assert ranged and ranged[-1][2]["Range"].startswith("bytes=10485760-")
-    path = Path(json.loads(jmoshi("download", "--json", env=env).stdout)[0]["files"][0]["path"])
+    path = Path(json.loads(run_cli("download", "--json", env=env).stdout)["variants"][0]["files"][0]["path"])
     assert sha256(path) == sha256(hub_root / EXT / "model.safetensors")
 
 
 def test_server_errors_are_retried_with_backoff(env, hub):
     hub.add_fault(EXT, "tokenizer_spm_32k_3.model", "500", times=2)
-    result = jmoshi("download", env=env)
+    result = run_cli("download", env=env)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("retrying tokenizer_spm_32k_3.model") == 2
 
 
 def test_persistent_server_error_fails_cleanly_and_leaves_nothing_complete(env, hub):
     hub.add_fault(EXT, "model.safetensors", "500", times=50)
-    result = jmoshi("download", env=env)
+    result = run_cli("download", env=env)
     assert result.returncode == 3
     assert_one_line_error(result, "HTTP 500", "model.safetensors")
     assert not list(Path(env["HF_HUB_CACHE"]).glob("models--nu-dialogue--j-moshi-ext/snapshots/*/model.safetensors"))
     hub.clear_faults()
-    assert jmoshi("download", env=env).returncode == 0
+    assert run_cli("download", env=env).returncode == 0
 
 
 def test_corrupt_body_is_detected_removed_and_fetched_again(env, hub, hub_root):
     hub.add_fault(EXT, "tokenizer-e351c8d8-checkpoint125.safetensors", "corrupt")
-    result = jmoshi("download", "--json", env=env)
+    result = run_cli("download", "--json", env=env)
     assert result.returncode == 0, result.stderr
-    mimi = next(f for f in json.loads(result.stdout)[0]["files"] if f["role"] == "mimi")
+    mimi = next(f for f in json.loads(result.stdout)["variants"][0]["files"] if f["role"] == "mimi")
     assert sha256(mimi["path"]) == sha256(hub_root / EXT / "tokenizer-e351c8d8-checkpoint125.safetensors")
 
 
 def test_always_corrupt_file_fails_and_is_not_left_in_the_cache(env, hub):
     hub.add_fault(EXT, "tokenizer-e351c8d8-checkpoint125.safetensors", "corrupt", times=10)
-    result = jmoshi("download", env=env)
+    result = run_cli("download", env=env)
     assert result.returncode == 4
     assert_one_line_error(result, "corrupt", "removed")
     cache = Path(env["HF_HUB_CACHE"]) / "models--nu-dialogue--j-moshi-ext"
     assert not list(cache.glob("snapshots/*/tokenizer-e351c8d8-checkpoint125.safetensors"))
-    verify = jmoshi("verify", env=env)
+    verify = run_cli("verify", env=env)
     assert verify.returncode == 1 and "missing" in verify.stderr
 
 
 def test_verify_reports_corruption_and_download_repairs_it(env, hub, hub_root):
-    assert jmoshi("download", env=env).returncode == 0
-    assert jmoshi("verify", env=env).returncode == 0
+    assert run_cli("download", env=env).returncode == 0
+    assert run_cli("verify", env=env).returncode == 0
     blob = next(Path(env["HF_HUB_CACHE"]).glob("models--nu-dialogue--j-moshi-ext/snapshots/*/model.safetensors"))
     real = Path(os.path.realpath(blob))
     with real.open("r+b") as stream:
         stream.seek(1000)
         stream.write(b"\xff" * 16)
-    result = jmoshi("verify", "--json", env=env)
+    result = run_cli("verify", "--json", env=env)
     assert result.returncode == 1
-    statuses = {f["file"]: f["status"] for f in json.loads(result.stdout)[0]["files"]}
+    statuses = {f["file"]: f["status"] for f in json.loads(result.stdout)["variants"][0]["files"]}
     assert statuses["model.safetensors"] == "corrupt"
     assert statuses["tokenizer_spm_32k_3.model"] == "complete"
-    repaired = jmoshi("download", env=env)
+    repaired = run_cli("download", env=env)
     assert repaired.returncode == 0, repaired.stderr
     assert sha256(blob) == sha256(hub_root / EXT / "model.safetensors")
 
@@ -165,8 +165,8 @@ def test_interrupted_download_exits_130_and_the_next_run_resumes(env, hub, hub_r
     assert "Traceback" not in err
     assert not list(cache.parent.glob("snapshots/*/model.safetensors"))
     hub.clear_faults()
-    assert jmoshi("download", env=env).returncode == 0
-    assert jmoshi("verify", env=env).returncode == 0
+    assert run_cli("download", env=env).returncode == 0
+    assert run_cli("verify", env=env).returncode == 0
 
 
 def test_the_cache_symlink_check_runs_before_the_downloads_start(env, hub, monkeypatch):
@@ -201,9 +201,9 @@ def test_the_cache_symlink_check_runs_before_the_downloads_start(env, hub, monke
 
 
 def test_all_downloads_every_variant(env, hub):
-    result = jmoshi("download", "--variant", "all", "--json", env=env)
+    result = run_cli("download", "--variant", "all", "--json", env=env)
     assert result.returncode == 0, result.stderr
-    assert [r["repo"] for r in json.loads(result.stdout)] == ["nu-dialogue/j-moshi", EXT]
+    assert [r["repo"] for r in json.loads(result.stdout)["variants"]] == ["nu-dialogue/j-moshi", EXT]
 
 
 def test_user_variant_with_config_json(env, hub, hub_root, tmp_path):
@@ -211,27 +211,27 @@ def test_user_variant_with_config_json(env, hub, hub_root, tmp_path):
     variants.write_text('[variants.lab]\nrepo = "lab/custom-moshi"\nmoshi = "lm.safetensors"\n'
                         'tokenizer = "tok.model"\nmimi = "mimi.safetensors"\nvram_gb = 8\n')
     env["JMOSHI_VARIANTS"] = str(variants)
-    result = jmoshi("download", "--variant", "lab", "--no-web-ui", "--json", env=env)
+    result = run_cli("download", "--variant", "lab", "--no-web-ui", "--json", env=env)
     assert result.returncode == 0, result.stderr
-    roles = {f["role"]: f for f in json.loads(result.stdout)[0]["files"]}
+    roles = {f["role"]: f for f in json.loads(result.stdout)["variants"][0]["files"]}
     assert set(roles) == {"moshi", "tokenizer", "mimi", "config"}
     assert Path(roles["config"]["path"]).read_text() == '{"dim": 64}'
-    listed = jmoshi("variants", "--json", env=env)
-    assert "lab" in [v["name"] for v in json.loads(listed.stdout)]
+    listed = run_cli("variants", "--json", env=env)
+    assert "lab" in [v["name"] for v in json.loads(listed.stdout)["variants"]]
 
 
 def test_variants_fit_80_columns_and_the_license_is_shown_before_downloading(env):
-    listed = jmoshi("variants", env={**env, "COLUMNS": "80"})
+    listed = run_cli("variants", env={**env, "COLUMNS": "80"})
     assert listed.returncode == 0, listed.stderr
     lines = listed.stderr.splitlines()
     assert all(len(line) <= 100 for line in lines), lines
     ext = lines.index(next(line for line in lines if line.startswith("ext (default)")))
     assert "nu-dialogue/j-moshi-ext" in lines[ext] and "creativecommons.org/licenses/by-nc/4.0" in lines[ext + 2]
-    fetched = jmoshi("download", "--variant", "ext", "--no-web-ui", env=env)
+    fetched = run_cli("download", "--variant", "ext", "--no-web-ui", env=env)
     assert fetched.returncode == 0, fetched.stderr
     said = fetched.stderr
     assert said.index("nu-dialogue/j-moshi-ext is licensed CC BY-NC 4.0") < said.index("done nu-dialogue/j-moshi-ext")
-    again = jmoshi("download", "--variant", "ext", "--no-web-ui", env=env)
+    again = run_cli("download", "--variant", "ext", "--no-web-ui", env=env)
     assert "is licensed" not in again.stderr  # nothing to download, nothing to agree to again
 
 
@@ -239,19 +239,19 @@ def test_variants_fit_80_columns_and_the_license_is_shown_before_downloading(env
 
 
 def test_unknown_variant_lists_choices(env):
-    result = jmoshi("download", "--variant", "exd", env=env)
+    result = run_cli("download", "--variant", "exd", env=env)
     assert result.returncode == 2
     assert_one_line_error(result, "unknown variant 'exd'", "did you mean 'ext'", "base, ext")
 
 
 def test_unknown_revision(env, hub):
-    result = jmoshi("download", "--revision", "v9-nope", env=env)
+    result = run_cli("download", "--revision", "v9-nope", env=env)
     assert result.returncode == 2
     assert_one_line_error(result, "revision not found")
 
 
 def test_malformed_revision(env):
-    result = jmoshi("download", "--revision", "../../etc", env=env)
+    result = run_cli("download", "--revision", "../../etc", env=env)
     assert result.returncode == 2
     assert_one_line_error(result, "bad revision")
 
@@ -260,40 +260,40 @@ def test_unwritable_cache(env, hub, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     env["HF_HUB_CACHE"] = str(blocker / "cache")
-    result = jmoshi("download", env=env)
+    result = run_cli("download", env=env)
     assert result.returncode == 4
     assert_one_line_error(result, "cannot write to the cache", "HF_HUB_CACHE")
 
 
 def test_hub_unreachable_and_nothing_cached(env):
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"
-    result = jmoshi("download", env=env)
+    result = run_cli("download", env=env)
     assert result.returncode == 3
     assert_one_line_error(result, "cannot be reached", "127.0.0.1:9")
 
 
 def test_offline_with_files_missing(env):
     env["HF_HUB_OFFLINE"] = "1"
-    result = jmoshi("download", env=env)
+    result = run_cli("download", env=env)
     assert result.returncode == 4
     assert_one_line_error(result, "offline", "jmoshi download")
 
 
 def test_offline_with_everything_cached_succeeds(env, hub):
-    assert jmoshi("download", env=env).returncode == 0
+    assert run_cli("download", env=env).returncode == 0
     env.update(HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
-    result = jmoshi("download", env=env)
+    result = run_cli("download", env=env)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.split()) == 4
 
 
 def test_gated_repo_needs_a_token(env, hub):
     hub.set_gated(EXT, "hf_granted")
-    result = jmoshi("download", env=env)
+    result = run_cli("download", env=env)
     assert result.returncode == 3
     assert_one_line_error(result, "gated", "HF_TOKEN")
     env["HF_TOKEN"] = "hf_granted"
-    assert jmoshi("download", env=env).returncode == 0
+    assert run_cli("download", env=env).returncode == 0
 
 
 def test_not_enough_disk_is_refused_before_downloading(tmp_path, monkeypatch):
@@ -320,7 +320,7 @@ def test_not_enough_disk_is_refused_before_downloading(tmp_path, monkeypatch):
 def test_each_file_line_gives_its_own_time_and_the_summary_the_total(env, hub):
     hub.slow_delay = 0.005  # the weights take a few seconds; the files after them a fraction of one
     hub.add_fault(EXT, "model.safetensors", "slow")
-    result = jmoshi("download", env=env)
+    result = run_cli("download", env=env)
     assert result.returncode == 0, result.stderr
     seconds = {m[0]: float(m[1]) for m in re.findall(r"^done \S+/([^/:]+): .* in ([\d.]+) s \(", result.stderr, re.M)}
     assert seconds["model.safetensors"] >= 1.0, result.stderr

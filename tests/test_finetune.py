@@ -128,7 +128,7 @@ def test_a_user_variant_naming_an_adapter_changes_what_jmoshi_says(tiny_env, ada
         done = jmoshi("infer", str(wav), "--variant", name, "--device", "cpu", "--seed", "3",
                       "--out", str(tmp_path / name), "--json", env=env, timeout=300)
         assert done.returncode == 0, done.stderr
-        [result] = json.loads(done.stdout)
+        [result] = json.loads(done.stdout)["files"]
         outputs[name] = open(result["outputs"]["jmoshi"], "rb").read()
         assert ("LoRA adapter" in done.stderr) == (name == "tiny-ft")
     assert outputs["tiny"] != outputs["tiny-ft"]  # same seed and input: only the adapter differs

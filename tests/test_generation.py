@@ -9,7 +9,7 @@ import warnings
 import pytest
 
 from jmoshi_cli.errors import CacheError
-from jmoshi_cli.generation import ModelConfig, _loading_failed, captured_output, read_config, segment_bounds
+from jmoshi_cli.infer.generation import ModelConfig, _loading_failed, captured_output, read_config, segment_bounds
 
 
 def test_captured_output_keeps_prints_warnings_and_logs(capsys):

@@ -24,13 +24,15 @@ import pytest
 pytest.importorskip("moshi_mlx", reason="the MLX runtime is not installed (pip install -e '.[mlx]')")
 
 from conftest import child_env, jmoshi  # noqa: E402
-from jmoshi_cli import generation, infer  # noqa: E402
+from jmoshi_cli import infer  # noqa: E402
 from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE  # noqa: E402
 from jmoshi_cli.cache.artifacts import ModelFiles  # noqa: E402
-from jmoshi_cli.infer_inputs import load_user  # noqa: E402
+from jmoshi_cli.infer import generation  # noqa: E402
+from jmoshi_cli.infer import mlx_engine as mlx_infer  # noqa: E402
+from jmoshi_cli.infer.inputs import load_user  # noqa: E402
 from jmoshi_cli.mlx import convert  # noqa: E402
-from jmoshi_cli.mlx import infer as mlx_infer  # noqa: E402
 from jmoshi_cli.model.precision import Precision  # noqa: E402
+from jmoshi_cli.sampling import Sampling  # noqa: E402
 from jmoshi_cli.tiny_model import MIMI_NAME, MOSHI_NAME, TOKENIZER_NAME  # noqa: E402
 from test_mlx_convert import mlx_tiny_repo  # noqa: E402
 
@@ -40,7 +42,7 @@ INPUT_S = 2.23  # 28 frames (the last one partial): two segments of the 24-frame
 USER_GAIN = 64.0
 AUDIO_TOLERANCE = 1e-5  # float32 PCM in [-1, 1]
 CARD = 2048  # Mimi's codebook size
-GREEDY = infer.InferOptions(device="cpu", temp=0, temp_text=0, seed=3)
+GREEDY = infer.InferOptions(device="cpu", sampling=Sampling(temp=0, temp_text=0, seed=3))
 
 
 def write_wav(path: Path, pcm: np.ndarray) -> Path:
@@ -100,7 +102,8 @@ def mlx_session(repo: Path, home: Path, monkeypatch) -> infer.Session:
 
     made = convert.ensure_mlx(home, repo / MOSHI_NAME, None, repo / "config.json", Precision.BF16)
     mimi = convert.ensure_mimi(home, repo / MIMI_NAME, None)
-    session = mlx_infer.load_session(ModelFiles(made.weight, mimi, repo / TOKENIZER_NAME, made.config), GREEDY, "cpu")
+    files = ModelFiles(made.weight, mimi, repo / TOKENIZER_NAME, made.config)
+    session = infer.Session(mlx_infer.load(files, GREEDY, "cpu"), GREEDY)
     assert isinstance(session.model, mlx_infer.MlxModel)
     lm = session.model.engine.lm
     lm.set_dtype(mx.float32)
@@ -111,7 +114,7 @@ def mlx_session(repo: Path, home: Path, monkeypatch) -> infer.Session:
 
 def generated(session: infer.Session, pcm: np.ndarray) -> tuple[np.ndarray, list[int]]:
     segments = generation.segment_bounds(pcm.shape[0] // FRAME_SIZE, session.model.max_frames)
-    return session.model.generate(pcm, segments, GREEDY.seed)
+    return session.model.generate(pcm, segments, GREEDY.sampling.seed)
 
 
 def test_greedy_float32_outputs_equal_the_torch_path(tmp_path, monkeypatch):
@@ -146,8 +149,8 @@ def test_cli_infer_on_mlx_writes_the_three_files(tiny_env, tmp_path):
     run = jmoshi("infer", str(source), "--backend", "mlx", "--variant", "tiny", "--out", str(out), "--json",
                  env=child_env(tiny_env), timeout=LOAD_S)
     assert run.returncode == 0, run.stdout + run.stderr
-    document = json.loads(run.stdout)
-    assert json.dumps(document)  # the one JSON document on stdout
+    document = json.loads(run.stdout)  # the one JSON document on stdout
+    assert document["jmoshi_result_version"] == 1 and [f["ok"] for f in document["files"]] == [True]
     names = sorted(p.name for p in out.iterdir())
     assert names == ["in.dialogue.wav", "in.jmoshi.wav", "in.transcript.json"]
     with wave.open(str(out / "in.dialogue.wav")) as dialogue:

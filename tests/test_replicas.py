@@ -129,6 +129,20 @@ def test_unknown_gpu_is_named(monkeypatch):
     assert "no GPU 3" in caught.value.message
 
 
+def test_ready_waits_for_every_replica_or_its_failure():
+    """Two people who open the page once it says ready talk on two replicas, not one behind the other."""
+    fleet = [replicas.Replica(replicas.Placement(name, "cpu", 1), launch=None) for name in ("r0", "r1")]
+
+    def load(*up: str) -> haproxy.Load:
+        return haproxy.Load(0, 0, tuple(haproxy.ServerState("chat", name, "UP" if name in up else "MAINT", 0, 0,
+                                                            "L4OK" if name in up else "") for name in ("r0", "r1")))
+
+    assert not replicas.all_started(fleet, load("r0"))
+    assert replicas.all_started(fleet, load("r0", "r1"))
+    fleet[1].failures = 1  # crashed while loading: restarting with backoff, the first one serves meanwhile
+    assert replicas.all_started(fleet, load("r0"))
+
+
 def test_haproxy_says_whether_it_took_a_state_change(haproxy_binary):
     front = haproxy.Front("127.0.0.1", free_port(), [haproxy.Backend("r0", "127.0.0.1", free_port())],
                           queue_timeout_s=5, managed=True)
@@ -161,31 +175,19 @@ async def _release(held) -> None:
     await session.close()
 
 
-async def _busy_answer(url: str, wait_s: float) -> tuple[int, float]:
-    """The status of a websocket upgrade of url (101 when a replica took it) and how long it took."""
-    import aiohttp
-
-    started = time.monotonic()
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=wait_s)) as session:
-        try:
-            async with session.ws_connect(url):
-                return 101, time.monotonic() - started
-        except aiohttp.WSServerHandshakeError as exc:
-            return exc.status, time.monotonic() - started
-
-
-def _busy_body(port: int) -> str:
-    """The raw answer to a websocket upgrade of /api/chat (urllib cannot send one)."""
+def _timed_busy_body(port: int, wait_s: float) -> tuple[str, float]:
+    """The raw answer to a websocket upgrade of /api/chat (urllib cannot send one), and how long it took."""
     import socket
 
     request = ("GET /api/chat HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
                "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as conn:
         conn.sendall(request.encode())
         answer = b""
         while chunk := conn.recv(65536):
             answer += chunk
-    return answer.decode("utf-8", "replace")
+    return answer.decode("utf-8", "replace"), time.monotonic() - started
 
 
 def serve_replicas(tiny_env, *extra: str) -> tuple[Served, int]:
@@ -206,7 +208,8 @@ def replica_pids(jmoshi_pid: int) -> dict[int, int]:
 
 
 @pytest.mark.slow
-def test_two_replicas_serve_two_queue_the_third_and_turn_away_when_the_wait_runs_out(tiny_env, haproxy_binary):
+def test_two_replicas_serve_two_queue_the_third_and_turn_away_in_words_when_the_wait_runs_out(tiny_env,
+                                                                                              haproxy_binary):
     queue_s = 8  # long enough to see the third conversation queued and release a replica on a busy machine
     served, port = serve_replicas(tiny_env, "--queue-timeout", str(queue_s))
     try:
@@ -229,7 +232,7 @@ def test_two_replicas_serve_two_queue_the_third_and_turn_away_when_the_wait_runs
             talked = await third
             waited_after_release = taken_at[0] - released_at
             blocker = await _hold(ws_url)  # takes the freed replica again: both busy
-            busy = await _busy_answer(ws_url, queue_s + 60)
+            busy = await asyncio.get_running_loop().run_in_executor(None, _timed_busy_body, port, queue_s + 60)
             await _release(first)
             await _release(blocker)
             return talked, waited_after_release, busy
@@ -242,30 +245,12 @@ def test_two_replicas_serve_two_queue_the_third_and_turn_away_when_the_wait_runs
     # Its turn came with the release, not before (and not at the queue's timeout, which answers 503).
     assert 0 < waited_after_release < 30, (talked.handshake_s, waited_after_release)
     assert talked.audio_samples > 0 and talked.text_pieces
-    # HAProxy turns a conversation away once it waited the queue timeout, not sooner.
-    assert busy[0] == 503 and queue_s - 0.5 <= busy[1] < queue_s + 30, busy
+    # HAProxy turns a conversation away once it waited the queue timeout, not sooner, and says so in words.
+    answer, waited = busy
+    assert answer.startswith("HTTP/1.1 503 ") and "All J-Moshi replicas are busy" in answer, answer
+    assert queue_s - 0.5 <= waited < queue_s + 30, waited
     assert code == 143
     assert "replicas healthy" in err and "waiting" in err
-
-
-@pytest.mark.slow
-def test_busy_answer_says_so_in_words(tiny_env, haproxy_binary):
-    served, port = serve_replicas(tiny_env, "--queue-timeout", "1")
-    try:
-        served.wait_ready()
-        ws_url = f"ws://127.0.0.1:{port}/api/chat"
-
-        async def scenario():
-            held = await asyncio.gather(_hold(ws_url), _hold(ws_url))
-            answer = await asyncio.get_running_loop().run_in_executor(None, _busy_body, port)
-            for one in held:
-                await _release(one)
-            return answer
-
-        answer = asyncio.run(scenario())
-    finally:
-        served.stop()
-    assert answer.startswith("HTTP/1.1 503 ") and "All J-Moshi replicas are busy" in answer
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from conftest import child_env, jmoshi
+from conftest import child_env, jmoshi, run_cli
 
 
 def shape(value):
@@ -22,10 +22,14 @@ def shape(value):
     return type(value).__name__
 
 
-def run_json(*args: str, env: dict, code: int = 0, timeout: float = 300):
-    done = jmoshi(*args, "--json", env=env, timeout=timeout)
+def run_json(*args: str, env: dict, code: int = 0, process: bool = False):
+    """The command's JSON document without its version (checked here), run in this process, or in a child
+    where the command starts servers."""
+    done = jmoshi(*args, "--json", env=env, timeout=300) if process else run_cli(*args, "--json", env=env)
     assert done.returncode == code, done.stderr
-    return json.loads(done.stdout)
+    document = json.loads(done.stdout)
+    assert next(iter(document)) == "jmoshi_result_version" and document.pop("jmoshi_result_version") == 1
+    return document
 
 
 CHECK = {"name": "str", "status": "str", "detail": "str", "hint": "str"}
@@ -42,7 +46,8 @@ def test_doctor_json(env):
 
 def test_variants_json(env):
     out = run_json("variants", env=env)
-    ext = next(v for v in out if v["name"] == "ext")
+    assert list(out) == ["variants"]
+    ext = next(v for v in out["variants"] if v["name"] == "ext")
     assert set(ext) == {"name", "repo", "revision", "description", "moshi", "tokenizer", "mimi", "vram_gb",
                         "vram_min_gb", "vram_min_int8_gb", "lm_gb", "license", "license_url", "moshi_weight", "lora",
                         "source",
@@ -52,25 +57,25 @@ def test_variants_json(env):
 
 def test_download_and_verify_json(env):
     out = run_json("download", "--variant", "ext", env=env)
-    assert shape(out) == [{"variant": "str", "repo": "str", "missing_bytes": "int", "files": [FILE]}]
-    listed = jmoshi("download", "--variant", "ext", env=env)
-    assert listed.stdout.split() == [f["path"] for f in out[0]["files"]]  # without --json: the paths
+    assert shape(out) == {"variants": [{"variant": "str", "repo": "str", "missing_bytes": "int", "files": [FILE]}]}
+    listed = run_cli("download", "--variant", "ext", env=env)
+    assert listed.stdout.split() == [f["path"] for f in out["variants"][0]["files"]]  # without --json: the paths
     checked = run_json("verify", "--variant", "ext", env=env)
-    assert shape(checked) == [{"variant": "str", "files": [{"file": "str", "repo": "str", "status": "str",
-                                                             "detail": "str", "path": "str"}]}]
-    assert {f["status"] for f in checked[0]["files"]} == {"complete"}
+    assert shape(checked) == {"variants": [{"variant": "str", "files": [{"file": "str", "repo": "str", "status": "str",
+                                                                         "detail": "str", "path": "str"}]}]}
+    assert {f["status"] for f in checked["variants"][0]["files"]} == {"complete"}
 
 
 def test_recordings_json(env, tmp_path):
     from jmoshi_cli.recording.format import write_json, write_transcript
 
-    assert run_json("recordings", str(tmp_path), env=env) == []
+    assert run_json("recordings", str(tmp_path), env=env) == {"sessions": []}
     session = tmp_path / "20261201T100000Z-aaaaaa"
     session.mkdir()
     write_transcript(session)
     write_json(session / "meta.json", {"format": 1, "variant": "ext", "ended": "hang-up", "duration_s": 1.5,
                                        "precision": "bf16", "start_utc": "2026-12-01T10:00:00Z"})
-    out = run_json("recordings", str(tmp_path), env=env)
+    out = run_json("recordings", str(tmp_path), env=env)["sessions"]
     assert set(out[0]) == {"id", "path", "start_utc", "end_utc", "duration_s", "frames", "variant", "repo", "commit",
                            "replica", "precision", "sampling", "seed", "ended", "error"}
     assert (out[0]["ended"], out[0]["precision"], out[0]["duration_s"]) == ("hang-up", "bf16", 1.5)
@@ -78,7 +83,7 @@ def test_recordings_json(env, tmp_path):
 
 @pytest.mark.slow
 def test_selftest_json(tiny_env):
-    out = run_json("selftest", env=child_env(tiny_env))
+    out = run_json("selftest", env=child_env(tiny_env), process=True)
     assert shape(out) == {"ok": "bool", "server": "str", "ready_s": "float", "handshake_s": "float",
                           "audio_samples": "int", "audio_s": "float", "text_pieces": "int", "frames_sent": "int",
                           "ms_per_frame": "float"}
@@ -96,3 +101,15 @@ def test_brackets_in_a_message_are_shown_as_written(env):
     with console.capture() as captured:
         cli._fail(with_brackets.message, with_brackets.hint, 2, with_brackets)
     assert "/data/[study]/a.wav" in captured.get() and "'.[mlx]'" in captured.get()
+
+
+def test_every_result_has_a_view():
+    """`cli.finish` takes any member of results.Result; each one is drawn by a view of its own in render.py."""
+    import typing
+
+    from jmoshi_cli import render, results
+
+    members = typing.get_args(results.Result)
+    assert len(members) == 8
+    fallback = render.show.dispatch(object)
+    assert all(render.show.dispatch(member) is not fallback for member in members)

@@ -12,6 +12,7 @@ import pytest
 
 from jmoshi_cli import _moshi_entry, runtime
 from jmoshi_cli.backends.contract import ChildContract
+from jmoshi_cli.model.precision import Precision
 from jmoshi_cli.runtime import CURRENT, DOCUMENTED, INSTALL, UNTESTED, Runtime
 from jmoshi_cli.serving import child
 from jmoshi_cli.upstream.moshi_server import Patches
@@ -141,7 +142,7 @@ def test_compiler_lookup_follows_cc_and_path(tmp_path):
 
 
 def test_entry_patches_everything_on_022():
-    contract = ChildContract(bind_host="127.0.0.1", config_path="/c.json", precision="int8", seed=4)
+    contract = ChildContract(bind_host="127.0.0.1", config_path="/c.json", precision=Precision.INT8, seed=4)
     plan = _moshi_entry.plan_for(rt(**DOC), contract, ["--host", "127.0.0.1", "--port", "1"])
     assert plan == _moshi_entry.Plan(["--host", "127.0.0.1", "--port", "1"], Patches(
         bind_host="127.0.0.1", config_path="/c.json", int8_scales=True, seed=4))

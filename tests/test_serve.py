@@ -18,7 +18,7 @@ import pytest
 from conftest import child_env, jmoshi
 from jmoshi_cli import hardware, preflight, runtime
 from jmoshi_cli.audio_io import SAMPLE_RATE
-from jmoshi_cli.backends import Kind, ServerSpec
+from jmoshi_cli.backends import Kind, ServerSpec, render
 from jmoshi_cli.backends import contract as contract_env
 from jmoshi_cli.backends.contract import ChildContract, Recording
 from jmoshi_cli.cache.artifacts import ModelFiles
@@ -245,8 +245,8 @@ def test_launch_argv_and_env_are_exact(tmp_path, monkeypatch):
                        tmp_path / "config.json", tmp_path / "dist")
     contract = ChildContract(bind_host="0.0.0.0", config_path=str(files.config))
     stale = {"PATH": "/bin", contract_env.ENV: "{}"}  # a contract left in jmoshi's own environment is not passed on
-    launch = _spec(files, repo="nu-dialogue/j-moshi-ext", host="0.0.0.0", port=9000, half=True,
-                   ssl_dir=tmp_path / "tls", contract=contract, base_env=stale).render()
+    launch = render(_spec(files, repo="nu-dialogue/j-moshi-ext", host="0.0.0.0", port=9000, half=True,
+                          ssl_dir=tmp_path / "tls", contract=contract, base_env=stale))
     assert launch.argv == [
         sys.executable, "-m", "jmoshi_cli._moshi_entry", "--host", "0.0.0.0", "--port", "9000",
         "--hf-repo", "nu-dialogue/j-moshi-ext", "--moshi-weight", str(files.moshi_weight),
@@ -255,26 +255,26 @@ def test_launch_argv_and_env_are_exact(tmp_path, monkeypatch):
     assert launch.env == {"PATH": "/bin", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     assert launch.contract == contract
     assert launch.url == "https://127.0.0.1:9000/"
-    assert "--half" not in _spec(files).render().argv
+    assert "--half" not in render(_spec(files)).argv
     # The CPU runs moshi uncompiled (runtime.compile_env); a GPU without triton's C compiler too.
-    assert _spec(files, device="cpu").render().env["NO_TORCH_COMPILE"] == "1"
+    assert render(_spec(files, device="cpu")).env["NO_TORCH_COMPILE"] == "1"
     monkeypatch.setattr(runtime, "c_compiler", lambda env=None: None)
-    assert _spec(files).render().env["NO_TORCH_COMPILE"] == "1"
-    kept = _spec(files, device="cpu", base_env={"NO_TORCH_COMPILE": ""}).render()
+    assert render(_spec(files)).env["NO_TORCH_COMPILE"] == "1"
+    kept = render(_spec(files, device="cpu", base_env={"NO_TORCH_COMPILE": ""}))
     assert kept.env["NO_TORCH_COMPILE"] == ""
 
 
 def test_a_replica_is_the_same_server_on_loopback_without_tls(tmp_path):
     files = ModelFiles(tmp_path / "m", tmp_path / "mimi", tmp_path / "tok", None, tmp_path / "dist")
     spec = _spec(files, host="0.0.0.0", ssl_dir=tmp_path / "tls", contract=ChildContract(bind_host="0.0.0.0", seed=3))
-    replica = spec.on_loopback(4321, "cpu", threads=1, replica="r1").render()
+    replica = render(spec.on_loopback(4321, "cpu", threads=1, replica="r1"))
     assert (replica.host, replica.port, replica.scheme) == ("127.0.0.1", 4321, "http")
     assert "--ssl" not in replica.argv and replica.argv[replica.argv.index("--device") + 1] == "cpu"
     assert replica.contract == ChildContract(bind_host="127.0.0.1", seed=3, threads=1, replica="r1")
 
 
 def test_the_child_contract_round_trips_through_one_variable():
-    contract = ChildContract(parent_pid=7, bind_host="::1", config_path="/c.json", precision="int8", threads=2,
+    contract = ChildContract(parent_pid=7, bind_host="::1", config_path="/c.json", precision=Precision.INT8, threads=2,
                              record=Recording("/rec", {"variant": "ext", "commit": "c" * 40}), seed=5,
                              sampling={"temp": 0.5}, replica="r0")
     env = contract.to_env()

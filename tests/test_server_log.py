@@ -262,6 +262,15 @@ def test_relay_shows_one_line_for_a_hang_up_and_a_summary(capsys):
     assert "frame handled" not in err and "text token" not in err
 
 
+def test_relay_names_the_server_that_spoke(capsys):
+    """The MLX backend's child reports the same steps: they carry its name, not moshi.server's."""
+    relay = render.server_relay(verbose=False, server="jmoshi's MLX server")
+    for line in SERVING:
+        relay(line)
+    err = capsys.readouterr().err
+    assert "jmoshi's MLX server: loading moshi" in err and "moshi.server:" not in err
+
+
 def test_relay_keeps_a_failure_traceback(capsys):
     relay = render.server_relay(verbose=False)
     for line in [*BAD_WEIGHT, ""]:

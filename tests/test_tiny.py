@@ -102,6 +102,7 @@ def test_mimi_codebooks_random_and_decode_not_silent(mimi):
     assert pcm.pow(2).mean().sqrt().item() > 1e-4
 
 
+@pytest.mark.slow
 def test_streaming_lmgen_steps(mimi, lm, tokenizer, config):
     from moshi.models import LMGen
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jmoshi_cli.audio_io import FRAME_S, SAMPLE_RATE
-from jmoshi_cli.infer_inputs import UserAudio
+from jmoshi_cli.infer.inputs import UserAudio
 from jmoshi_cli.transcript import ALIGNMENT, document, join_pieces, timed_pieces
 
 

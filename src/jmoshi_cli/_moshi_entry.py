@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from . import runtime
 from .backends.contract import ChildContract
+from .model.precision import Precision
 from .upstream import moshi_server
 
 
@@ -50,7 +51,7 @@ def plan_for(rt: runtime.Runtime, contract: ChildContract, argv: list[str]) -> P
     return Plan(argv, moshi_server.Patches(
         bind_host=None if rt.honours_host else contract.bind_host,
         config_path=None if rt.has_config_path else config,
-        int8_scales=contract.precision == "int8", seed=contract.seed))
+        int8_scales=contract.precision is Precision.INT8, seed=contract.seed))
 
 
 def _limit_threads(threads: int | None) -> None:

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from . import __version__
 from . import console as ui
 from .console import console
+
+if TYPE_CHECKING:
+    from .results import Result
 
 app = typer.Typer(
     name="jmoshi",
@@ -64,26 +67,25 @@ QueueTimeoutOpt = Annotated[float, typer.Option(
 DrainTimeoutOpt = Annotated[float, typer.Option(
     "--drain-timeout", help="On Ctrl-C or SIGTERM: seconds that running conversations may go on before "
     "everything stops (a second Ctrl-C stops at once).")]
-# Serve's sampling: the generator's, for every conversation. The web UI's own sampling settings travel as URL
-# query parameters that moshi.server never reads, so the help says so.
-_IGNORED = " The web UI's own sampling settings are ignored by the server."
-
-
+# Sampling, one group for serve (every conversation, both servers) and infer (every file): sampling.Sampling.
 def _sampling_help(what: str, default: str) -> str:
-    return f"{what} (default: the model's config, else {default}).{_IGNORED}"
+    return f"{what} (default: the model's config, else {default})."
 
 
-ServeTempOpt = Annotated[Optional[float], typer.Option(
-    "--temp", help=_sampling_help("Audio sampling temperature", "0.8"), show_default=False)]
-ServeTempTextOpt = Annotated[Optional[float], typer.Option(
-    "--temp-text", help=_sampling_help("Text temperature", "0.7"), show_default=False)]
-ServeTopKOpt = Annotated[Optional[int], typer.Option(
-    "--top-k", help=_sampling_help("Audio top-k", "250"), show_default=False)]
-ServeTopKTextOpt = Annotated[Optional[int], typer.Option(
-    "--top-k-text", help=_sampling_help("Text top-k", "25"), show_default=False)]
-ServeSeedOpt = Annotated[Optional[int], typer.Option(
-    "--seed", help="Seed the server with this instead of moshi's fixed 42424242, again at the start of each "
-    "conversation, so that one conversation's sampling does not depend on those before it.", show_default=False)]
+TempOpt = Annotated[Optional[float], typer.Option(
+    "--temp", help=_sampling_help("Audio sampling temperature; 0 is greedy", "0.8"), show_default=False,
+    rich_help_panel="Sampling")]
+TempTextOpt = Annotated[Optional[float], typer.Option(
+    "--temp-text", help=_sampling_help("Text sampling temperature; 0 is greedy", "0.7"), show_default=False,
+    rich_help_panel="Sampling")]
+TopKOpt = Annotated[Optional[int], typer.Option(
+    "--top-k", help=_sampling_help("Audio top-k", "250"), show_default=False, rich_help_panel="Sampling")]
+TopKTextOpt = Annotated[Optional[int], typer.Option(
+    "--top-k-text", help=_sampling_help("Text top-k", "25"), show_default=False, rich_help_panel="Sampling")]
+SeedOpt = Annotated[Optional[int], typer.Option(
+    "--seed", help="Seed the sampling, so that the same input gives the same output: serve seeds again at the "
+    "start of each conversation (instead of moshi's fixed 42424242 once), infer at each file.", show_default=False,
+    rich_help_panel="Sampling")]
 RecordOpt = Annotated[Optional[Path], typer.Option(
     "--record", help="Save every conversation for research into DIR/<UTC start>-<id>/: dialogue.wav (user left, "
     "J-Moshi right, sample-aligned), user.wav, jmoshi.wav, transcript.json, meta.json (model, sampling, seed, "
@@ -220,22 +222,26 @@ def serve(
     queue_timeout: QueueTimeoutOpt = 180.0,
     drain_timeout: DrainTimeoutOpt = 60.0,
     record: RecordOpt = None,
-    temp: ServeTempOpt = None,
-    temp_text: ServeTempTextOpt = None,
-    top_k: ServeTopKOpt = None,
-    top_k_text: ServeTopKTextOpt = None,
-    seed: ServeSeedOpt = None,
+    temp: TempOpt = None,
+    temp_text: TempTextOpt = None,
+    top_k: TopKOpt = None,
+    top_k_text: TopKTextOpt = None,
+    seed: SeedOpt = None,
     backend: BackendOpt = "auto",
 ) -> int:
-    """Talk to J-Moshi in the browser: check, fetch what is missing, then run its server."""
+    """Talk to J-Moshi in the browser: check, fetch what is missing, then run its server.
+
+    The sampling flags hold for every conversation; the web UI's own sampling settings are ignored by the server.
+    """
     from .render import ConsoleReporter
+    from .sampling import Sampling
     from .serving import serve as srv
 
     options = srv.ServeOptions(
         variant=variant, host=host, port=port, device=device, half=half, offline=offline, https=https, ssl_dir=ssl,
         revision=revision, moshi_weight=moshi_weight, replicas=replicas, gpus=gpus, queue_timeout_s=queue_timeout,
-        drain_timeout_s=drain_timeout, record=record, temp=temp, temp_text=temp_text, top_k=top_k,
-        top_k_text=top_k_text, seed=seed, quantize=quantize, lora=lora, backend=backend)
+        drain_timeout_s=drain_timeout, record=record, sampling=Sampling(temp, temp_text, top_k, top_k_text, seed),
+        quantize=quantize, lora=lora, backend=backend)
     return srv.run(options, ConsoleReporter(ui.settings.verbose, open_browser))
 
 
@@ -350,37 +356,36 @@ def infer(
     lora: LoraOpt = None,
     quantize: QuantizeOpt = "auto",
     backend: BackendOpt = "auto",
-    temp: Annotated[Optional[float], typer.Option("--temp", help="Audio sampling temperature [default: 0.8]",
-                                                  show_default=False)] = None,
-    temp_text: Annotated[Optional[float], typer.Option("--temp-text", help="Text temperature [default: 0.7]",
-                                                       show_default=False)] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Audio top-k [default: 250]",
-                                                 show_default=False)] = None,
-    top_k_text: Annotated[Optional[int], typer.Option("--top-k-text", help="Text top-k [default: 25]",
-                                                      show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Make the run reproducible.",
-                                                show_default=False)] = None,
+    temp: TempOpt = None,
+    temp_text: TempTextOpt = None,
+    top_k: TopKOpt = None,
+    top_k_text: TopKTextOpt = None,
+    seed: SeedOpt = None,
     as_json: JsonOpt = False,
 ) -> int:
     """Talk to J-Moshi from audio files: its voice, a stereo dialogue wav and a timed transcript per file."""
     from . import infer as inf
     from .render import ConsoleReporter
     from .results import InferResult
+    from .sampling import Sampling
 
-    options = inf.InferOptions(device=device, half=half, channel=channel, temp=temp, temp_text=temp_text,
-                               top_k=top_k, top_k_text=top_k_text, seed=seed, quantize=quantize)
+    options = inf.InferOptions(device=device, half=half, channel=channel, quantize=quantize,
+                               sampling=Sampling(temp, temp_text, top_k, top_k_text, seed))
     request = inf.InferRequest(inputs, out, variant, revision, offline, moshi_weight, options, lora=lora,
                                backend=backend)
     return finish(InferResult(inf.run(request, ConsoleReporter())), as_json)
 
 
-def finish(result, as_json: bool) -> int:
+def finish(result: Result, as_json: bool) -> int:
     """The one place a command's result is printed: for people on stderr, JSON or paths on stdout."""
     from .render import show
 
     show(result)
     if as_json:
-        typer.echo(json.dumps(result.to_json(), ensure_ascii=False, indent=2))
+        from .results import RESULT_VERSION
+
+        document = {"jmoshi_result_version": RESULT_VERSION, **result.to_json()}
+        typer.echo(json.dumps(document, ensure_ascii=False, indent=2))
     else:
         for path in result.paths():
             typer.echo(str(path))
@@ -395,27 +400,35 @@ def main() -> None:
 
 
 def run(argv: list[str]) -> int:
-    import click
-
     from .errors import JMoshiError
 
     try:
         result = app(args=argv, prog_name="jmoshi", standalone_mode=False)
     except JMoshiError as exc:
         return _fail(exc.message, exc.hint, exc.exit_code, exc)
-    except click.exceptions.Abort:
-        console.print("[yellow]interrupted[/]")
-        return 130
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except KeyboardInterrupt:
+    except typer.TyperException as exc:  # click's errors, as typer ships them: usage, bad values, files
+        return _click_failed(exc, argv)
+    except (typer.Abort, KeyboardInterrupt):
         console.print("[yellow]interrupted[/]")
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no bare traceback
         return _fail(f"unexpected error: {type(exc).__name__}: {exc}",
                      "please report it with the output of `jmoshi --verbose ...`", 1, exc)
     return result if isinstance(result, int) else 0
+
+
+def _click_failed(exc: typer.TyperException, argv: list[str]) -> int:
+    """A mistyped command, flag or value: the command's usage line, what was wrong (with click's "Did you
+    mean"), where its help is, and exit 2 (bad usage) whatever click's own code."""
+    ctx = getattr(exc, "ctx", None)
+    if not exc.format_message():  # `jmoshi` alone: typer printed the help as it raised, the whole answer
+        return 2
+    if ctx is not None:  # one line: typer's own usage answer is the whole help
+        usage = " ".join([ctx.command_path, *ctx.command.collect_usage_pieces(ctx)])
+        console.print(f"usage: {usage}", markup=False, highlight=False, soft_wrap=True)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)  # the parser may have no context
+    where = ctx.command_path if ctx is not None else " ".join(["jmoshi", *filter(None, [command])])
+    return _fail(exc.format_message(), f"`{where} --help` shows what it takes", 2, exc)
 
 
 def _fail(message: str, hint: str, code: int, exc: BaseException) -> int:

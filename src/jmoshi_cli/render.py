@@ -298,8 +298,8 @@ def show_ready(launch, seconds: float, replicas: str | None = None) -> None:
         console.print(f"[bold green]ready[/] at {launch.url} (took {seconds:.1f} s). One conversation at a time: "
                       "a second browser waits until the first one hangs up. Ctrl-C stops the server.", soft_wrap=True)
     else:
-        console.print(f"[bold green]ready[/] at {launch.url} (took {seconds:.1f} s; a first replica is up). One "
-                      "conversation per replica; others wait in a queue. Live numbers: "
+        console.print(f"[bold green]ready[/] at {launch.url} (took {seconds:.1f} s; {replicas} up behind the "
+                      "front). One conversation per replica; others wait in a queue. Live numbers: "
                       f"{launch.url}stats and {launch.url}metrics (Prometheus). Ctrl-C drains and stops.",
                       soft_wrap=True)
     if is_loopback(launch.host):
@@ -313,8 +313,9 @@ def show_ready(launch, seconds: float, replicas: str | None = None) -> None:
                       f"http://localhost:{launch.port}/", soft_wrap=True)
 
 
-def server_relay(verbose: bool, name: str | None = None):
-    """How the child's output reaches the person, one relay per child (`name` prefixes its lines).
+def server_relay(verbose: bool, name: str | None = None, server: str = "moshi.server"):
+    """How the child's output reaches the person, one relay per child (`name`, a replica's, prefixes its
+    lines; `server` names the program in the steps it reports, as its launch does).
 
     With --verbose, every line as it came. Otherwise through server_log: frame times as a summary,
     a browser hanging up as one line, known harmless lines left out, everything else as it came.
@@ -353,7 +354,7 @@ def server_relay(verbose: bool, name: str | None = None):
         elif event.kind in said:
             text = said[event.kind]
         elif event.kind is Kind.STEP:
-            text, style = f"moshi.server: {event.text}", "dim"
+            text, style = f"{server}: {event.text}", "dim"
         console.print(prefix + text, style=style, markup=False, highlight=False, soft_wrap=True)
 
     def relay(line: str) -> None:
@@ -503,8 +504,8 @@ class ConsoleReporter(Reporter):
 
             webbrowser.open(launch.url)
 
-    def relay(self, name: str | None = None):
-        return server_relay(self.verbose, name)
+    def relay(self, server: str, name: str | None = None):
+        return server_relay(self.verbose, name, server)
 
     def other_relay(self):
         return server_relay(True) if self.verbose else None

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 if TYPE_CHECKING:
+    from .backends.contract import Launch
     from .cache.artifacts import WatchFactory
-    from .serving.child import Launch
     from .serving.haproxy import Load
 
 Relay = Callable[[str], None]
@@ -39,10 +39,12 @@ class Reporter:
         """Where `serve --record` saves conversations."""
 
     def ready(self, launch: Launch, seconds: float, replicas: str | None = None) -> None:
-        """The server (or the front, over `replicas`) accepts connections."""
+        """The server (or the front: `replicas` says how many of the servers behind it are up, as "2/2") accepts
+        connections."""
 
-    def relay(self, name: str | None = None) -> Relay | None:
-        """Where a server child's output goes (None: to stderr as it is)."""
+    def relay(self, server: str, name: str | None = None) -> Relay | None:
+        """Where the output of a server child goes (None: to stderr as it is); `server` is what people call
+        it (the launch's name), `name` the replica's."""
         return lambda line: None
 
     def other_relay(self) -> Relay | None:

@@ -3,19 +3,33 @@
 A result knows its exit code, its JSON (the shape `--json` prints, pinned by tests/test_results.py)
 and the paths it puts on stdout without `--json`. `render.show` draws it for people, on stderr.
 Commands build one and hand it to `cli.finish`; nothing else decides what is printed where.
+
+Every `--json` document is one object that starts with `"jmoshi_result_version"` (pipx's
+`pipx_spec_version` is the model): a script checks it before reading on. A change that drops, renames
+or retypes a field raises it; a new field does not.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
+
+RESULT_VERSION = 1
+
+if TYPE_CHECKING:  # the types only: a command imports what it needs when it runs
+    from .analysis import Outcome, Params, SessionFigures
+    from .cache.artifacts import Entry, Plan
+    from .doctor import Check
+    from .infer import FileResult
+    from .recording.store import Session
+    from .variants import Catalogue, Variant
 
 
 @dataclass
 class DoctorResult:
-    checks: list  # doctor.Check
-    variant: Any  # variants.Variant
+    checks: list[Check]
+    variant: Variant
 
     @property
     def exit_code(self) -> int:
@@ -34,11 +48,12 @@ class DoctorResult:
 
 @dataclass
 class VariantsResult:
-    catalogue: Any  # variants.Catalogue
+    catalogue: Catalogue
     exit_code: int = 0
 
-    def to_json(self) -> list[dict]:
-        return [asdict(v) | {"default": v.name == self.catalogue.default} for v in self.catalogue.variants.values()]
+    def to_json(self) -> dict:
+        return {"variants": [asdict(v) | {"default": v.name == self.catalogue.default}
+                             for v in self.catalogue.variants.values()]}
 
     def paths(self) -> list[Path]:
         return []
@@ -46,16 +61,16 @@ class VariantsResult:
 
 @dataclass
 class DownloadResult:
-    plans: list  # artifacts.Plan, one per variant
+    plans: list[Plan]  # one per variant
     dry_run: bool = False
     exit_code: int = 0
 
-    def to_json(self) -> list[dict]:
-        return [{"variant": p.variant.name, "repo": p.variant.repo, "missing_bytes": p.missing_bytes,
+    def to_json(self) -> dict:
+        return {"variants": [{"variant": p.variant.name, "repo": p.variant.repo, "missing_bytes": p.missing_bytes,
                  "files": [{"role": e.artifact.role, "repo": e.artifact.repo, "file": e.artifact.filename,
                             "commit": e.artifact.commit, "size": e.artifact.size, "sha256": e.artifact.sha256,
                             "status": e.status.value, "path": str(e.path) if e.path else None} for e in p.entries]}
-                for p in self.plans]
+                for p in self.plans]}
 
     def paths(self) -> list[Path]:
         if self.dry_run:
@@ -65,16 +80,16 @@ class DownloadResult:
 
 @dataclass
 class VerifyResult:
-    report: list  # (artifacts.Plan, [verified artifacts.Entry]) per variant
+    report: list[tuple[Plan, list[Entry]]]  # each variant's plan and its entries as verified
 
     @property
     def exit_code(self) -> int:
         return 1 if any(not e.status.usable for _, entries in self.report for e in entries) else 0
 
-    def to_json(self) -> list[dict]:
-        return [{"variant": p.variant.name, "files": [
+    def to_json(self) -> dict:
+        return {"variants": [{"variant": p.variant.name, "files": [
             {"file": e.artifact.filename, "repo": e.artifact.repo, "status": e.status.value, "detail": e.detail,
-             "path": str(e.path) if e.path else None} for e in entries]} for p, entries in self.report]
+             "path": str(e.path) if e.path else None} for e in entries]} for p, entries in self.report]}
 
     def paths(self) -> list[Path]:
         return []
@@ -83,15 +98,15 @@ class VerifyResult:
 @dataclass
 class RecordingsResult:
     folder: Path
-    sessions: list  # recording.Session
-    figures: list | None = None  # analysis figures per session, with --stats
+    sessions: list[Session]
+    figures: list[SessionFigures] | None = None  # with --stats
     exit_code: int = 0
 
-    def to_json(self) -> list[dict]:
+    def to_json(self) -> dict:
         rows = [s.summary() for s in self.sessions]
         for row, item in zip(rows, self.figures or [], strict=False):
             row["stats"] = item.figures.as_json() if item.figures else {"error": item.problem}
-        return rows
+        return {"sessions": rows}
 
     def paths(self) -> list[Path]:
         return []
@@ -126,7 +141,7 @@ class SelftestResult:
 
 @dataclass
 class InferResult:
-    files: list  # infer.FileResult
+    files: list[FileResult]
 
     @property
     def exit_code(self) -> int:
@@ -138,11 +153,11 @@ class InferResult:
 
         return summarize(self.files)
 
-    def to_json(self) -> list[dict]:
-        return [{"source": str(r.source), "ok": r.ok, "error": r.error, "audio_s": r.audio_s,
+    def to_json(self) -> dict:
+        return {"files": [{"source": str(r.source), "ok": r.ok, "error": r.error, "audio_s": r.audio_s,
                  "compute_s": r.compute_s, "rtf": r.rtf, "note": r.note, "channel": r.channel, "frames": r.frames,
                  "segments": r.segments, "text": r.text, "outputs": {k: str(v) for k, v in r.outputs.items()}}
-                for r in self.files]
+                for r in self.files]}
 
     def paths(self) -> list[Path]:
         return [path for r in self.files for path in r.outputs.values()]
@@ -150,8 +165,8 @@ class InferResult:
 
 @dataclass
 class AnalyzeResult:
-    outcome: Any  # analysis.Outcome
-    params: Any  # analysis.Params
+    outcome: Outcome
+    params: Params
 
     @property
     def exit_code(self) -> int:
@@ -164,3 +179,9 @@ class AnalyzeResult:
 
     def paths(self) -> list[Path]:
         return [p for p in [self.outcome.csv, *self.outcome.plots] if p is not None]
+
+
+# What `cli.finish` prints: a command returning anything else is a type error, and so is a view in
+# render.py that reads a field its result no longer has.
+Result = Union[DoctorResult, VariantsResult, DownloadResult, VerifyResult, RecordingsResult, SelftestResult,
+               InferResult, AnalyzeResult]

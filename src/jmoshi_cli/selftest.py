@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Callable
 
 from .audio_io import SAMPLE_RATE
-from .backends import Kind, ServerSpec, cpu_threads
-from .backends.contract import ChildContract
+from .backends import Kind, ServerSpec, cpu_threads, render
+from .backends.contract import ChildContract, Launch
 from .cache.artifacts import ModelFiles, unpack_bundle
 from .errors import JMoshiError, ServerError
 from .model.precision import Precision
 from .results import SelftestResult
 from .serving import server_log
-from .serving.child import Launch, Server, explain_exit
+from .serving.child import Server, explain_exit
 
 SELFTEST_REPO = "jmoshi/selftest-tiny"
 SEE_LOG = "`jmoshi --verbose selftest` (or JMOSHI_DEBUG=1) shows the server's last lines"
@@ -90,8 +90,8 @@ def _launch(kind: Kind, repo: Path, tmp: Path, on_step: Callable[[str], None]) -
         files = ModelFiles(made.weight, convert.ensure_mimi(tmp, files.mimi_weight, None), files.tokenizer,
                            made.config, static)
     contract = ChildContract(bind_host="127.0.0.1", config_path=str(files.config), threads=cpu_threads())
-    return ServerSpec(kind, files, SELFTEST_REPO, Precision.BF16, "127.0.0.1", free_port(), "cpu",
-                      contract=contract).render()
+    return render(ServerSpec(kind, files, SELFTEST_REPO, Precision.BF16, "127.0.0.1", free_port(), "cpu",
+                             contract=contract))
 
 
 def _converse(server: Server, launch: Launch, on_step: Callable[[str], None], seconds: float) -> SelftestResult:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .infer_inputs import UserAudio
+    from .infer.inputs import UserAudio
 
 # Text ids never shown (as moshi.server): 0 and 3 (J-Moshi's padding). Control pieces are dropped too.
 SKIPPED_TEXT_IDS = (0, 3)

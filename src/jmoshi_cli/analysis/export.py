@@ -8,8 +8,8 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..fsutil import atomic_write_text
-from . import SetResult
 from .events import Params
+from .outcome import SetResult
 from .stats import HEADLINE, Figures, headline
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..audio_io import AUDIO_EXTENSIONS, Audio, AudioReadError, read_audio
 from ..errors import JMoshiError, UsageError
-from ..infer_inputs import OUTPUT_SUFFIXES
+from ..infer.inputs import OUTPUT_SUFFIXES
 from ..recording.format import DIALOGUE
 
 

@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 
 from ..errors import UsageError
-from . import FileResult
 from .events import JMOSHI, USER, Span
+from .outcome import FileResult
 from .vad import WINDOW_S
 
 ROW_S = 60.0

@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.table import Table
 
 from ..console import console
-from . import SetResult
 from .events import JMOSHI, SPEAKERS, USER, Params
+from .outcome import SetResult
 from .stats import HEADLINE, Figures, Tally, headline
 
 NAMES = {USER: "user", JMOSHI: "J-Moshi"}

@@ -1,4 +1,5 @@
-"""The contract between jmoshi and its server child: one typed value, written once, read once.
+"""The contract between jmoshi and its server child: one typed value, written once, read once; and the
+child's command line as the backends render it (`Launch`), which the supervisor runs.
 
 jmoshi (the parent) builds a `ChildContract` with everything the child needs besides its command line
 (which process it must not outlive, where to bind, the LM config, precision, CPU threads, recording,
@@ -13,6 +14,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
+
+from ..model.precision import Precision
 
 ENV = "JMOSHI_CHILD"
 
@@ -30,7 +33,7 @@ class ChildContract:
     parent_pid: int | None = None  # the child asks the kernel to kill it when this process dies
     bind_host: str | None = None  # listen on exactly this address (moshi < 0.2.5 ignores --host)
     config_path: str | None = None  # the LM config of the resolved revision (moshi < 0.2.4 has no --config-path)
-    precision: str = "bf16"  # how the LM's weights are held: precision.Precision's value, decided once by jmoshi
+    precision: Precision = Precision.BF16  # how the LM's weights are held, decided once by jmoshi
     threads: int | None = None  # torch's intra-op threads on the CPU (None: on a GPU, torch's default)
     record: Recording | None = None
     seed: int | None = None
@@ -51,6 +54,8 @@ class ChildContract:
         data = {k: v for k, v in data.items() if k in known}
         if data.get("record") is not None:
             data["record"] = Recording(**data["record"])
+        if "precision" in data:
+            data["precision"] = Precision(data["precision"])
         return cls(**data)
 
     def with_parent(self, pid: int) -> ChildContract:
@@ -64,3 +69,28 @@ class ChildContract:
 def without_contract(env: Mapping[str, str]) -> dict[str, str]:
     """An environment with no contract of ours left in it (a child of a child must not inherit one)."""
     return {k: v for k, v in env.items() if k != ENV}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A child's command line, rendered: argv, environment, where it listens, and its contract."""
+
+    argv: list[str]
+    env: dict[str, str]
+    host: str
+    port: int
+    scheme: str
+    contract: ChildContract | None = None  # a server child's; None for any other program
+    name: str = "moshi.server"  # what people call it in messages
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{url_host(self.host)}:{self.port}/"
+
+
+def url_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from ..errors import PreflightError, UsageError
 from ..model.precision import Precision
-from . import Backend, Features, Kind, ServerSpec, is_apple_silicon
-from .contract import without_contract
+from .base import Backend, Features, Kind, ServerSpec, is_apple_silicon
+from .contract import Launch, without_contract
 
 OVERHEAD_GB = 1.5
 SHARE = {Precision.BF16: 1.0, Precision.INT8: 0.53, Precision.INT4: 0.31}
@@ -121,7 +121,6 @@ class MlxBackend(Backend):
                                          request.revision)
 
     def command(self, spec: ServerSpec):
-        from ..serving.child import Launch
 
         files = spec.files
         argv = [sys.executable, "-m", "jmoshi_cli.mlx.server",

@@ -7,8 +7,8 @@ import sys
 
 from .. import runtime
 from ..model.precision import Precision
-from . import Backend, Features, Kind, ServerSpec
-from .contract import without_contract
+from .base import Backend, Features, Kind, ServerSpec
+from .contract import Launch, without_contract
 
 
 class TorchBackend(Backend):
@@ -29,7 +29,6 @@ class TorchBackend(Backend):
 
     def command(self, spec: ServerSpec):
         """Explicit local paths and an offline hub; the rest travels in the child's contract."""
-        from ..serving.child import Launch
 
         files = spec.files
         argv = [sys.executable, "-m", "jmoshi_cli._moshi_entry",

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..audio_io import FRAME_S, SAMPLE_RATE
 from ..backends.contract import ChildContract
-from ..upstream.moshi_server import seed_all
+from ..sampling import seed_all
 from . import format as recording_format
 from .format import Ended
 from .writer import PREFIX, ModelFrame, Notify, SessionWriter, UserFrame

@@ -9,6 +9,7 @@ Protocol (binary messages, first byte = kind):
 The client streams PCM in 80 ms frames (Mimi's, see :mod:`jmoshi_cli.audio_io`), optionally paced in
 real time, keeps listening ``tail_s`` seconds after its last frame (the server may run slower than
 real time) and closes. sphn (through opus.py) and aiohttp are imported inside the functions.
+One :class:`Conversation` holds a conversation's state; :func:`chat` drives one from start to end.
 """
 
 from __future__ import annotations
@@ -83,6 +84,147 @@ def _ssl_arg(ssl: SSLContext | bool | None) -> SSLContext | bool:
     return True if ssl is None else ssl
 
 
+CLOSED = ("CLOSE", "CLOSING", "CLOSED", "ERROR")  # aiohttp.WSMsgType names that end a conversation
+
+
+class Conversation:
+    """One conversation over /api/chat: the handshake, the frames sent, what came back (audio decoded as
+    it arrives, text pieces), and the result. :func:`chat` drives it."""
+
+    def __init__(self, url: str, on_audio: tp.Callable[[], None] | None = None):
+        from .opus import OpusStream
+
+        self.url = url
+        self.on_audio = on_audio
+        self.opus = OpusStream(SAMPLE_RATE)
+        self.received: list[np.ndarray] = []
+        self.text_pieces: list[str] = []
+        self.messages: dict[int, int] = {}
+        self.sent_frames = 0
+        self.handshake_s = float("nan")
+        self.closed_early: list[str] = []  # why the server ended it before the client did
+
+    def result(self) -> ChatResult:
+        late = self.opus.drain()
+        if late.shape[0]:
+            self.received.append(late)
+        audio = np.concatenate(self.received) if self.received else np.zeros(0, dtype=np.float32)
+        return ChatResult(handshake_s=self.handshake_s, audio_samples=int(audio.shape[0]), audio=audio,
+                          text_pieces=list(self.text_pieces), messages=dict(self.messages),
+                          sent_frames=self.sent_frames)
+
+    def handle(self, data: bytes) -> None:
+        """One binary message from the server."""
+        if not data:
+            return
+        kind = data[0]
+        self.messages[kind] = self.messages.get(kind, 0) + 1
+        if kind == KIND_AUDIO:
+            samples = self.opus.decode(data[1:])
+            if samples.shape[0]:
+                self.received.append(samples)
+            if self.on_audio is not None and self.messages[kind] == 1:
+                self.on_audio()
+        elif kind == KIND_TEXT:
+            self.text_pieces.append(data[1:].decode("utf-8", errors="replace"))
+
+    async def connect(self, session: tp.Any, ssl: SSLContext | bool | None, timeout_s: float) -> tp.Any:
+        import aiohttp
+
+        try:
+            return await asyncio.wait_for(
+                session.ws_connect(self.url, ssl=_ssl_arg(ssl), max_msg_size=0, autoclose=True), timeout=timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise ChatError(f"could not connect to {self.url} within {timeout_s:g} s") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ChatError(f"could not connect to {self.url}: {exc}") from exc
+
+    async def handshake(self, ws: tp.Any, started: float, timeout_s: float,
+                        on_handshake: tp.Callable[[], None] | None) -> None:
+        """Until the server's 0x00 (it takes the conversation), up to `timeout_s` after `started`."""
+        import aiohttp
+
+        deadline = started + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ChatError(f"no handshake from {self.url} within {timeout_s:g} s "
+                                "(is another conversation holding the server?)", self.result())
+            try:
+                msg = await ws.receive(timeout=remaining)
+            except asyncio.TimeoutError:
+                continue
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                self.handle(msg.data)
+                if msg.data[:1] == bytes([KIND_HANDSHAKE]):
+                    self.handshake_s = time.monotonic() - started
+                    if on_handshake is not None:
+                        on_handshake()
+                    return
+            elif msg.type.name in CLOSED:
+                raise ChatError(f"connection closed before the handshake ({msg.type.name}, "
+                                f"{ws.exception() or msg.extra})", self.result())
+            # text/ping messages before the handshake are ignored
+
+    async def receive(self, ws: tp.Any, done: asyncio.Event) -> None:
+        """Everything the server sends, until it closes (early, unless `done` is set)."""
+        import aiohttp
+
+        while True:
+            msg = await ws.receive()
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                self.handle(msg.data)
+            elif msg.type.name in CLOSED:
+                if not done.is_set():
+                    self.closed_early.append(f"{msg.type.name} {ws.exception() or msg.extra or ''}".strip())
+                return
+
+    async def send(self, ws: tp.Any, frames: np.ndarray, realtime: bool) -> None:
+        """Every 80 ms frame as Ogg/Opus, paced in real time if asked; then what the Ogg writer still holds."""
+        start = time.monotonic()
+        for i in range(frames.shape[0] // FRAME_SIZE):
+            if self.closed_early:
+                return
+            if realtime:
+                delay = start + i * FRAME_S - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            payload = self.opus.encode(frames[i * FRAME_SIZE:(i + 1) * FRAME_SIZE])
+            if len(payload) > 0:
+                await ws.send_bytes(b"\x01" + payload)
+            self.sent_frames += 1
+            if not realtime:
+                await asyncio.sleep(0)
+        payload = self.opus.flush()
+        if len(payload) > 0:
+            await ws.send_bytes(b"\x01" + payload)
+
+    async def exchange(self, ws: tp.Any, frames: np.ndarray, realtime: bool, tail_s: float,
+                       until: tp.Callable[[ChatResult], bool] | None) -> None:
+        """Send every frame while receiving, then listen (see :func:`chat`); ChatError if the server ended it."""
+        import aiohttp
+
+        done = asyncio.Event()
+        recv_task = asyncio.create_task(self.receive(ws, done))
+        try:
+            try:
+                await self.send(ws, frames, realtime)
+            except (ConnectionError, aiohttp.ClientError) as exc:
+                if not self.closed_early:
+                    self.closed_early.append(f"send failed: {exc}")
+            if not self.closed_early:
+                await _listen(recv_task, tail_s, None if until is None else lambda: until(self.result()))
+        finally:
+            done.set()
+            if not recv_task.done():
+                recv_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await recv_task
+        if self.closed_early:
+            raise ChatError(f"server closed the connection early after {self.sent_frames}/"
+                            f"{frames.shape[0] // FRAME_SIZE} frames ({self.closed_early[0]})", self.result())
+
+
 async def chat(
     url: str,
     pcm: np.ndarray,
@@ -110,141 +252,14 @@ async def chat(
     """
     import aiohttp
 
-    from .opus import OpusStream
-
     frames = _prepare_pcm(pcm, sample_rate)
-    n_frames = frames.shape[0] // FRAME_SIZE
-
-    opus = OpusStream(SAMPLE_RATE)
-    received: list[np.ndarray] = []
-    text_pieces: list[str] = []
-    messages: dict[int, int] = {}
-    sent_frames = 0
-    handshake_s = float("nan")
-
-    def result() -> ChatResult:
-        late = opus.drain()
-        if late.shape[0]:
-            received.append(late)
-        audio = np.concatenate(received) if received else np.zeros(0, dtype=np.float32)
-        return ChatResult(
-            handshake_s=handshake_s,
-            audio_samples=int(audio.shape[0]),
-            audio=audio,
-            text_pieces=list(text_pieces),
-            messages=dict(messages),
-            sent_frames=sent_frames,
-        )
-
-    def handle(data: bytes) -> None:
-        if not data:
-            return
-        kind = data[0]
-        messages[kind] = messages.get(kind, 0) + 1
-        if kind == KIND_AUDIO:
-            samples = opus.decode(data[1:])
-            if samples.shape[0]:
-                received.append(samples)
-            if on_audio is not None and messages[kind] == 1:
-                on_audio()
-        elif kind == KIND_TEXT:
-            text_pieces.append(data[1:].decode("utf-8", errors="replace"))
-
-    t0 = time.monotonic()
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        try:
-            ws = await asyncio.wait_for(
-                session.ws_connect(url, ssl=_ssl_arg(ssl), max_msg_size=0, autoclose=True),
-                timeout=timeout_s,
-            )
-        except asyncio.TimeoutError as exc:
-            raise ChatError(f"could not connect to {url} within {timeout_s:g} s") from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise ChatError(f"could not connect to {url}: {exc}") from exc
-
-        async with ws:
-            # Handshake: the first message should be 0x00.
-            deadline = t0 + timeout_s
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ChatError(
-                        f"no handshake from {url} within {timeout_s:g} s "
-                        "(is another conversation holding the server?)", result())
-                try:
-                    msg = await ws.receive(timeout=remaining)
-                except asyncio.TimeoutError:
-                    continue
-                if msg.type == aiohttp.WSMsgType.BINARY:
-                    handle(msg.data)
-                    if msg.data[:1] == bytes([KIND_HANDSHAKE]):
-                        handshake_s = time.monotonic() - t0
-                        if on_handshake is not None:
-                            on_handshake()
-                        break
-                elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
-                                  aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                    raise ChatError(f"connection closed before the handshake ({msg.type.name}, "
-                                    f"{ws.exception() or msg.extra})", result())
-                # text/ping messages before the handshake are ignored
-
-            closed_early: list[str] = []
-            done = asyncio.Event()
-
-            async def recv_loop() -> None:
-                while True:
-                    msg = await ws.receive()
-                    if msg.type == aiohttp.WSMsgType.BINARY:
-                        handle(msg.data)
-                    elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
-                                      aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                        if not done.is_set():
-                            closed_early.append(f"{msg.type.name} {ws.exception() or msg.extra or ''}".strip())
-                        return
-
-            async def send_loop() -> None:
-                nonlocal sent_frames
-                start = time.monotonic()
-                for i in range(n_frames):
-                    if closed_early:
-                        return
-                    if realtime:
-                        delay = start + i * FRAME_S - time.monotonic()
-                        if delay > 0:
-                            await asyncio.sleep(delay)
-                    payload = opus.encode(frames[i * FRAME_SIZE:(i + 1) * FRAME_SIZE])
-                    if len(payload) > 0:
-                        await ws.send_bytes(b"\x01" + payload)
-                    sent_frames += 1
-                    if not realtime:
-                        await asyncio.sleep(0)
-                # Flush anything the Ogg writer still holds.
-                payload = opus.flush()
-                if len(payload) > 0:
-                    await ws.send_bytes(b"\x01" + payload)
-
-            recv_task = asyncio.create_task(recv_loop())
-            try:
-                try:
-                    await send_loop()
-                except (ConnectionError, aiohttp.ClientError) as exc:
-                    if not closed_early:
-                        closed_early.append(f"send failed: {exc}")
-                if not closed_early:
-                    await _listen(recv_task, tail_s, None if until is None else lambda: until(result()))
-                done.set()
-            finally:
-                done.set()
-                if not recv_task.done():
-                    recv_task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await recv_task
-            if closed_early:
-                raise ChatError(
-                    f"server closed the connection early after {sent_frames}/{n_frames} frames "
-                    f"({closed_early[0]})", result())
-    return result()
+    talk = Conversation(url, on_audio)
+    started = time.monotonic()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout_s)) as session:
+        async with await talk.connect(session, ssl, timeout_s) as ws:
+            await talk.handshake(ws, started, timeout_s, on_handshake)
+            await talk.exchange(ws, frames, realtime, tail_s, until)
+    return talk.result()
 
 
 async def _listen(recv_task: asyncio.Task, tail_s: float, enough: tp.Callable[[], bool] | None) -> None:
@@ -264,4 +279,4 @@ def chat_sync(*args: tp.Any, **kwargs: tp.Any) -> ChatResult:
     return asyncio.run(chat(*args, **kwargs))
 
 
-__all__ = ["ChatError", "ChatResult", "chat", "chat_sync"]
+__all__ = ["ChatError", "ChatResult", "Conversation", "chat", "chat_sync"]

@@ -22,37 +22,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from ..backends.contract import ChildContract
+from ..backends.contract import Launch, url_host
 from ..errors import ServerError
 from . import server_log
 
 POLL_S = 0.1  # how often supervise looks at the stop signal, the child's exit and the port
 READY_TIMEOUT_S = 1800.0  # a 7B load from a slow disk takes minutes; half an hour means it hangs
-
-
-@dataclass(frozen=True)
-class Launch:
-    """A child's command line, rendered: argv, environment, where it listens, and its contract."""
-
-    argv: list[str]
-    env: dict[str, str]
-    host: str
-    port: int
-    scheme: str
-    contract: ChildContract | None = None  # a server child's; None for any other program
-    name: str = "moshi.server"  # what people call it in messages
-
-    @property
-    def url(self) -> str:
-        return f"{self.scheme}://{url_host(self.host)}:{self.port}/"
-
-
-def url_host(host: str) -> str:
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
 
 
 # --- why it stopped ---------------------------------------------------------------------------------

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import preflight
+from ..backends.contract import Launch
 from ..cache import artifacts
 from ..errors import UsageError
 from ..reporter import Reporter
 from . import haproxy, tls
-from .child import Launch
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,5 @@ def run(options: FrontOptions, report: Reporter | None = None) -> int:
         ssl_dir = tls.ensure_certificate(artifacts.data_dir() / "tls", serve.certificate_names(options.host))
     front = haproxy.Front(options.host, options.port, backends, options.queue_timeout_s, ssl_dir)
     launch = Launch([], {}, options.host, options.port, front.scheme)
-    capacity = sum(b.slots for b in backends)
-    fleet = replicas.Fleet(front, [], report, launch, options.drain_timeout_s, str(capacity))
+    fleet = replicas.Fleet(front, [], report, launch, options.drain_timeout_s)
     return fleet.run()

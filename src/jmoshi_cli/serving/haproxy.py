@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..backends.contract import Launch
 from ..errors import PreflightError
-from .child import Launch, Server
+from .child import Server
 
 START_TIMEOUT_S = 10.0  # HAProxy makes its runtime socket in milliseconds; this long means it hangs
 

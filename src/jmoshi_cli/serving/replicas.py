@@ -15,11 +15,12 @@ import time
 from dataclasses import dataclass
 
 from .. import hardware
-from ..backends import ServerSpec, cpu_threads
+from ..backends import ServerSpec, cpu_threads, render
+from ..backends.contract import Launch
 from ..errors import PreflightError, ServerError, UsageError
 from ..model.precision import Precision
 from ..reporter import Reporter
-from .child import Launch, Server, StopSignals, explain_exit
+from .child import Server, StopSignals, explain_exit
 from .haproxy import Backend, Front, Load
 
 RESTART_DELAYS_S = (1, 2, 4, 8, 16, 30)
@@ -134,7 +135,7 @@ def _place_on_gpus(count: int | None, available: dict, chosen: list[int], vram_m
 def replica_launch(base: ServerSpec, where: Placement) -> Launch:
     """The single server, moved to this replica's loopback port (TLS ends at the front), device and
     CPU share; its name goes into each recording's meta.json."""
-    return base.on_loopback(where.port, where.device, where.threads, where.name).render()
+    return render(base.on_loopback(where.port, where.device, where.threads, where.name))
 
 
 # --- keeping replicas running ----------------------------------------------------------------------
@@ -159,12 +160,11 @@ class Fleet:
     """The replicas and the front, supervised from the main thread."""
 
     def __init__(self, front: Front, replicas: list[Replica], report: Reporter, launch: Launch,
-                 drain_timeout_s: float, size: str):
+                 drain_timeout_s: float):
         self.front = front
         self.replicas = replicas
         self.report = report
         self.launch = launch  # the front's address, for "ready"
-        self.size = size  # replicas (or backends) behind the front, for people
         self.drain_timeout_s = drain_timeout_s
         self.started = time.monotonic()
         self.ready = False
@@ -185,7 +185,7 @@ class Fleet:
                 self.stop_all()
 
     def _start(self, replica: Replica) -> None:
-        relay = self.report.relay(replica.where.name)
+        relay = self.report.relay(replica.launch.name, replica.where.name)
         replica.server = Server(replica.launch, relay=relay).start()
 
     def _tick(self) -> None:
@@ -249,9 +249,9 @@ class Fleet:
             raise error
 
     def _report(self, load: Load, now: float) -> None:
-        if not self.ready and load.serving:
+        if not self.ready and load.serving and all_started(self.replicas, load):
             self.ready = True
-            self.report.ready(self.launch, now - self.started, self.size)
+            self.report.ready(self.launch, now - self.started, f"{load.healthy}/{len(load.servers)}")
         changed = self.last_load is None or (load.active, load.queued, load.healthy) != (
             self.last_load.active, self.last_load.queued, self.last_load.healthy)
         if self.ready and (changed or now - self.last_status > STATUS_EVERY_S):
@@ -277,6 +277,14 @@ class Fleet:
         for replica in self.replicas:
             if replica.server is not None:
                 replica.server.stop(grace_s=5)
+
+
+def all_started(replicas: list[Replica], load: Load) -> bool:
+    """Every replica jmoshi started is in rotation, or has failed to start (it restarts with backoff):
+    "ready" promises as many conversations at once as replicas, so two people who open the page then
+    talk on two replicas, instead of one queued behind the other while a replica still loads."""
+    healthy = {s.name for s in load.servers if s.up}
+    return all(r.where.name in healthy or r.failures or r.gave_up for r in replicas)
 
 
 def _listens(port: int) -> bool:

@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import backends, preflight, recording
 from ..backends import Features, ServerSpec
-from ..backends.contract import ChildContract, Recording
+from ..backends.contract import ChildContract, Launch, Recording
 from ..cache import artifacts
 from ..errors import UsageError
 from ..model import lm_config, precision
 from ..model.preparation import ModelRequest, PreparedModel
 from ..reporter import Reporter
+from ..sampling import Sampling
 from ..variants import Variant
 from . import tls
-from .child import Launch
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,7 @@ class ServeOptions:
     drain_timeout_s: float = 60.0
     # Research use: every conversation saved under this folder (recording/), and the generator's sampling.
     record: Path | None = None
-    temp: float | None = None
-    temp_text: float | None = None
-    top_k: int | None = None
-    top_k_text: int | None = None
-    seed: int | None = None
+    sampling: Sampling = field(default_factory=Sampling)
     quantize: str = "auto"  # --quantize as given: parsed once, by the backend's offer (precision.py)
     lora: Path | None = None  # a moshi-finetune adapter over the variant (finetune.py)
     backend: str = "auto"  # backends.Kind: auto is mlx on Apple Silicon, torch elsewhere
@@ -67,7 +63,7 @@ class Prepared:
 
     @property
     def launch(self) -> Launch:
-        return self.spec.render()
+        return backends.render(self.spec)
 
     @property
     def variant(self) -> Variant:
@@ -99,7 +95,7 @@ def run(options: ServeOptions, report: Reporter | None = None) -> int:
         if prepared.placements is not None:
             return _run_replicas(options, prepared, report)
         launch = prepared.launch
-        server = child.Server(launch, relay=report.relay())
+        server = child.Server(launch, relay=report.relay(launch.name))
         return child.supervise(server, lambda seconds: report.ready(launch, seconds))
     finally:
         if prepared.record_dir is not None:
@@ -116,7 +112,7 @@ def _run_replicas(options: ServeOptions, prepared: Prepared, report: Reporter) -
     front_launch = replace(prepared.launch, host=options.host, port=options.port, scheme=front.scheme)
     fleet = replicas.Fleet(
         front, [replicas.Replica(p, replicas.replica_launch(prepared.spec, p)) for p in placements],
-        report, front_launch, options.drain_timeout_s, str(len(placements)))
+        report, front_launch, options.drain_timeout_s)
     return fleet.run()
 
 
@@ -129,7 +125,7 @@ def prepare(options: ServeOptions, report: Reporter) -> Prepared:
                             half=options.half, device=options.device))
     options = replace(options, device=backend.device(options.device))
     asked = precision.parse(options.quantize, backend.precisions)
-    sampling = sampling_overrides(options)
+    sampling = options.sampling.overrides()
     record_dir = recording.check_dir(options.record) if options.record is not None else None
     if record_dir is not None:
         _settle_recordings(record_dir, report)  # left "running" by a server that was killed
@@ -153,9 +149,9 @@ def prepare(options: ServeOptions, report: Reporter) -> Prepared:
         ssl_dir = tls.ensure_certificate(artifacts.data_dir() / "tls", certificate_names(options.host))
     contract = ChildContract(
         bind_host=options.host, config_path=str(files.config) if files.config else None,
-        precision=model.precision.value, threads=backends.cpu_threads() if options.device == "cpu" else None,
+        precision=model.precision, threads=backends.cpu_threads() if options.device == "cpu" else None,
         record=Recording(str(record_dir), model.facts()) if record_dir is not None else None,
-        seed=options.seed, sampling=sampling)
+        seed=options.sampling.seed, sampling=sampling)
     spec = ServerSpec(backend.kind, files, model.variant.repo, model.precision, options.host, options.port,
                       options.device, model.half, ssl_dir, contract)
     return Prepared(spec, model, backend.server_name, placements, record_dir)
@@ -183,18 +179,7 @@ def _int8_runs() -> bool:
     return rt.has_int8 and rt.bitsandbytes is not None
 
 
-# --- sampling, seed and recording: what the child gets besides its command line -------------------
-
-
-def sampling_overrides(options: ServeOptions) -> dict:
-    """The sampling values given, checked as `jmoshi infer` checks them (same flags, same messages)."""
-    from ..infer import InferOptions
-
-    checked = InferOptions(temp=options.temp, temp_text=options.temp_text, top_k=options.top_k,
-                           top_k_text=options.top_k_text, seed=options.seed)
-    if options.seed is not None and options.seed >= 2**32:  # moshi.server also seeds numpy, which stops there
-        raise UsageError(f"--seed {options.seed} is too large", "use a seed below 4294967296")
-    return checked.sampling_overrides()
+# --- recording ---------------------------------------------------------------------------------------
 
 
 def _settle_recordings(record_dir: Path, report: Reporter) -> None:

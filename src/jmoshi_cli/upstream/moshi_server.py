@@ -86,6 +86,8 @@ def _cpu_synchronize() -> None:
 def _from_hf_repo(config_path: str | None, seed: int | None) -> None:
     from moshi.models import loaders
 
+    from ..sampling import seed_all
+
     from_hf_repo = loaders.CheckpointInfo.from_hf_repo
 
     @functools.wraps(from_hf_repo)
@@ -116,20 +118,6 @@ def _int8_scales() -> None:
         return model
 
     loaders.get_moshi_lm = with_float32_scales
-
-
-def seed_all(seed: int) -> None:
-    """Seed like moshi.server's own seed_all: torch (and CUDA), random, numpy."""
-    import random
-
-    import numpy as np
-    import torch
-
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-    random.seed(seed)
-    np.random.seed(seed)
 
 
 # --- the conversation tap ----------------------------------------------------------------------------

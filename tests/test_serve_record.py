@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import child_env, jmoshi
+from conftest import child_env, jmoshi, run_cli
 from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE
 from jmoshi_cli.recording import Ended, store
 from jmoshi_cli.recording import format as recordings
@@ -238,12 +238,12 @@ def check_stopped(session: Path) -> None:
 
 
 def check_listing(folder: Path, tiny_env) -> None:
-    listed = jmoshi("recordings", str(folder), "--json", env=child_env(tiny_env))
+    listed = run_cli("recordings", str(folder), "--json", env=child_env(tiny_env))
     assert listed.returncode == 0, listed.stderr
-    rows = json.loads(listed.stdout)
+    rows = json.loads(listed.stdout)["sessions"]
     assert [r["ended"] for r in rows] == ["hang-up", "hang-up", "server-stop"]
     assert all(r["variant"] == "tiny" and r["duration_s"] > 0 for r in rows)
-    table = jmoshi("recordings", str(folder), env=child_env(tiny_env))
+    table = run_cli("recordings", str(folder), env=child_env(tiny_env))
     assert table.returncode == 0 and "server-stop" in table.stderr and "3 conversation(s)" in table.stderr
 
 
@@ -289,7 +289,7 @@ def test_a_killed_server_leaves_valid_files_and_says_so(tiny_env, tmp_path):
     for name, channels in recordings.WAV_CHANNELS.items():
         assert assert_readable_wav(cut / name, channels) >= 12 * FRAME_SIZE  # headers lag at most a second
     assert meta(cut)["ended"] == "running"
-    rows = json.loads(jmoshi("recordings", str(folder), "--json", env=child_env(tiny_env)).stdout)
+    rows = json.loads(run_cli("recordings", str(folder), "--json", env=child_env(tiny_env)).stdout)["sessions"]
     assert [r["ended"] for r in rows] == ["interrupted", "interrupted"]
     assert (cut / ".transcript.jsonl").exists()  # the text so far, as it streamed
     assert [s.path for s in store.settle(folder)] == [cut]
@@ -384,12 +384,12 @@ def test_a_read_only_record_folder_fails_in_preflight(tiny_env, tmp_path):
     (["--seed", str(2**32)], f"--seed {2**32} is too large"),
 ])
 def test_bad_sampling_flags_are_one_line_errors(tiny_env, flags, message):
-    result = jmoshi("serve", "--variant", "tiny", "--device", "cpu", *flags, env=child_env(tiny_env))
+    result = run_cli("serve", "--variant", "tiny", "--device", "cpu", *flags, env=child_env(tiny_env))
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 def test_recordings_of_a_missing_folder_is_a_usage_error(tmp_path, tiny_env):
-    result = jmoshi("recordings", str(tmp_path / "nope"), env=child_env(tiny_env))
+    result = run_cli("recordings", str(tmp_path / "nope"), env=child_env(tiny_env))
     assert result.returncode == 2 and "no such folder" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -404,11 +404,11 @@ def test_recordings_lists_sessions_as_a_table_or_json(tmp_path, tiny_env):
     (folder / "20261125T170000Z-cccccc").mkdir()
     (folder / "20261125T170000Z-cccccc" / "meta.json").write_text("{not json")
     (folder / "notes").mkdir()  # no meta.json: not a recording, not listed
-    rows = json.loads(jmoshi("recordings", str(folder), "--json", env=child_env(tiny_env)).stdout)
+    rows = json.loads(run_cli("recordings", str(folder), "--json", env=child_env(tiny_env)).stdout)["sessions"]
     assert [(r["id"], r["ended"]) for r in rows] == [("20261125T153012Z-aaaaaa", "hang-up"),
                                                      ("20261125T160000Z-bbbbbb", "error"),
                                                      ("20261125T170000Z-cccccc", "unreadable")]
     assert rows[0]["duration_s"] == 75.5 and rows[2]["error"].startswith("meta.json")
-    table = jmoshi("recordings", str(folder), env=child_env(tiny_env))
+    table = run_cli("recordings", str(folder), env=child_env(tiny_env))
     assert table.returncode == 0 and "1:16" in table.stderr and "3 conversation(s)" in table.stderr
     assert Ended.UNREADABLE.value in table.stderr

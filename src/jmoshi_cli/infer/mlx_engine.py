@@ -1,9 +1,9 @@
 """`jmoshi infer` on the MLX backend: the same files and results as on PyTorch, from moshi_mlx and rustymimi.
 
-The per-file work (reading, segments, transcript, writing, results) is :class:`jmoshi_cli.infer.Session`'s;
+The per-file work (reading, segments, transcript, writing, results) is :class:`jmoshi_cli.infer.pipeline.Session`'s;
 this module gives it a model whose ``generate`` runs on :class:`~jmoshi_cli.mlx.server.Engine`.
 
-Alignment, as in :mod:`~jmoshi_cli.generation`: output frame ``t`` is position ``t + 1`` of the model's
+Alignment, as in :mod:`~jmoshi_cli.infer.generation`: output frame ``t`` is position ``t + 1`` of the model's
 timeline. PyTorch's ``LMGen`` reads the user's codes at the step they are given (its first step's input
 replaced by the initial tokens, hence the first frame fed twice there); :class:`~jmoshi_cli.mlx.model.Generator`
 reads them one step later, so here frame ``k`` is given at step ``k``, once, and the ``max_delay`` steps
@@ -11,7 +11,7 @@ after the input get silence. Output frame ``t`` (its text and audio together) co
 ``t + max_delay``. Mimi is a fresh rustymimi at each segment and, unlike in the server, is not
 reset after the first frame (the encoder runs over the input as PyTorch's does).
 
-Sampling as :func:`~jmoshi_cli.generation.resolve_sampling` (options, then the LM config's
+Sampling as :func:`~jmoshi_cli.infer.generation.resolve_sampling` (options, then the LM config's
 ``lm_gen_config``, then LMGen's defaults). With a seed, MLX's generator is seeded at each input's start;
 without one it is seeded once at load, as the server does.
 """
@@ -26,12 +26,12 @@ import numpy as np
 
 from ..audio_io import FRAME_SIZE
 from ..errors import CacheError
-from ..generation import OnStep, captured_output, read_config, resolve_sampling
+from .generation import OnStep, captured_output, read_config, resolve_sampling
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..cache.artifacts import ModelFiles
-    from ..infer import InferOptions, Session
-    from .server import Engine
+    from ..mlx.server import Engine
+    from .pipeline import InferOptions
 
 
 @dataclass
@@ -80,9 +80,9 @@ class MlxModel:
 
 def sampling_for(files: ModelFiles, options: InferOptions) -> dict[str, Any]:
     """The sampling values the generator takes: options, then the LM config's lm_gen_config, then defaults."""
-    from .model import Sampling
+    from ..mlx.model import Sampling
 
-    resolved = resolve_sampling(options.sampling_overrides(), read_config(files.config).lm_gen_config or {})
+    resolved = resolve_sampling(options.sampling.overrides(), read_config(files.config).lm_gen_config or {})
     known = {f.name for f in fields(Sampling)}
     return {key: value for key, value in resolved.items() if key in known}
 
@@ -94,8 +94,8 @@ def load(files: ModelFiles, options: InferOptions, device: str, quiet: bool = Tr
     """
     import mlx.core as mx
 
-    from .model import Sampling, read_lm_kwargs
-    from .server import Engine, Settings
+    from ..mlx.model import Sampling, read_lm_kwargs
+    from ..mlx.server import Engine, Settings
 
     if files.config is None:
         raise CacheError("the MLX weights came without their LM config", "convert the model again")
@@ -108,10 +108,3 @@ def load(files: ModelFiles, options: InferOptions, device: str, quiet: bool = Tr
         engine = Engine(args, Settings(None, Sampling(**sampling)))
     context = read_lm_kwargs(files.config).get("context")
     return MlxModel(engine, engine.tokenizer, sampling, int(context) if context else None)
-
-
-def load_session(files: ModelFiles, options: InferOptions, device: str, quiet: bool = True) -> Session:
-    """An :class:`infer.Session` on MLX: ``run_many`` / ``run_file`` as on PyTorch."""
-    from ..infer import Session
-
-    return Session(load(files, options, device, quiet), options)

@@ -66,14 +66,14 @@ from typing import Any, Callable, Iterator, TypedDict
 
 import numpy as np
 
-from .audio_io import FRAME_SIZE, SAMPLE_RATE
-from .cache.artifacts import ModelFiles
-from .errors import CacheError, PreflightError, UsageError
-from .model.lm_config import read as read_config_file
+from ..audio_io import FRAME_SIZE, SAMPLE_RATE
+from ..cache.artifacts import ModelFiles
+from ..errors import CacheError, PreflightError, UsageError
+from ..model.lm_config import read as read_config_file
+from ..sampling import DEFAULTS
 
 # LMGen's defaults (the same in moshi 0.2.2 and 0.2.13), used when neither the options nor config.json
 # say otherwise.
-LMGEN_DEFAULTS = {"temp": 0.8, "temp_text": 0.7, "top_k": 250, "top_k_text": 25}
 _CAPTURED_IN_ERRORS = 1000  # characters of the captured loading output that an error carries
 
 OnStep = Callable[[], None]
@@ -104,7 +104,7 @@ def read_config(path: Path | None) -> ModelConfig:
 
 def resolve_sampling(overrides: dict[str, Any], lm_gen_config: dict) -> dict[str, Any]:
     """Sampling parameters for LMGen: ``overrides``, else config.json's lm_gen_config, else LMGen defaults."""
-    return {**LMGEN_DEFAULTS, **lm_gen_config, **overrides}
+    return {**DEFAULTS, **lm_gen_config, **overrides}
 
 
 def segment_bounds(frames: int, max_frames: int | None) -> list[tuple[int, int]]:
@@ -313,7 +313,7 @@ def load_model(files: ModelFiles, device: str = "cuda", half: bool = False,
     not enough GPU memory), CacheError (files missing or corrupt) or UsageError (a model type jmoshi
     infer does not run).
     """
-    from . import runtime
+    from .. import runtime
 
     runtime.apply_compile_policy(device)  # before moshi is imported: it reads NO_TORCH_COMPILE then
     import torch
@@ -330,7 +330,7 @@ def load_model(files: ModelFiles, device: str = "cuda", half: bool = False,
         mimi, tokenizer, lm = _load_modules(files, config, torch_device,
                                             torch.float16 if half else torch.bfloat16, captured)
     if (config.lm_config or {}).get("quantize"):
-        from .model.quantize import restore_scales
+        from ..model.quantize import restore_scales
 
         restore_scales(lm, Path(files.moshi_weight))  # moshi cast them to the LM's dtype (quantize.py)
     _check_loaded(mimi, lm)

@@ -17,9 +17,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from . import audio_io
-from .audio_io import FRAME_SIZE, SAMPLE_RATE
-from .errors import UsageError
+from .. import audio_io
+from ..audio_io import FRAME_SIZE, SAMPLE_RATE
+from ..errors import UsageError
 
 OUTPUT_SUFFIXES = {
     "jmoshi": ".jmoshi.wav",

@@ -1,16 +1,16 @@
 """File inference: feed recordings of a user to J-Moshi and save what it answers.
 
 :func:`run` is the whole `jmoshi infer`: check the inputs, the output folder and the device, make the
-model local, load it once (:class:`Session`; on the MLX backend through :mod:`~jmoshi_cli.mlx.infer`)
+model local, load it once (:class:`Session`; on the MLX backend through :mod:`~jmoshi_cli.infer.mlx_engine`)
 and process every input in turn. For an input
-``<stem>.<ext>`` three files are written to the output folder (:mod:`~jmoshi_cli.infer_outputs`):
+``<stem>.<ext>`` three files are written to the output folder (:mod:`~jmoshi_cli.infer.outputs`):
 J-Moshi's voice, a stereo dialogue wav and a timed transcript. Both wav files hold the input's
-length rounded up to whole 80 ms frames (:mod:`~jmoshi_cli.infer_inputs`); how the two voices line
-up, long inputs, dtype and sampling are described in :mod:`~jmoshi_cli.generation`.
+length rounded up to whole 80 ms frames (:mod:`~jmoshi_cli.infer.inputs`); how the two voices line
+up, long inputs, dtype and sampling are described in :mod:`~jmoshi_cli.infer.generation`.
 
-Where the work lives: :mod:`~jmoshi_cli.infer_inputs` (inputs, the user's audio, output names),
-:mod:`~jmoshi_cli.generation` (model and loop), :mod:`~jmoshi_cli.transcript` (text),
-:mod:`~jmoshi_cli.infer_outputs` (files).
+Where the work lives: :mod:`~jmoshi_cli.infer.inputs` (inputs, the user's audio, output names),
+:mod:`~jmoshi_cli.infer.generation` (model and loop), :mod:`~jmoshi_cli.transcript` (text),
+:mod:`~jmoshi_cli.infer.outputs` (files).
 
 Errors. A file that cannot be read, holds no samples, or whose outputs cannot be written gives a
 ``FileResult`` with ``ok=False`` and the next file is processed; callers exit non-zero at the end
@@ -22,22 +22,23 @@ subclasses before the model is loaded or while it loads. Nothing here prints.
 from __future__ import annotations
 
 import itertools
-import math
 import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from . import audio_io, generation, infer_outputs, transcript
-from .audio_io import FRAME_S, SAMPLE_RATE
-from .cache.artifacts import ModelFiles
-from .errors import JMoshiError, UsageError
-from .infer_inputs import UserAudio, collect_inputs, load_user, output_names, output_paths, prepare_out_dir
-from .reporter import Reporter
+from .. import audio_io, transcript
+from ..audio_io import FRAME_S, SAMPLE_RATE
+from ..cache.artifacts import ModelFiles
+from ..errors import JMoshiError, UsageError
+from ..reporter import Reporter
+from ..sampling import Sampling
+from . import generation, outputs
+from .inputs import UserAudio, collect_inputs, load_user, output_names, output_paths, prepare_out_dir
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model.precision import Precision
+    from ..model.precision import Precision
 
 OnFrame = Callable[[int, int], None]
 
@@ -47,27 +48,14 @@ OnFrame = Callable[[int, int], None]
 # --------------------------------------------------------------------------------------------
 
 
-def _check_number(name: str, value: float | None, integer: bool) -> None:
-    if value is None:
-        return
-    if integer and (int(value) != value or value < 0):
-        raise UsageError(f"{name} must be an integer >= 0, not {value}")
-    if not integer and not (value >= 0 and math.isfinite(value)):
-        raise UsageError(f"{name} must be a number >= 0, not {value}", hint="0 means greedy decoding")
-
-
 @dataclass(frozen=True)
 class InferOptions:
-    """How to run the model. Sampling values left as None come from config.json / LMGen."""
+    """How to run the model over each file; the sampling as asked (None values: the LM config's, else LMGen's)."""
 
     device: str = "cuda"
     half: bool = False
     channel: str = "left"
-    temp: float | None = None
-    temp_text: float | None = None
-    top_k: int | None = None
-    top_k_text: int | None = None
-    seed: int | None = None
+    sampling: Sampling = field(default_factory=Sampling)
     quantize: str = "auto"  # --quantize as given: auto, bf16 or int8 (precision.py)
 
     def __post_init__(self) -> None:
@@ -75,14 +63,6 @@ class InferOptions:
             raise UsageError(f"unknown channel {self.channel!r}", hint=f"use one of: {', '.join(audio_io.CHANNELS)}")
         if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
             raise UsageError(f"unknown device {self.device!r}", hint="use cuda, cuda:N or cpu")
-        for name in ("temp", "temp_text"):
-            _check_number(name, getattr(self, name), integer=False)
-        for name in ("top_k", "top_k_text", "seed"):
-            _check_number(name, getattr(self, name), integer=True)
-
-    def sampling_overrides(self) -> dict[str, Any]:
-        """The sampling values given, which win over config.json's."""
-        return {key: getattr(self, key) for key in generation.LMGEN_DEFAULTS if getattr(self, key) is not None}
 
 
 @dataclass
@@ -151,7 +131,7 @@ def _note(user: UserAudio, segments: list[tuple[int, int]], max_frames: int | No
 
 
 class Generating(Protocol):
-    """What a Session needs of a loaded model: generation.Model (PyTorch) or mlx.infer.MlxModel."""
+    """What a Session needs of a loaded model: generation.Model (PyTorch) or mlx_engine.MlxModel."""
 
     tokenizer: Any
     sampling: dict[str, Any]
@@ -172,7 +152,7 @@ class Session:
     def load(cls, files: ModelFiles, options: InferOptions | None = None, quiet: bool = True) -> Session:
         """Load the model for ``options`` (device, dtype, sampling); see :func:`generation.load_model`."""
         options = options or InferOptions()
-        model = generation.load_model(files, options.device, options.half, options.sampling_overrides(), quiet)
+        model = generation.load_model(files, options.device, options.half, options.sampling.overrides(), quiet)
         return cls(model, options)
 
     def run_file(self, src: Path, out_dir: Path, on_frame: OnFrame | None = None,
@@ -206,14 +186,14 @@ class Session:
             user.input_s, user.input_rate, user.channel, user.frames)
         segments = generation.segment_bounds(user.frames, self.model.max_frames)
         result.segments, result.note = len(segments), _note(user, segments, self.model.max_frames)
-        pcm, text_ids = self.model.generate(user.pcm, segments, self.options.seed,
+        pcm, text_ids = self.model.generate(user.pcm, segments, self.options.sampling.seed,
                                             _frame_counter(on_frame, user.frames))
         pieces = transcript.timed_pieces(text_ids, self.model.tokenizer, FRAME_S)
         doc = transcript.document(result.source, user, segments,
-                                  {**self.model.sampling, "seed": self.options.seed}, pieces,
+                                  {**self.model.sampling, "seed": self.options.sampling.seed}, pieces,
                                   sample_rate=SAMPLE_RATE, frame_s=FRAME_S)
         paths = output_paths(out_dir, name)
-        infer_outputs.write_outputs(paths, user.pcm, pcm, doc)
+        outputs.write_outputs(paths, user.pcm, pcm, doc)
         result.ok, result.outputs, result.text = True, paths, doc["text"]
 
     def run_many(self, sources: list[Path], out_dir: Path,
@@ -246,8 +226,8 @@ def run(request: InferRequest, report: Reporter | None = None) -> list[FileResul
     """Check inputs, output folder and device (seconds), make the model local, load it once, process
     every input. Raises JMoshiError for problems of the whole run; per-file problems are in the results.
     """
-    from . import backends
-    from .model import precision
+    from .. import backends
+    from ..model import precision
 
     report = report or Reporter()
     backend = backends.choose(request.backend)
@@ -275,8 +255,8 @@ def _channel_note(options: InferOptions, report: Reporter) -> None:
 
 
 def _load_torch(request: InferRequest, options: InferOptions, asked: Precision, report: Reporter) -> Session:
-    from .console import settings
-    from .model.preparation import ModelRequest, prepare_model
+    from ..console import settings
+    from ..model.preparation import ModelRequest, prepare_model
 
     model = prepare_model(ModelRequest(request.variant, request.revision, request.moshi_weight, request.lora, asked,
                                        options.device, options.half, request.offline),
@@ -289,10 +269,10 @@ def _load_torch(request: InferRequest, options: InferOptions, asked: Precision, 
 
 
 def _load_mlx(request: InferRequest, options: InferOptions, asked: Precision, report: Reporter) -> Session:
-    from .backends.mlx import MlxBackend
-    from .console import settings
-    from .mlx import infer as mlx_infer
-    from .model.preparation import ModelRequest
+    from ..backends.mlx import MlxBackend
+    from ..console import settings
+    from ..model.preparation import ModelRequest
+    from . import mlx_engine
 
     backend = MlxBackend()
     device = backend.device(options.device)
@@ -301,7 +281,7 @@ def _load_mlx(request: InferRequest, options: InferOptions, asked: Precision, re
                             web_ui=False, watch=report.watch_download, on_note=report.note)
     _channel_note(options, report)
     with report.loading(f"loading {model.variant.name} ({model.precision.value}) on MLX ({device})"):
-        return mlx_infer.load_session(model.files, options, device, quiet=not settings.show_tracebacks)
+        return Session(mlx_engine.load(model.files, options, device, quiet=not settings.show_tracebacks), options)
 
 
 def summarize(results: list[FileResult]) -> dict[str, Any]:

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from . import audio_io
-from .audio_io import SAMPLE_RATE
-from .errors import JMoshiError
-from .fsutil import atomic_write_text
+from .. import audio_io
+from ..audio_io import SAMPLE_RATE
+from ..errors import JMoshiError
+from ..fsutil import atomic_write_text
 
 
 class OutputError(JMoshiError):
