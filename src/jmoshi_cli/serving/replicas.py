@@ -282,7 +282,12 @@ class Fleet:
 def all_started(replicas: list[Replica], load: Load) -> bool:
     """Every replica jmoshi started is in rotation, or has failed to start (it restarts with backoff):
     "ready" promises as many conversations at once as replicas, so two people who open the page then
-    talk on two replicas, instead of one queued behind the other while a replica still loads."""
+    talk on two replicas, instead of one queued behind the other while a replica still loads.
+
+    It also keeps conversations from queueing while replicas enter rotation: HAProxy (2.4 to 3.0, issue
+    haproxy/haproxy#2744, seen with 2.6.12) hands a server that leaves maintenance or comes up the
+    conversation queued for it without counting it against `maxconn 1`, and then gives it one more, which
+    waits on moshi.server's lock with no handshake. After a crash, a restarted replica can still meet that."""
     healthy = {s.name for s in load.servers if s.up}
     return all(r.where.name in healthy or r.failures or r.gave_up for r in replicas)
 
