@@ -220,7 +220,10 @@ def test_a_final_file_shorter_than_what_was_hashed_gets_no_digest(tmp_path):
         wait_for(lambda: follower.hashed == len(data))
         partial.rename(final)
         os.truncate(final, MIB)
-        assert follower.finish(final) is None
+        digest = follower.finish(final)
+    # The follower may see the file shrink before finish() stops it, and start over on what is there: then
+    # its digest is that of the bytes on disk. Never that of the 2 MiB it hashed before.
+    assert digest in (None, hashlib.sha256(data[:MIB]).hexdigest())
 
 
 def test_nothing_followed_gives_no_digest(tmp_path):
