@@ -84,7 +84,12 @@ def _ssl_arg(ssl: SSLContext | bool | None) -> SSLContext | bool:
     return True if ssl is None else ssl
 
 
-CLOSED = ("CLOSE", "CLOSING", "CLOSED", "ERROR")  # aiohttp.WSMsgType names that end a conversation
+def _ends(kind: tp.Any) -> bool:
+    """An aiohttp message type that ends the conversation (aiohttp is imported when a chat runs)."""
+    import aiohttp
+
+    return kind in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
+                    aiohttp.WSMsgType.ERROR)
 
 
 class Conversation:
@@ -161,7 +166,7 @@ class Conversation:
                     if on_handshake is not None:
                         on_handshake()
                     return
-            elif msg.type.name in CLOSED:
+            elif _ends(msg.type):
                 raise ChatError(f"connection closed before the handshake ({msg.type.name}, "
                                 f"{ws.exception() or msg.extra})", self.result())
             # text/ping messages before the handshake are ignored
@@ -174,7 +179,7 @@ class Conversation:
             msg = await ws.receive()
             if msg.type == aiohttp.WSMsgType.BINARY:
                 self.handle(msg.data)
-            elif msg.type.name in CLOSED:
+            elif _ends(msg.type):
                 if not done.is_set():
                     self.closed_early.append(f"{msg.type.name} {ws.exception() or msg.extra or ''}".strip())
                 return
