@@ -21,6 +21,8 @@ from hub_server import LocalHub
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SHARED_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "audio"
+# Every server a test starts checks this token (JMOSHI_TOKEN), and the tests' clients send it.
+TEST_TOKEN = "jmoshi-test-token-0123456789"
 MIB = 1024 * 1024
 
 
@@ -76,7 +78,7 @@ def env(tmp_path, hub) -> dict:
     out = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "JMOSHI_"))}
     out.update(HF_ENDPOINT=hub.endpoint, HF_HUB_CACHE=str(tmp_path / "cache"), JMOSHI_HOME=str(tmp_path / "home"),
                HF_HUB_DISABLE_TELEMETRY="1", JMOSHI_RETRY_BASE_S="0.05", NO_COLOR="1",
-               XDG_CONFIG_HOME=str(tmp_path / "config"))
+               XDG_CONFIG_HOME=str(tmp_path / "config"), JMOSHI_TOKEN=TEST_TOKEN)
     return out
 
 
@@ -139,7 +141,7 @@ def tiny_env(tmp_path, tiny_hub_root):
         out = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "JMOSHI_"))}
         out.update(HF_ENDPOINT=server.endpoint, HF_HUB_CACHE=str(tmp_path / "cache"),
                    JMOSHI_HOME=str(tmp_path / "home"), JMOSHI_VARIANTS=str(variants), HF_HUB_DISABLE_TELEMETRY="1",
-                   JMOSHI_RETRY_BASE_S="0.05", NO_COLOR="1")
+                   JMOSHI_RETRY_BASE_S="0.05", NO_COLOR="1", JMOSHI_TOKEN=TEST_TOKEN)
         out["hub"] = server  # removed before use; lets tests reach the server
         yield out
 

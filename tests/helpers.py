@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import SHARED_AUDIO, child_env
+from conftest import SHARED_AUDIO, TEST_TOKEN, child_env
 from jmoshi_cli import hardware, runtime
 from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE
 from jmoshi_cli.hardware import GPU, NvidiaFacts, Probe
 from jmoshi_cli.selftest import speech_like
 from jmoshi_cli.serving.chat import ChatResult, chat
 
+AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}  # what a program sends to a server the tests started
 LOAD_S = 240.0  # a model loading (and the tiny one downloading) on a busy CPU
 ANSWER_S = 120.0  # a server answering every frame it was sent, on a busy CPU slower than real time
 
@@ -201,18 +202,27 @@ def answered(pcm: np.ndarray) -> tp.Callable[[ChatResult], bool]:
 async def converse(url: str, pcm: np.ndarray, *, until: tp.Callable[[ChatResult], bool] = got(),
                    deadline_s: float = ANSWER_S, timeout_s: float = ANSWER_S,
                    on_handshake: tp.Callable[[], None] | None = None,
-                   on_audio: tp.Callable[[], None] | None = None) -> ChatResult:
+                   on_audio: tp.Callable[[], None] | None = None, token: str | None = TEST_TOKEN) -> ChatResult:
     """jmoshi's /api/chat client, listening after its last frame until `until(what came back so far)`
     holds or `deadline_s` passed, instead of for a fixed time: a server slower than real time is waited
     for, a fast one is not. What came back is returned either way, for the test's assertions to judge.
     `timeout_s` bounds the connection and the handshake (the server serves one conversation at a time)."""
     return await chat(url, pcm, tail_s=deadline_s, timeout_s=timeout_s, until=until, on_handshake=on_handshake,
-                      on_audio=on_audio)
+                      on_audio=on_audio, token=token)
 
 
 def converse_sync(url: str, pcm: np.ndarray, **kwargs) -> ChatResult:
     """:func:`converse` run to completion in a new event loop."""
     return asyncio.run(converse(url, pcm, **kwargs))
+
+
+def http_get(url: str, headers: dict | None = None, timeout: float = 30) -> str:
+    """A page of a server the tests started, asked for as a program does (the token as a bearer header)."""
+    import urllib.request
+
+    request = urllib.request.Request(url, headers=AUTH if headers is None else headers)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.read().decode()
 
 
 def japanese(text: str) -> bool:

@@ -10,13 +10,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from jmoshi_cli import selftest
+from jmoshi_cli import scratch, selftest
 from jmoshi_cli.backends.contract import ChildContract, Launch
 from jmoshi_cli.errors import ServerError
 from jmoshi_cli.selftest import SelftestError, free_port
@@ -99,9 +100,14 @@ def test_kill_9_of_selftest_takes_its_moshi_server_down():
         child = moshi_child(process.pid)
         port = port_of(child)
         wait_listening(child, port)
+        folders = [folder for folder in Path(tempfile.gettempdir()).glob("jmoshi-selftest-*")
+                   if getattr(scratch.owner(folder), "pid", None) == process.pid]
+        assert len(folders) == 1  # the tiny model's web UI, unpacked
         process.kill()
         process.wait()
         assert_gone_within(child, port)
+        scratch.sweep()  # what the next jmoshi does first: the killed one could not remove its folder
+        assert not folders[0].exists()
     finally:
         process.kill()
         process.wait()

@@ -287,6 +287,41 @@ def test_offline_with_everything_cached_succeeds(env, hub):
     assert len(result.stdout.split()) == 4
 
 
+def download_statuses(result) -> dict[str, str]:
+    assert result.returncode == 0, result.stderr
+    [variant] = json.loads(result.stdout)["variants"]
+    assert variant["missing_bytes"] == 0
+    return {f["file"]: f["status"] for f in variant["files"]}
+
+
+def test_a_cached_file_with_no_known_hash_stays_unverified_and_is_used(env, hub):
+    assert run_cli("download", "--variant", "ext", env=env).returncode == 0
+    # A plain file in the snapshot, not a link to a blob named by its hash (a copied cache): offline, nothing
+    # says what it should hash to.
+    link = next(Path(env["HF_HUB_CACHE"]).glob("models--nu-dialogue--j-moshi-ext/snapshots/*/" + FILES[1]))
+    content = link.read_bytes()
+    link.unlink()
+    link.write_bytes(content)
+    env.update(HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
+    statuses = download_statuses(run_cli("download", "--variant", "ext", "--json", env=env))
+    assert statuses[FILES[1]] == "unverified" and statuses[FILES[0]] == "complete"
+    served = run_cli("download", "--variant", "ext", env=env)
+    assert served.returncode == 0 and str(link) in served.stdout.split()  # usable: its path is handed on
+
+
+def test_a_fetched_file_with_no_known_hash_is_unverified_and_shown_done(env, hub, monkeypatch):
+    from jmoshi_cli.cache import artifacts
+
+    known = artifacts.expected_hash
+    monkeypatch.setattr(artifacts, "expected_hash",
+                        lambda entry: None if entry.artifact.filename == FILES[1] else known(entry))
+    result = run_cli("download", "--variant", "ext", "--json", env=env)
+    statuses = download_statuses(result)
+    assert statuses[FILES[1]] == "unverified" and statuses[FILES[0]] == "complete"
+    assert re.search(rf"^done \S+/{re.escape(FILES[1])}: .*no content hash known to verify it$", result.stderr,
+                     re.M), result.stderr
+
+
 def test_gated_repo_needs_a_token(env, hub):
     hub.set_gated(EXT, "hf_granted")
     result = run_cli("download", env=env)

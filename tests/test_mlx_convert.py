@@ -138,3 +138,62 @@ def test_mimi_gets_the_names_rustymimi_reads(repo, split_repo, tmp_path):
     pcm = np.random.default_rng(0).standard_normal((1, 1, 1920 * 4)).astype(np.float32) * 0.1
     codes = [rustymimi.Tokenizer(str(path), num_codebooks=8).encode_step(pcm) for path in (repo / MIMI_NAME, renamed)]
     assert np.array_equal(codes[0], codes[1])
+
+
+# --- a converted file is checked against the sha256 it was written with -----------------------------------------
+
+
+def flip_a_byte(path: Path) -> None:
+    """One byte in the middle changed in place, the size kept, the mtime moved on as a later write moves it."""
+    import os
+
+    before = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(before.st_size // 2)
+        byte = f.read(1)[0]
+        f.seek(before.st_size // 2)
+        f.write(bytes([byte ^ 0xFF]))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+
+
+def test_a_flipped_byte_in_the_converted_weights_is_refused_removed_and_made_again(repo, tmp_path):
+    made = convert_in(tmp_path, repo, Precision.INT4)
+    flip_a_byte(made.weight)
+    with pytest.raises(CacheError, match="the MLX int4 weights .* no longer has the sha256") as refused:
+        convert_in(tmp_path, repo, Precision.INT4)
+    assert "run the command again" in refused.value.hint
+    assert not made.weight.exists() and convert.cached(made.weight.parent, Precision.INT4) is None
+    remade = convert_in(tmp_path, repo, Precision.INT4)
+    assert remade.made_s is not None and convert.verify(remade)
+
+
+def test_a_flipped_byte_in_the_renamed_mimi_is_refused(split_repo, tmp_path):
+    renamed = convert.ensure_mimi(tmp_path, split_repo / MIMI_NAME, None)
+    flip_a_byte(renamed)
+    with pytest.raises(CacheError, match="the MLX Mimi .* no longer has the sha256"):
+        convert.ensure_mimi(tmp_path, split_repo / MIMI_NAME, None)
+    assert not renamed.exists()
+    assert convert.ensure_mimi(tmp_path, split_repo / MIMI_NAME, None) == renamed
+    assert convert.verify_mimi(renamed.parent)
+
+
+def test_recheck_hashes_every_converted_file_and_removes_the_bad_ones(repo, split_repo, tmp_path):
+    from jmoshi_cli.model import derived
+
+    made = {p: convert_in(tmp_path, repo, p) for p in (Precision.BF16, Precision.INT8)}
+    mimi = convert.ensure_mimi(tmp_path, split_repo / MIMI_NAME, None)
+    lm_sha, mimi_sha = made[Precision.BF16].source_sha256, derived.sha256_of(split_repo / MIMI_NAME)
+
+    def rechecked() -> dict[str, derived.Rechecked]:
+        found = convert.recheck_lm(tmp_path, lm_sha) + convert.recheck_mimi(tmp_path, mimi_sha)
+        return {r.kind: r for r in found}
+
+    assert {(r.kind, r.path, r.intact) for r in rechecked().values()} == {
+        ("mlx-bf16", made[Precision.BF16].weight, True), ("mlx-int8", made[Precision.INT8].weight, True),
+        ("mlx-mimi", mimi, True)}
+    flip_a_byte(made[Precision.INT8].weight)
+    again = rechecked()
+    assert not again["mlx-int8"].intact and again["mlx-bf16"].intact and again["mlx-mimi"].intact
+    assert again["mlx-int8"].status.value == "corrupt" and not made[Precision.INT8].weight.exists()
+    assert set(rechecked()) == {"mlx-bf16", "mlx-mimi"}  # the bad one is gone: the next start makes it again
+    assert convert.recheck_lm(tmp_path, "0" * 64) == convert.recheck_mimi(tmp_path, "0" * 64) == []

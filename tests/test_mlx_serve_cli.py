@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("moshi_mlx", reason="the MLX runtime is not installed (pip install -e '.[mlx]')")
 
-from conftest import child_env, jmoshi  # noqa: E402
+from conftest import TEST_TOKEN, child_env, jmoshi  # noqa: E402
 from jmoshi_cli.transcript import join_pieces  # noqa: E402
 
 from helpers import Served, answered, converse_sync, japanese, user_audio, wait_until  # noqa: E402
@@ -35,7 +35,7 @@ def test_serve_backend_mlx_downloads_converts_talks_and_records(tiny_env, tmp_pa
         result = converse_sync(f"ws://127.0.0.1:{port}/api/chat", said, until=answered(said))
     finally:
         code, err = served.stop()
-    assert url.strip() == f"http://127.0.0.1:{port}/" and code == 143, err
+    assert url.strip() == f"http://127.0.0.1:{port}/?token={TEST_TOKEN}" and code == 143, err
     assert "starting jmoshi's MLX server (tiny" in err and "converting" in err and "far slower than real time" in err
     assert result.audio_samples > 0 and japanese("".join(result.text_pieces)), result.text_pieces
     assert "a browser connected" in err and "frames, median" in err  # the same console lines as on torch

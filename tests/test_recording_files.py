@@ -204,8 +204,9 @@ def test_the_recorder_reads_what_serve_hands_the_child(tmp_path):
     contract = ChildContract(record=Recording(str(tmp_path), {"variant": "ext", "commit": "c" * 40}), seed=7,
                              sampling={"temp": 0.5})
     settings = tap.Settings.from_contract(ChildContract.from_env(contract.to_env()))
-    assert settings == tap.Settings(tmp_path, {"variant": "ext", "commit": "c" * 40}, 7, {"temp": 0.5}, None)
-    assert tap.Settings.from_contract(ChildContract(replica="r1")) == tap.Settings(replica="r1")
+    assert settings == tap.Settings(tmp_path, {"variant": "ext", "commit": "c" * 40}, 7, {"temp": 0.5}, None,
+                                    min_free_mb=1024)
+    assert tap.Settings.from_contract(ChildContract(replica="r1")) == tap.Settings(replica="r1", min_free_mb=1024)
     assert not tap.Settings.from_contract(ChildContract()).wanted
 
 

@@ -7,14 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import child_env
-from jmoshi_cli import hardware
+from conftest import TEST_TOKEN, child_env
+from jmoshi_cli import hardware, scratch
 from jmoshi_cli.errors import PreflightError, UsageError
 from jmoshi_cli.hardware import GPU, NvidiaFacts, Probe
 from jmoshi_cli.model.precision import Precision
@@ -23,6 +23,7 @@ from jmoshi_cli.serving import haproxy, replicas
 
 from helpers import (
     ANSWER_S,
+    AUTH,
     LOAD_S,
     Running,
     Served,
@@ -31,6 +32,7 @@ from helpers import (
     converse,
     converse_sync,
     got,
+    http_get,
     listening,
     wait_until,
 )
@@ -45,10 +47,28 @@ def test_config_queues_chat_one_per_replica_and_serves_the_ui_freely(tmp_path, h
     text = haproxy.render_config(cfg)
     assert "server r0 127.0.0.1:9001 check inter 1000ms fall 2 rise 1 maxconn 1" in text
     assert "timeout queue 90000ms" in text and "balance leastconn" in text
-    assert "use_backend chat if { path_beg /api/chat }" in text
+    # Every websocket upgrade is a conversation, whatever the spelling of its path: through the queue.
+    assert "acl is_chat hdr(upgrade) -i websocket" in text and "use_backend chat if is_chat" in text
+    assert "token_ok" not in text  # --no-token
     (tmp_path / "busy.http").write_text(haproxy.busy_page())
     (tmp_path / "haproxy.cfg").write_text(text)
     haproxy.check_config(haproxy_binary, tmp_path / "haproxy.cfg")  # HAProxy itself accepts it
+
+
+def test_config_with_a_token_holds_its_digests_only_and_guards_stats_and_metrics(tmp_path, haproxy_binary):
+    for name, body in (("401.html", "401"), ("busy.html", "busy"), ("busy.http", haproxy.busy_page())):
+        (tmp_path / name).write_text(body)
+    cfg = haproxy.FrontConfig("127.0.0.1", 8998, (haproxy.Backend("r0", "127.0.0.1", 9001),),
+                              tmp_path / "runtime.sock", tmp_path / "busy.http", token=TEST_TOKEN,
+                              unauthorized_page=tmp_path / "401.html", busy_body=tmp_path / "busy.html",
+                              max_waiting=3, metrics=("127.0.0.1", 8405))
+    text = haproxy.render_config(cfg)
+    assert TEST_TOKEN not in text
+    # The 401 comes before anything is served: /metrics (a service), /stats and every backend.
+    assert text.index("if !token_ok") < text.index("prometheus-exporter") < text.index("use_backend stats")
+    assert "queue(chat) ge 3" in text and "bind 127.0.0.1:8405" in text
+    (tmp_path / "haproxy.cfg").write_text(text)
+    haproxy.check_config(haproxy_binary, tmp_path / "haproxy.cfg")
 
 
 def test_busy_page_is_a_complete_http_response():
@@ -163,7 +183,7 @@ async def _hold(url: str):
     import aiohttp
 
     session = aiohttp.ClientSession()
-    ws = await session.ws_connect(url)
+    ws = await session.ws_connect(url, headers=AUTH)
     message = await asyncio.wait_for(ws.receive(), 60)
     assert message.data[:1] == b"\x00", message
     return session, ws
@@ -180,6 +200,7 @@ def _timed_busy_body(port: int, wait_s: float) -> tuple[str, float]:
     import socket
 
     request = ("GET /api/chat HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+               f"Authorization: Bearer {TEST_TOKEN}\r\n"
                "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as conn:
@@ -192,9 +213,16 @@ def _timed_busy_body(port: int, wait_s: float) -> tuple[str, float]:
 
 def serve_replicas(tiny_env, *extra: str) -> tuple[Served, int]:
     port = free_port()
-    served = Served(["--variant", "tiny", "--device", "cpu", "--port", str(port), "--replicas", "2", *extra],
-                    tiny_env)
+    # The tests hold conversations without a word (their slots must stay taken): no idle timeout for them.
+    served = Served(["--variant", "tiny", "--device", "cpu", "--port", str(port), "--replicas", "2",
+                     "--idle-timeout", "3600", *extra], tiny_env)
     return served, port
+
+
+def scratch_of(jmoshi_pid: int) -> list[Path]:
+    """The private temp folders a jmoshi process made."""
+    return [folder for folder in Path(tempfile.gettempdir()).glob(f"{scratch.PREFIX}*")
+            if getattr(scratch.owner(folder), "pid", None) == jmoshi_pid]
 
 
 def replica_pids(jmoshi_pid: int) -> dict[int, int]:
@@ -216,8 +244,8 @@ def test_two_replicas_serve_two_queue_the_third_and_turn_away_in_words_when_the_
         url = served.wait_ready()
         wait_until(lambda: len(listening(port)) > 0, 60, "the front")
         ws_url = f"ws://127.0.0.1:{port}/api/chat"
-        page = urllib.request.urlopen(url, timeout=30).read().decode()
-        metrics = urllib.request.urlopen(url + "metrics", timeout=30).read().decode()
+        page = http_get(url)
+        metrics = http_get(f"http://127.0.0.1:{port}/metrics")
 
         async def scenario():
             first, second = await asyncio.gather(_hold(ws_url), _hold(ws_url))  # both replicas taken
@@ -336,10 +364,14 @@ def test_kill_9_of_jmoshi_takes_haproxy_and_every_replica_with_it(tiny_env, hapr
     served.wait_ready()
     pids = set(children_of(served.process.pid))
     assert len(pids) >= 3  # two replicas and HAProxy
+    folders = scratch_of(served.process.pid)
+    assert [f.name.startswith("jmoshi-front-") for f in folders] == [True]  # HAProxy's config and socket
     served.process.kill()
     served.process.wait()
     wait_until(lambda: not any(alive(pid) for pid in pids), 30, "the children to die with jmoshi")
     assert not listening(port)
+    scratch.sweep()  # what the next jmoshi does first: the killed one could not remove its folder
+    assert not any(folder.exists() for folder in folders)
 
 
 @pytest.mark.slow
@@ -352,7 +384,7 @@ def test_front_over_a_serve_elsewhere_with_health_checks(tiny_env, haproxy_binar
     try:
         backend.wait_ready()
         url = front.wait_ready()
-        assert url == f"http://127.0.0.1:{front_port}/"
+        assert url == f"http://127.0.0.1:{front_port}/?token={TEST_TOKEN}"
         # What the person running the front sees once HAProxy checked both: the live backend up, the other not.
         # Its status line is printed again whenever the count changes; the newest one is the current state.
         wait_until(lambda: "1/2 replicas healthy" in front.last_line_with("replicas healthy"), 60,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import child_env, jmoshi
+from conftest import TEST_TOKEN, child_env, jmoshi
 from jmoshi_cli import hardware, preflight, runtime
 from jmoshi_cli.audio_io import SAMPLE_RATE
 from jmoshi_cli.backends import Kind, ServerSpec, render
@@ -37,6 +37,7 @@ from helpers import (
     children_of,
     converse_sync,
     fake_gpus,
+    http_get,
     japanese,
     listening,
     user_audio,
@@ -50,11 +51,12 @@ def test_serve_downloads_then_talks_japanese_on_loopback_only(tiny_env):
     served = Served(["--variant", "tiny", "--device", "cpu", "--port", str(port)], tiny_env)
     try:
         url = served.wait_ready()
-        assert url == f"http://127.0.0.1:{port}/"
+        assert url == f"http://127.0.0.1:{port}/?token={TEST_TOKEN}"
         # The bound sockets, not the log line: only 127.0.0.1, not 0.0.0.0 or [::].
         assert listening(port) == {"127.0.0.1"}
-        page = subprocess.run(["curl", "-s", url], capture_output=True, text=True).stdout if \
-            os.path.exists("/usr/bin/curl") else _http_get(url)
+        # As a browser opens the printed URL: the token becomes a cookie, and the clean URL the page.
+        page = subprocess.run(["curl", "-sL", "-b", "", url], capture_output=True, text=True).stdout if \
+            os.path.exists("/usr/bin/curl") else http_get(url)
         assert "J-Moshi test UI" in page
         said = user_audio(3.0)
         result = converse_sync(f"ws://127.0.0.1:{port}/api/chat", said, until=answered(said))
@@ -101,11 +103,6 @@ def hang_up_mid_conversation(url: str) -> None:
         client.stdout.close()
 
 
-def _http_get(url: str) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.read().decode()
 
 
 def wait_gone(pids: list[int]) -> None:

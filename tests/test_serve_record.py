@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import child_env, jmoshi, run_cli
+from conftest import TEST_TOKEN, child_env, jmoshi, run_cli
 from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE
 from jmoshi_cli.recording import Ended, store
 from jmoshi_cli.recording import format as recordings
@@ -62,8 +62,8 @@ def recorded_frames(folder: Path, at_least: int) -> bool:
 def talk_in_background(url: str, seconds: float) -> subprocess.Popen:
     """A browser talking for `seconds`, in its own process: the tests stop it (or its server) mid-conversation."""
     script = ("import sys; from jmoshi_cli.serving.chat import chat_sync; from jmoshi_cli.selftest import speech_like; "
-              "chat_sync(sys.argv[1], speech_like(float(sys.argv[2])), tail_s=1.0)")
-    return subprocess.Popen([sys.executable, "-c", script, url, str(seconds)], stderr=subprocess.DEVNULL)
+              "chat_sync(sys.argv[1], speech_like(float(sys.argv[2])), tail_s=1.0, token=sys.argv[3])")
+    return subprocess.Popen([sys.executable, "-c", script, url, str(seconds), TEST_TOKEN], stderr=subprocess.DEVNULL)
 
 
 def lag_of_peak(reference: np.ndarray, signal_: np.ndarray, max_lag: int) -> int:

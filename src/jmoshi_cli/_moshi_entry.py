@@ -67,19 +67,30 @@ def _say(line: str) -> None:
 
 
 def _tap(contract: ChildContract):
-    """The hook given the aiohttp app: the browser's text, and the recorder when asked for."""
+    """The hook given the aiohttp app: the gate (who gets in, each conversation followed), the browser's
+    text, and the recorder when asked for."""
     from .recording.tap import Recorder, Settings
+    from .serving import gate, visits
 
     settings = Settings.from_contract(contract)
     recorder = Recorder(settings, _say) if settings.wanted else None
 
     def attach(app) -> None:
         state = moshi_server.server_state(app)
+        listeners: list[moshi_server.Listener] = [visits.Listener()]
         if recorder is not None:
             recorder.attach(app, moshi_server.model_facts(state))  # first: the tokenizer, not the browser's
-        moshi_server.tap(state, [recorder] if recorder is not None else [])
+            listeners.append(recorder)
+        moshi_server.tap(state, listeners)
+        gate.install(app, contract.access, contract.limits, _say)
 
     return attach
+
+
+def _adopt(ws):
+    from .serving import visits
+
+    return visits.adopt(ws)
 
 
 def main() -> None:
@@ -88,6 +99,7 @@ def main() -> None:
     _limit_threads(contract.threads)
     plan = plan_for(runtime.detect(), contract, sys.argv[1:])
     plan.patches.on_app.append(_tap(contract))
+    plan.patches.on_websocket.append(_adopt)
     moshi_server.apply(plan.patches)
     sys.argv = ["moshi.server", *plan.argv]
     runpy.run_module("moshi.server", run_name="__main__", alter_sys=True)

@@ -94,6 +94,45 @@ BackendOpt = Annotated[str, typer.Option(
     "--backend", help="auto, torch (moshi.server on PyTorch: NVIDIA GPUs, or the CPU for tests) or mlx (Apple "
     "Silicon through Kyutai's moshi_mlx; on Linux MLX's CPU backend, far slower than real time). auto is mlx on "
     "macOS arm64 and torch elsewhere.")]
+# Access, one group for serve and front (serving/access.py): who may talk, and what frees a slot.
+TokenOpt = Annotated[Optional[str], typer.Option(
+    "--token", envvar="JMOSHI_TOKEN", help="The access token for this run (default: the one kept in jmoshi's data "
+    "folder, made on first use). The printed URL carries it; programs send `Authorization: Bearer TOKEN`.",
+    show_default=False, rich_help_panel="Access")]
+NewTokenOpt = Annotated[bool, typer.Option(
+    "--new-token", help="Make a new token and keep it (old URLs and QR codes stop working).",
+    rich_help_panel="Access")]
+NoTokenOpt = Annotated[bool, typer.Option(
+    "--no-token", help="No token: anyone who can reach the port can talk to J-Moshi (and be recorded).",
+    rich_help_panel="Access")]
+AllowOriginOpt = Annotated[Optional[list[str]], typer.Option(
+    "--allow-origin", help="Let pages of this origin (e.g. https://lab.example.org, or *) open a conversation; by "
+    "default only the server's own page may. Repeat for more.", show_default=False, rich_help_panel="Access")]
+IdleTimeoutOpt = Annotated[float, typer.Option(
+    "--idle-timeout", help="Seconds without audio that end a conversation and free its slot (a browser streams "
+    "even in silence).", rich_help_panel="Access")]
+MaxMinutesOpt = Annotated[Optional[float], typer.Option(
+    "--max-minutes", help="The longest a conversation may last (demos).", show_default=False,
+    rich_help_panel="Access")]
+MaxWaitingOpt = Annotated[int, typer.Option(
+    "--max-waiting", help="Conversations that may wait for a free slot; others are told it is busy.",
+    rich_help_panel="Access")]
+ConsentOpt = Annotated[Optional[Path], typer.Option(
+    "--consent", help="With --record: your study's own text (UTF-8) on the consent page each participant sees "
+    "before talking.", metavar="FILE", show_default=False, rich_help_panel="Access")]
+MinFreeOpt = Annotated[int, typer.Option(
+    "--min-free-mb", help="With --record: a recording does not start, or stops and ends its conversation, below "
+    "this much free disk space.", rich_help_panel="Access")]
+
+
+def _access(token: str | None, new_token: bool, no_token: bool, allow_origin: list[str] | None, idle_timeout: float,
+            max_minutes: float | None, max_waiting: int, consent: Path | None = None, min_free_mb: int = 1024):
+    from .serving.access import AccessOptions
+
+    return AccessOptions(token, new_token, no_token, tuple(allow_origin or ()), consent, idle_timeout, max_minutes,
+                         max_waiting, min_free_mb)
+
+
 HostOpt = Annotated[str, typer.Option(
     "--host", help="Address to listen on. 127.0.0.1 keeps it on this machine; 0.0.0.0 opens it to the network.")]
 PortOpt = Annotated[int, typer.Option("--port", help="Port to listen on.")]
@@ -186,16 +225,19 @@ def verify(
     revision: RevisionOpt = None,
     as_json: JsonOpt = False,
 ) -> int:
-    """Re-hash what is cached for a variant; report corrupt or missing files (exit 1 if any)."""
+    """Re-hash what is cached for a variant and the int8/MLX weights made from it; report corrupt or missing files
+    (exit 1 if any). A corrupt made file is removed: the next start makes it again."""
     from .cache import artifacts
+    from .model import preparation
     from .results import VerifyResult
 
     catalogue, names = _variant_names(variant)
-    report = []
+    report, derived = [], {}
     for name in names:
         plan = artifacts.resolve(catalogue, catalogue.get(name), revision, offline=True)
         report.append((plan, [artifacts.verify(e) for e in plan.entries]))
-    return finish(VerifyResult(report), as_json)
+        derived[name] = preparation.recheck_derived(plan)
+    return finish(VerifyResult(report, derived), as_json)
 
 
 @app.command()
@@ -228,6 +270,15 @@ def serve(
     top_k_text: TopKTextOpt = None,
     seed: SeedOpt = None,
     backend: BackendOpt = "auto",
+    token: TokenOpt = None,
+    new_token: NewTokenOpt = False,
+    no_token: NoTokenOpt = False,
+    allow_origin: AllowOriginOpt = None,
+    idle_timeout: IdleTimeoutOpt = 30.0,
+    max_minutes: MaxMinutesOpt = None,
+    max_waiting: MaxWaitingOpt = 8,
+    consent: ConsentOpt = None,
+    min_free_mb: MinFreeOpt = 1024,
 ) -> int:
     """Talk to J-Moshi in the browser: check, fetch what is missing, then run its server.
 
@@ -241,7 +292,9 @@ def serve(
         variant=variant, host=host, port=port, device=device, half=half, offline=offline, https=https, ssl_dir=ssl,
         revision=revision, moshi_weight=moshi_weight, replicas=replicas, gpus=gpus, queue_timeout_s=queue_timeout,
         drain_timeout_s=drain_timeout, record=record, sampling=Sampling(temp, temp_text, top_k, top_k_text, seed),
-        quantize=quantize, lora=lora, backend=backend)
+        quantize=quantize, lora=lora, backend=backend,
+        access=_access(token, new_token, no_token, allow_origin, idle_timeout, max_minutes, max_waiting, consent,
+                       min_free_mb))
     return srv.run(options, ConsoleReporter(ui.settings.verbose, open_browser))
 
 
@@ -321,12 +374,28 @@ def front(
                                                 show_default=False)] = None,
     queue_timeout: QueueTimeoutOpt = 180.0,
     drain_timeout: DrainTimeoutOpt = 60.0,
+    token: TokenOpt = None,
+    new_token: NewTokenOpt = False,
+    no_token: NoTokenOpt = False,
+    idle_timeout: IdleTimeoutOpt = 30.0,
+    max_waiting: MaxWaitingOpt = 8,
+    metrics_host: Annotated[Optional[str], typer.Option(
+        "--metrics-host", help="Also serve /stats and /metrics without the token on this address (e.g. 127.0.0.1 "
+        "for a Prometheus scraper on this machine), at --metrics-port.", show_default=False,
+        rich_help_panel="Access")] = None,
+    metrics_port: Annotated[int, typer.Option("--metrics-port", help="With --metrics-host.",
+                                              rich_help_panel="Access")] = 8405,
 ) -> int:
-    """One URL over `jmoshi serve` instances on other machines: HAProxy, health checks, a fair queue."""
+    """One URL over `jmoshi serve` instances on other machines: HAProxy, health checks, a fair queue.
+
+    Start every `jmoshi serve` behind it with the same token (--token or JMOSHI_TOKEN): one token for the user.
+    """
     from .render import ConsoleReporter
     from .serving import front as frontdoor
 
-    options = frontdoor.FrontOptions(backend, host, port, https, ssl, queue_timeout, drain_timeout)
+    options = frontdoor.FrontOptions(backend, host, port, https, ssl, queue_timeout, drain_timeout,
+                                     _access(token, new_token, no_token, None, idle_timeout, None, max_waiting),
+                                     metrics_host, metrics_port)
     return frontdoor.run(options, ConsoleReporter(ui.settings.verbose))
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -100,7 +103,7 @@ def gather(catalogue: Catalogue, variant: Variant, host: str = "127.0.0.1", port
     offline = hub.offline_env()
     reach = None
     if not offline:
-        reach = hardware.http_reachable(f"{hub.endpoint()}/api/models/{variant.repo}")
+        reach = hub_reachable(f"{hub.endpoint()}/api/models/{variant.repo}", hub.token())
     plan = hardware.bounded(
         lambda: artifacts.resolve(catalogue, variant, offline=offline or not (reach and reach.ok)), 20)
     cache, missing = _cache_facts(plan)
@@ -111,6 +114,37 @@ def gather(catalogue: Catalogue, variant: Variant, host: str = "127.0.0.1", port
         extra={"cache_dir": str(hub.cache_dir()), "offline": offline}, haproxy=_haproxy_probe(),
         compile=CompileFacts(runtime.c_compiler(), runtime.python_headers(), runtime.NO_COMPILE_ENV in os.environ),
         apple=apple)
+
+
+class _TokenStaysHome(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect without the Authorization header once it leaves the hub's scheme and host: urllib
+    copies every header onto the next request, and the hub sends downloads on to a CDN that must not see
+    HF_TOKEN (nor see it in plain HTTP after an https hub)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(new.full_url) != _origin(req.full_url):
+            new.remove_header("Authorization")
+        return new
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
+
+
+def hub_reachable(url: str, token: str | None, timeout_s: float = 3.0) -> Probe[int]:
+    """Whether the hub answers at url (any HTTP status counts), with the token sent to the hub's host alone."""
+    request = urllib.request.Request(url, method="HEAD", headers={"user-agent": "jmoshi-doctor"})
+    if token:
+        request.add_header("authorization", f"Bearer {token}")
+    try:
+        with urllib.request.build_opener(_TokenStaysHome()).open(request, timeout=timeout_s) as response:
+            return Probe(True, response.status)
+    except urllib.error.HTTPError as exc:
+        return Probe(True, exc.code)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return Probe(False, error=str(getattr(exc, "reason", exc)))
 
 
 def _haproxy_probe() -> Probe[Any]:

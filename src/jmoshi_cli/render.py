@@ -68,14 +68,21 @@ def show_plan(plan) -> None:
     console.print(f"  to download: {len(plan.missing)} file(s), {_size(plan.missing_bytes)}", soft_wrap=True)
 
 
-def show_verify(report) -> None:
+def show_verify(report, derived=None) -> None:
+    """Each variant's hub files, then the files jmoshi made from them (`derived`: variant name -> rows)."""
     for plan, entries in report:
         console.print(f"{plan.variant.name} ({plan.variant.repo}):", soft_wrap=True)
         for e in entries:
-            mark = {Status.COMPLETE: "[green]ok[/]", Status.UNVERIFIED: "[yellow]unverified[/]"}.get(
-                e.status, f"[bold red]{e.status.value}[/]")
-            detail = f" ({e.detail})" if e.detail else ""
-            console.print(f"  {mark} {e.artifact.repo}/{e.artifact.filename}{detail}", soft_wrap=True)
+            _verify_row(e.status, f"{e.artifact.repo}/{e.artifact.filename}", e.detail)
+        for made in (derived or {}).get(plan.variant.name, []):
+            source = f" of {made.made_from.filename}" if made.made_from else ""
+            _verify_row(made.status, f"jmoshi's {made.kind}{source}: {made.path}", made.detail)
+
+
+def _verify_row(status, name: str, detail: str) -> None:
+    mark = {Status.COMPLETE: "[green]ok[/]", Status.UNVERIFIED: "[yellow]unverified[/]"}.get(
+        status, f"[bold red]{status.value}[/]")
+    console.print(f"  {mark} {escape(name)}{f' ({detail})' if detail else ''}", soft_wrap=True)
 
 
 class DownloadView:
@@ -118,7 +125,7 @@ class DownloadView:
 
     def progress(self, entry, done: int) -> None:
         key = entry.artifact.label
-        if entry.status is Status.COMPLETE:
+        if entry.status.usable:  # fetched: verified, or unverified when no hash is known for it
             self._done(entry, done)
         elif key not in self.started or entry.status is Status.CORRUPT:
             self._start(entry, done)
@@ -292,25 +299,45 @@ def show_starting(prepared) -> None:
 def show_ready(launch, seconds: float, replicas: str | None = None) -> None:
     import socket
 
-    from .serving.serve import is_loopback, lan_addresses
+    from .addresses import is_loopback, reachable_hosts
 
+    url = launch.page_url()
     if replicas is None:
-        console.print(f"[bold green]ready[/] at {launch.url} (took {seconds:.1f} s). One conversation at a time: "
+        console.print(f"[bold green]ready[/] at {url} (took {seconds:.1f} s). One conversation at a time: "
                       "a second browser waits until the first one hangs up. Ctrl-C stops the server.", soft_wrap=True)
     else:
-        console.print(f"[bold green]ready[/] at {launch.url} (took {seconds:.1f} s; {replicas} up behind the "
+        console.print(f"[bold green]ready[/] at {url} (took {seconds:.1f} s; {replicas} up behind the "
                       "front). One conversation per replica; others wait in a queue. Live numbers: "
-                      f"{launch.url}stats and {launch.url}metrics (Prometheus). Ctrl-C drains and stops.",
-                      soft_wrap=True)
-    if is_loopback(launch.host):
-        return
-    hosts = lan_addresses() if launch.host in ("0.0.0.0", "::") else [launch.host]
+                      f"{launch.url}stats and {launch.url}metrics (Prometheus; with the token). Ctrl-C drains and "
+                      "stops.", soft_wrap=True)
+    if launch.token is None and not is_loopback(launch.host):
+        console.print("[bold red]warning:[/] --no-token on a network address: anyone on the network can talk to "
+                      "J-Moshi" + (" and be recorded" if _records(launch) else "") + ".", soft_wrap=True)
+    hosts = reachable_hosts(launch.host)
     for address in hosts:
-        console.print(f"  on the network: {launch.scheme}://{address}:{launch.port}/", soft_wrap=True)
-    if launch.scheme == "http":
+        console.print(f"  on the network: {launch.page_url(address)}", soft_wrap=True)
+    if hosts:
+        show_qr(launch.page_url(hosts[0]))
+    if hosts and launch.scheme == "http":
         console.print("  browsers give the microphone only to https:// pages or localhost: use --https, or "
                       f"tunnel: ssh -L {launch.port}:localhost:{launch.port} {socket.gethostname()} and open "
                       f"http://localhost:{launch.port}/", soft_wrap=True)
+
+
+def _records(launch) -> bool:
+    return launch.contract is not None and launch.contract.record is not None
+
+
+def show_qr(url: str) -> None:
+    """The URL as a QR code in the terminal, for phones and tablets (two rows of modules per line)."""
+    import io
+
+    import segno
+
+    out = io.StringIO()
+    segno.make(url, error="m").terminal(out=out, compact=True, border=2)
+    console.print(f"  QR code of {url}:", soft_wrap=True)
+    console.print(out.getvalue(), markup=False, highlight=False, soft_wrap=True, end="")
 
 
 def server_relay(verbose: bool, name: str | None = None, server: str = "moshi.server"):
@@ -432,7 +459,7 @@ def _(result: results.DownloadResult) -> None:
 
 @show.register
 def _(result: results.VerifyResult) -> None:
-    show_verify(result.report)
+    show_verify(result.report, result.derived)
 
 
 @show.register
@@ -498,11 +525,11 @@ class ConsoleReporter(Reporter):
         import typer
 
         show_ready(launch, seconds, replicas)
-        typer.echo(launch.url)  # the result, for scripts
+        typer.echo(launch.page_url())  # the result, for scripts
         if self.open_browser:
             import webbrowser
 
-            webbrowser.open(launch.url)
+            webbrowser.open(launch.page_url())
 
     def relay(self, server: str, name: str | None = None):
         return server_relay(self.verbose, name, server)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # the types only: a command imports what it needs when it run
     from .cache.artifacts import Entry, Plan
     from .doctor import Check
     from .infer import FileResult
+    from .model.derived import Rechecked
     from .recording.store import Session
     from .variants import Catalogue, Variant
 
@@ -81,18 +82,30 @@ class DownloadResult:
 @dataclass
 class VerifyResult:
     report: list[tuple[Plan, list[Entry]]]  # each variant's plan and its entries as verified
+    # variant name -> the files jmoshi made from its LM and Mimi (int8, MLX), as re-hashed
+    derived: dict[str, list[Rechecked]] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
-        return 1 if any(not e.status.usable for _, entries in self.report for e in entries) else 0
+        hub = any(not e.status.usable for _, entries in self.report for e in entries)
+        return 1 if hub or any(not made.intact for rows in self.derived.values() for made in rows) else 0
 
     def to_json(self) -> dict:
         return {"variants": [{"variant": p.variant.name, "files": [
             {"file": e.artifact.filename, "repo": e.artifact.repo, "status": e.status.value, "detail": e.detail,
-             "path": str(e.path) if e.path else None} for e in entries]} for p, entries in self.report]}
+             "path": str(e.path) if e.path else None} for e in entries]
+            + [_derived_row(made) for made in self.derived.get(p.variant.name, [])]} for p, entries in self.report]}
 
     def paths(self) -> list[Path]:
         return []
+
+
+def _derived_row(made: Rechecked) -> dict:
+    """A file jmoshi made, as a hub file's row (the repo of the file it was made from) with two more fields."""
+    source = made.made_from
+    return {"file": made.path.name, "repo": source.repo if source else "", "status": made.status.value,
+            "detail": made.detail, "path": str(made.path), "kind": made.kind,
+            "made_from": source.filename if source else None}
 
 
 @dataclass

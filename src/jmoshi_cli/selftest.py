@@ -10,14 +10,15 @@ prints with --verbose or JMOSHI_DEBUG=1.
 
 from __future__ import annotations
 
+import secrets
 import socket
-import tempfile
 from pathlib import Path
 from typing import Callable
 
+from . import scratch
 from .audio_io import SAMPLE_RATE
 from .backends import Kind, ServerSpec, cpu_threads, render
-from .backends.contract import ChildContract, Launch
+from .backends.contract import Access, ChildContract, Launch
 from .cache.artifacts import ModelFiles, unpack_bundle
 from .errors import JMoshiError, ServerError
 from .model.precision import Precision
@@ -66,8 +67,8 @@ def run(on_step: Callable[[str], None] = lambda step: None, seconds: float = 3.0
     chosen.refuse(backends.Features(device="cpu"))
     on_step("building the tiny model (cached after the first run)")
     repo = cached_tiny_repo()
-    with tempfile.TemporaryDirectory(prefix="jmoshi-selftest-") as tmp:
-        launch = _launch(chosen.kind, repo, Path(tmp), on_step)
+    with scratch.held("selftest") as tmp:
+        launch = _launch(chosen.kind, repo, tmp, on_step)
         on_step(f"starting {chosen.server_name} on the CPU")
         # Started on the caller's (main) thread, as Server.start requires; the child dies with jmoshi.
         with Server(launch, relay=lambda line: None) as server:
@@ -89,7 +90,9 @@ def _launch(kind: Kind, repo: Path, tmp: Path, on_step: Callable[[str], None]) -
         made = convert.ensure_mlx(tmp, files.moshi_weight, None, files.config, Precision.BF16)
         files = ModelFiles(made.weight, convert.ensure_mimi(tmp, files.mimi_weight, None), files.tokenizer,
                            made.config, static)
-    contract = ChildContract(bind_host="127.0.0.1", config_path=str(files.config), threads=cpu_threads())
+    # A token of its own, as on every server jmoshi starts: the selftest's client is the only one let in.
+    contract = ChildContract(bind_host="127.0.0.1", config_path=str(files.config), threads=cpu_threads(),
+                             access=Access(token=secrets.token_urlsafe(18)))
     return render(ServerSpec(kind, files, SELFTEST_REPO, Precision.BF16, "127.0.0.1", free_port(), "cpu",
                              contract=contract))
 
@@ -107,7 +110,7 @@ def _converse(server: Server, launch: Launch, on_step: Callable[[str], None], se
         # Listen until audio and text came back (up to a minute: a busy CPU runs the tiny model slower than
         # real time), not for a fixed tail that a loaded machine would cut short.
         chat = chat_sync(f"ws://127.0.0.1:{launch.port}/api/chat", speech_like(seconds), tail_s=60, timeout_s=30,
-                         until=lambda got: got.audio_samples > 0 and bool(got.text_pieces))
+                         until=lambda got: got.audio_samples > 0 and bool(got.text_pieces), token=launch.token)
     except ChatError as exc:
         assert server.process is not None  # started: wait_ready returned
         code = server.process.poll()

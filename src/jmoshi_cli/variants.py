@@ -100,27 +100,72 @@ def _read(path: Path) -> dict:
 
 
 _GB_FIELDS = ("vram_gb", "vram_min_gb", "vram_min_int8_gb", "lm_gb")
+# File names inside the hub repo, as opposed to moshi_weight and lora: paths on this machine.
+_HUB_FILES = ("moshi", "tokenizer", "mimi")
 _FIELDS = {f for f in Variant.__dataclass_fields__ if f not in ("name", "source")}
+_HINT = "fix the file or unset JMOSHI_VARIANTS"
+
+
+def _bad(path: Path, key: str, what: str, hint: str = _HINT) -> ConfigError:
+    """One line that names the file and the dotted key, as in `FILE: variants.mine.repo must be ...`."""
+    return ConfigError(f"{path}: {key} {what}", hint)
+
+
+def _table(value: object, path: Path, key: str) -> dict:
+    if not isinstance(value, dict):
+        raise _bad(path, key, f"must be a table, not {_kind(value)}")
+    return value
+
+
+def _string(value: object, path: Path, key: str) -> str:
+    if value is None:  # TOML has no null: None is a key left out
+        raise _bad(path, key, "is missing")
+    if not isinstance(value, str):
+        raise _bad(path, key, f"must be a string, not {_kind(value)}")
+    return value
+
+
+def _kind(value: object) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
+            dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _hub_file(value: object, path: Path, key: str) -> str:
+    """A file name inside a hub repo: relative, without `..`, so that it cannot point outside the repo's
+    folder in the cache."""
+    name = _string(value, path, key)
+    parts = name.replace("\\", "/").split("/")
+    if not name or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+        raise _bad(path, key, f"must be a file name inside the repo, not {name!r}",
+                   "use the name relative to the repo's root, without a leading '/' or '..'")
+    return name
 
 
 def _variant(name: str, raw: object, path: Path) -> Variant:
-    where = f"{path} [variants.{name}]"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a table")
+    where = f"variants.{name}"
+    raw = _table(raw, path, where)
     unknown = sorted(set(raw) - _FIELDS)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}", f"known keys: {', '.join(sorted(_FIELDS))}")
-    repo = raw.get("repo")
-    if not isinstance(repo, str) or not REPO_ID.match(repo):
-        raise ConfigError(f"{where}: 'repo' must look like 'org/name', got {repo!r}")
-    for key in _GB_FIELDS:
-        if key in raw and (not isinstance(raw[key], (int, float)) or raw[key] < 0):
-            raise ConfigError(f"{where}: '{key}' must be a number of GB")
-    for key in _FIELDS - set(_GB_FIELDS):
-        if key in raw and not isinstance(raw[key], str):
-            raise ConfigError(f"{where}: '{key}' must be a string")
+        raise _bad(path, where, f"has unknown key(s) {', '.join(unknown)}", f"known keys: {', '.join(sorted(_FIELDS))}")
+    repo = _string(raw.get("repo"), path, f"{where}.repo")
+    if not REPO_ID.match(repo):
+        raise _bad(path, f"{where}.repo", f"must look like 'org/name', not {repo!r}")
+    _check_values(raw, path, where)
     local = {key: str(_beside(path, raw[key])) for key in ("moshi_weight", "lora") if raw.get(key)}
     return Variant(name=name, source=str(path), **{**raw, **local})
+
+
+def _check_values(raw: dict, path: Path, where: str) -> None:
+    for key in _GB_FIELDS:
+        value = raw.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise _bad(path, f"{where}.{key}", "must be a number of GB (0 or more)")
+    for key in sorted(_FIELDS - set(_GB_FIELDS)):
+        if key in raw:
+            _string(raw[key], path, f"{where}.{key}")
+    for key in _HUB_FILES:
+        if key in raw:
+            _hub_file(raw[key], path, f"{where}.{key}")
 
 
 def _beside(toml: Path, value: str) -> Path:
@@ -129,18 +174,22 @@ def _beside(toml: Path, value: str) -> Path:
     return path if path.is_absolute() else toml.parent / path
 
 
+def _web_ui(value: object, path: Path) -> WebUI:
+    web = _table(value, path, "web_ui")
+    repo = _string(web.get("repo"), path, "web_ui.repo")
+    file = _hub_file(web.get("file"), path, "web_ui.file")
+    return WebUI(repo, file, _string(web.get("revision", "main"), path, "web_ui.revision"))
+
+
 def _merge(data: dict, path: Path, variants: dict[str, Variant], settings: dict) -> None:
-    for name, raw in (data.get("variants") or {}).items():
+    for name, raw in _table(data.get("variants", {}), path, "variants").items():
         if not re.match(r"^[a-z0-9][a-z0-9_.-]*$", name):
-            raise ConfigError(f"{path}: variant name '{name}' must be lower-case letters, digits, '-', '_' or '.'")
+            raise _bad(path, f"variants.{name}", "is not a valid name: lower-case letters, digits, '-', '_' or '.'")
         variants[name] = _variant(name, raw, path)
     if "default" in data:
-        settings["default"] = data["default"]
+        settings["default"] = _string(data["default"], path, "default")
     if "web_ui" in data:
-        web = data["web_ui"]
-        if not isinstance(web, dict) or not isinstance(web.get("repo"), str) or not isinstance(web.get("file"), str):
-            raise ConfigError(f"{path}: [web_ui] needs 'repo' and 'file'")
-        settings["web_ui"] = WebUI(web["repo"], web["file"], str(web.get("revision", "main")))
+        settings["web_ui"] = _web_ui(data["web_ui"], path)
 
 
 def load_catalogue() -> Catalogue:

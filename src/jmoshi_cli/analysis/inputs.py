@@ -2,15 +2,16 @@
 
 A path may be:
 
-- a file: analysed as it is (any sample rate; decoding decides whether it is audio);
+- a file: analysed as it is (any sample rate from 8 to 384 kHz; decoding decides whether it is audio);
 - a `serve --record` session folder: its ``dialogue.wav``;
 - any other folder: searched recursively for session ``dialogue.wav`` files and `infer`'s
   ``*.dialogue.wav``; when it holds neither, every audio file in it (a corpus of stereo recordings,
   e.g. human dialogues for ``--against``). Hidden files and folders are skipped.
 
 A path that does not exist, or a folder with nothing to analyse, is a usage problem (exit 2); a file
-that cannot be analysed (not audio, empty, not two channels) is a failure (exit 1). Either way the
-other paths are analysed.
+that cannot be analysed (not audio, empty, not two channels, a sample rate or length past the
+reader's limits in :mod:`jmoshi_cli.audio_io`) is a failure (exit 1). Either way the other paths are
+analysed.
 """
 
 from __future__ import annotations
@@ -85,11 +86,14 @@ def _audio_in(folder: Path) -> list[Path]:
 
 
 def read_dialogue(path: Path) -> Audio:
-    """Decode a stereo file; AudioReadError or DialogueError (one line each) if it is not one."""
+    """Decode a stereo file; AudioReadError or DialogueError (one line each, naming the file) if it is not one.
+
+    An implausible rate or length is refused from the header, before the samples are decoded.
+    """
     try:
         audio = read_audio(path)
     except AudioReadError as exc:
-        raise AudioReadError(f"{path}: {exc.message}") from exc
+        raise AudioReadError(f"{path}: {exc.one_line()}") from exc
     if audio.channels != 2:
         raise DialogueError(f"{path}: {audio.channels} channel(s); analyze needs a stereo file, one speaker per "
                             "channel (user and J-Moshi)")

@@ -33,9 +33,22 @@ def analyze(paths: list[Path], params: Params, on_file: Callable[[Path], None] |
             on_file(path)
         try:
             result.files.append(analyze_file(path, params))
-        except JMoshiError as exc:
-            result.problems.append(Problem(path, exc.message, exc.exit_code))
+        except Exception as exc:  # noqa: BLE001 - one file's failure must not lose the others' figures
+            result.problems.append(_problem(path, exc))
     return result
+
+
+def _problem(path: Path, exc: Exception) -> Problem:
+    """One file's failure as one line naming the file: the package's errors as they say, a lack of memory
+    as such, anything else as an internal error with its type and message, to be reported."""
+    if isinstance(exc, JMoshiError):
+        message = exc.message if str(path) in exc.message else f"{path}: {exc.message}"
+        return Problem(path, message, exc.exit_code)
+    if isinstance(exc, MemoryError):
+        return Problem(path, f"{path}: not enough memory to analyse it", JMoshiError.exit_code)
+    first_line = next(iter(str(exc).splitlines()), "")
+    return Problem(path, f"{path}: internal error: {type(exc).__name__}: {first_line} (please report it)",
+                   JMoshiError.exit_code)
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,6 @@ def session_figures(sessions: list, params: Params, on_file: Callable[[Path], No
             on_file(path)
         try:
             out.append(SessionFigures(session, analyze_file(path, params).figures))
-        except JMoshiError as exc:
-            out.append(SessionFigures(session, None, exc.message))
+        except Exception as exc:  # noqa: BLE001 - one session's failure must not lose the others' figures
+            out.append(SessionFigures(session, None, _problem(path, exc).message))
     return out

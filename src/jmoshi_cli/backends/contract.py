@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..addresses import url_host
 from ..model.precision import Precision
 
 ENV = "JMOSHI_CHILD"
@@ -29,6 +30,26 @@ class Recording:
 
 
 @dataclass(frozen=True)
+class Access:
+    """Who may talk to the child's server (serving/gate.py checks it on every request)."""
+
+    token: str | None = None  # None: --no-token, anyone who reaches the port
+    allow_origins: tuple[str, ...] = ()  # browser pages of other origins that may open /api/chat ("*": any)
+    consent: str | None = None  # with --record: the operator's text for the consent page ("" none); None: no page
+    secret: str = ""  # signs consent cookies; the same in every replica of one run, new at every run
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What frees a conversation's slot and bounds what waits (serving/visits.py)."""
+
+    idle_s: float = 30.0  # no audio for this long ends a conversation (a browser streams even in silence)
+    max_s: float | None = None  # --max-minutes: the longest a conversation may last
+    max_waiting: int = 8  # conversations that may wait for a slot; beyond, a "busy" answer
+    min_free_mb: int = 1024  # with --record: below this free space a recording does not start, or stops
+
+
+@dataclass(frozen=True)
 class ChildContract:
     parent_pid: int | None = None  # the child asks the kernel to kill it when this process dies
     bind_host: str | None = None  # listen on exactly this address (moshi < 0.2.5 ignores --host)
@@ -39,6 +60,8 @@ class ChildContract:
     seed: int | None = None
     sampling: dict[str, Any] = field(default_factory=dict)  # what jmoshi put in the LM config's lm_gen_config
     replica: str | None = None  # with --replicas: this child's name, for each recording's meta.json
+    access: Access = field(default_factory=Access)
+    limits: Limits = field(default_factory=Limits)
 
     def to_env(self) -> dict[str, str]:
         return {ENV: json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)}
@@ -54,6 +77,10 @@ class ChildContract:
         data = {k: v for k, v in data.items() if k in known}
         if data.get("record") is not None:
             data["record"] = Recording(**data["record"])
+        if "access" in data:
+            data["access"] = Access(**{**data["access"], "allow_origins": tuple(data["access"]["allow_origins"])})
+        if "limits" in data:
+            data["limits"] = Limits(**data["limits"])
         if "precision" in data:
             data["precision"] = Precision(data["precision"])
         return cls(**data)
@@ -87,10 +114,11 @@ class Launch:
     def url(self) -> str:
         return f"{self.scheme}://{url_host(self.host)}:{self.port}/"
 
+    @property
+    def token(self) -> str | None:
+        return self.contract.access.token if self.contract is not None else None
 
-def url_host(host: str) -> str:
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
+    def page_url(self, host: str | None = None) -> str:
+        """The URL a person opens (on this machine, or through `host`): with the token when there is one."""
+        base = self.url if host is None else f"{self.scheme}://{url_host(host)}:{self.port}/"
+        return base + (f"?token={self.token}" if self.token else "")

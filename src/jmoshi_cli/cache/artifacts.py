@@ -78,7 +78,7 @@ class Entry:
 
     @property
     def missing_bytes(self) -> int | None:
-        if self.status is Status.COMPLETE:
+        if self.status.usable:
             return 0
         size = self.artifact.size
         return None if size is None else max(size - self.partial_bytes, 0)
@@ -96,7 +96,8 @@ class Plan:
 
     @property
     def missing(self) -> list[Entry]:
-        return [e for e in self.entries if e.status is not Status.COMPLETE]
+        """What is to be fetched: a file that is there, with no hash to check it against, is not."""
+        return [e for e in self.entries if not e.status.usable]
 
     @property
     def missing_bytes(self) -> int:
@@ -341,7 +342,8 @@ Retry = Callable[[Entry, int, BaseException, float], None]
 
 def download(plan: Plan, on_progress: Progress | None = None, on_retry: Retry | None = None,
              attempts_on_corruption: int = 2, on_hash: Progress | None = None) -> Plan:
-    """Fetch what is missing, verify each file's hash, and return the plan with everything complete.
+    """Fetch what is missing, verify each file's hash, and return the plan with every file usable: complete,
+    or unverified when no content hash is known for it (it stays so: nothing vouched for it).
 
     `on_progress` gets each file's bytes on disk while it downloads (once at its start, once when it
     is verified); `on_hash` the bytes hashed while a file is checked without downloading it. Up to
@@ -365,7 +367,6 @@ def download(plan: Plan, on_progress: Progress | None = None, on_retry: Retry | 
     for i, entry in zip(todo, _fetch_all([entries[i] for i in todo], on_progress, on_retry,
                                          attempts_on_corruption, on_hash), strict=True):
         entries[i] = entry
-    entries = [replace(e, status=Status.COMPLETE) for e in entries]
     done = replace(plan, entries=entries, fetched=tuple(entries[i].artifact.label for i in todo))
     web_ui = done.entry("web_ui")
     if web_ui is not None:
@@ -415,7 +416,6 @@ def _fetch_verified(entry: Entry, on_progress: Progress | None, on_retry: Retry 
         arrived = inspect(artifact)
         entry = verify(arrived, on_bytes=_for(on_hash, arrived), sha256=fetched.sha256)
         if entry.status.usable:
-            entry = replace(entry, status=Status.COMPLETE)
             if on_progress:
                 on_progress(entry, artifact.size or 0)
             return entry
@@ -501,7 +501,7 @@ def model_files_with(plan: Plan, moshi_weight: Path | None) -> ModelFiles:
 def model_files(plan: Plan) -> ModelFiles:
     def path(role: str) -> Path:
         entry = plan.entry(role)
-        if entry is None or entry.path is None or entry.status is not Status.COMPLETE:
+        if entry is None or entry.path is None or not entry.status.usable:
             raise CacheError(f"{role} file of {plan.variant.repo} is not in the cache", "run `jmoshi download`")
         return entry.path
 

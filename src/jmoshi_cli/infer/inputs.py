@@ -43,9 +43,14 @@ class UserAudio:
 def load_user(src: Path, channel: str) -> UserAudio:
     """Read ``src``, keep the user's channel, resample to 24 kHz, pad to whole frames.
 
-    Raises :class:`~jmoshi_cli.audio_io.AudioReadError` when the file cannot be decoded or is empty.
+    Raises :class:`~jmoshi_cli.audio_io.AudioReadError` when the file cannot be decoded, is empty, or
+    has a sample rate or length past the reader's limits (refused before anything is resampled); its
+    message then carries the hint too, as `infer` reports each file on one line.
     """
-    audio = audio_io.read_audio(src)
+    try:
+        audio = audio_io.read_audio(src)
+    except audio_io.AudioReadError as exc:
+        raise audio_io.AudioReadError(exc.one_line()) from exc
     mono, used = audio_io.pick_channel(audio.pcm, channel)
     user = audio_io.resample(mono, audio.sample_rate, SAMPLE_RATE)
     frames = expected_frames(audio.samples, audio.sample_rate)

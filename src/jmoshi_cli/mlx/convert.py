@@ -15,7 +15,9 @@ weights). This module writes that file from nu-dialogue's safetensors:
 - Kept in ``<data dir>/mlx/<sha256 of the source>/``: ``config.json`` (the moshi LM kwargs: the repo's
   own, or moshi's built-in 7B ones when it has none, as J-Moshi) and ``model.<precision>.safetensors``
   with its manifest ``<precision>.json``, written last (size and sha256). A file without its manifest
-  is never used. The file is hashed while written and read back before it is renamed into place.
+  is never used. The file is hashed while written and read back before it is renamed into place; loading
+  it checks it against that sha256 as derived.py says (hashed again when its stamp changed; removed when
+  it differs).
 - Mimi: rustymimi reads only the legacy attention names; a Mimi saved by moshi >= 0.2.4 is copied
   under those names into ``<data dir>/mlx/mimi/<sha256>/`` (a legacy one is used as it is).
 """
@@ -23,6 +25,7 @@ weights). This module writes that file from nu-dialogue's safetensors:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -41,6 +44,7 @@ from .model import Quantization
 FORMAT = 1
 CONFIG = "config.json"
 MIMI = "mimi.safetensors"
+MIMI_MANIFEST = "mimi.json"
 _MLX_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "uint32": "U32", "int32": "I32"}
 
 
@@ -93,9 +97,41 @@ def cached(folder: Path, precision: Precision) -> MlxCheckpoint | None:
 
 
 def verify(checkpoint: MlxCheckpoint) -> bool:
-    """Whether the file still has the sha256 it was written with (reads it whole)."""
-    manifest = json.loads((checkpoint.weight.parent / manifest_name(checkpoint.precision)).read_text("utf-8"))
-    return derived.sha256_of(checkpoint.weight) == manifest["sha256"]
+    """Whether the file still has the sha256 it was written with (reads it whole; a match is recorded)."""
+    return derived.matches(checkpoint.weight, checkpoint.weight.parent / manifest_name(checkpoint.precision))
+
+
+def verify_mimi(folder: Path) -> bool:
+    """Whether the renamed Mimi in `folder` still has the sha256 it was written with (as verify)."""
+    return derived.matches(folder / MIMI, folder / MIMI_MANIFEST)
+
+
+def recheck_lm(data_dir: Path, source_sha256: str) -> list[derived.Rechecked]:
+    """The MLX weights made from that LM at each precision, hashed whole; removed when they no longer match."""
+    folder = folder_for(data_dir, source_sha256)
+    if not any(cached(folder, p) for p in QUANTIZATION):
+        return []
+    with derived.locked(folder):
+        found = [made for made in (cached(folder, p) for p in QUANTIZATION) if made is not None]
+        return [derived.recheck(f"mlx-{made.precision.value}", made.weight, folder / manifest_name(made.precision),
+                                functools.partial(verify, made)) for made in found]
+
+
+def recheck_mimi(data_dir: Path, source_sha256: str) -> list[derived.Rechecked]:
+    """The renamed copy of that Mimi, if one was made, hashed whole; removed when it no longer matches."""
+    folder = mimi_folder_for(data_dir, source_sha256)
+    if not _mimi_cached(folder):
+        return []
+    with derived.locked(folder):
+        if not _mimi_cached(folder):
+            return []
+        return [derived.recheck("mlx-mimi", folder / MIMI, folder / MIMI_MANIFEST, lambda: verify_mimi(folder))]
+
+
+def _confirmed(found: MlxCheckpoint, on_note: Callable[[str], None]) -> MlxCheckpoint:
+    derived.confirm(f"the MLX {found.precision.value} weights", found.weight,
+                    found.weight.parent / manifest_name(found.precision), lambda: verify(found), on_note)
+    return found
 
 
 def lm_kwargs_for(config: Path | None) -> dict[str, Any]:
@@ -129,7 +165,7 @@ def ensure_mlx(data_dir: Path, source: Path, source_sha256: str | None, config: 
     sha = source_sha256 or derived.local_sha256(Path(data_dir), Path(source), on_note, "MLX weights")
     folder = folder_for(data_dir, sha)
     found = cached(folder, precision)
-    if found is not None:
+    if found is not None and derived.unchanged(found.weight, folder / manifest_name(precision)):
         return found
     lm_kwargs = lm_kwargs_for(config)
     check_precision(lm_kwargs, precision)
@@ -137,7 +173,7 @@ def ensure_mlx(data_dir: Path, source: Path, source_sha256: str | None, config: 
     with derived.locked(folder):
         found = cached(folder, precision)  # made meanwhile by another jmoshi
         if found is not None:
-            return found
+            return _confirmed(found, on_note)
         on_note(f"converting {Path(source).name} to MLX {precision.value} once; it is kept in {folder}")
         return convert_lm(Path(source), folder, sha, lm_kwargs, precision)
 
@@ -469,7 +505,7 @@ def _finish(folder: Path, precision: Precision, source_sha256: str, size: int, s
     q = quantization_for(precision)
     manifest = {"format": FORMAT, "precision": precision.value, "bits": q.bits if q else 16,
                 "group_size": q.group_size if q else None, "source_sha256": source_sha256, "size": size,
-                "sha256": sha256, **versions}
+                "sha256": sha256, **versions, derived.STAMP: derived.stamp(folder / weight_name(precision))}
     atomic_write_text(folder / manifest_name(precision), json.dumps(manifest, indent=2) + "\n")  # last
 
 
@@ -487,6 +523,10 @@ def legacy_name(key: str) -> str:
     return f"{m['prefix']}.in_proj_weight" if m["kind"] == "in" else f"{m['prefix']}.out_proj.weight"
 
 
+def mimi_folder_for(data_dir: Path, source_sha256: str) -> Path:
+    return Path(data_dir) / "mlx" / "mimi" / source_sha256
+
+
 def ensure_mimi(data_dir: Path, source: Path, source_sha256: str | None,
                 on_note: Callable[[str], None] = lambda note: None) -> Path:
     """A Mimi file rustymimi can read: `source` itself when its names are the legacy ones, else a renamed copy
@@ -499,13 +539,15 @@ def ensure_mimi(data_dir: Path, source: Path, source_sha256: str | None,
         raise CacheError(f"{source} has per-step attention weights, which Mimi does not: not a Mimi checkpoint",
                          "download the model again")
     sha = source_sha256 or derived.local_sha256(Path(data_dir), Path(source), on_note, "MLX Mimi")
-    folder = Path(data_dir) / "mlx" / "mimi" / sha
+    folder = mimi_folder_for(data_dir, sha)
     done = folder / MIMI
-    if _mimi_cached(folder):
+    if _mimi_cached(folder) and derived.unchanged(done, folder / MIMI_MANIFEST):
         return done
     derived.make_folder(folder)
     with derived.locked(folder):
-        if not _mimi_cached(folder):
+        if _mimi_cached(folder):
+            derived.confirm("the MLX Mimi", done, folder / MIMI_MANIFEST, lambda: verify_mimi(folder), on_note)
+        else:
             on_note(f"renaming {sum(k != n for k, n in renamed.items())} attention tensors of {Path(source).name} "
                     f"for rustymimi; kept in {folder}")
             _copy_renamed(reader, renamed, folder, sha)
@@ -514,7 +556,7 @@ def ensure_mimi(data_dir: Path, source: Path, source_sha256: str | None,
 
 def _mimi_cached(folder: Path) -> bool:
     try:
-        manifest = json.loads((folder / "mimi.json").read_text(encoding="utf-8"))
+        manifest = json.loads((folder / MIMI_MANIFEST).read_text(encoding="utf-8"))
         return manifest.get("format") == FORMAT and (folder / MIMI).stat().st_size == manifest["size"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -544,5 +586,5 @@ def _copy_renamed(reader: Reader, renamed: dict[str, str], folder: Path, source_
         f.flush()
         os.fsync(f.fileno())
     manifest = {"format": FORMAT, "size": (folder / MIMI).stat().st_size, "sha256": digest.hexdigest(),
-                "source_sha256": source_sha256}
-    atomic_write_text(folder / "mimi.json", json.dumps(manifest, indent=2) + "\n")
+                "source_sha256": source_sha256, derived.STAMP: derived.stamp(folder / MIMI)}
+    atomic_write_text(folder / MIMI_MANIFEST, json.dumps(manifest, indent=2) + "\n")

@@ -190,15 +190,20 @@ def describe(quantization) -> str:
 
 class ChatServer:
     def __init__(self, engine: Engine, pool: concurrent.futures.ThreadPoolExecutor, recorder=None):
+        from ..serving.visits import Listener
+
         self.engine, self.pool = engine, pool
-        self.listener = recorder if recorder is not None else _Silent()
+        # The gate's view of each conversation (visits.py), then the recorder when asked for.
+        self.listener = _Fanout([Listener(), *([recorder] if recorder is not None else [])])
         self.lock = asyncio.Lock()
         self.open: set = set()  # the websockets of this and the waiting conversations
 
     async def handle_chat(self, request):
         from aiohttp import web
 
-        ws = web.WebSocketResponse()
+        from ..serving.visits import adopt
+
+        ws = adopt(web.WebSocketResponse())
         await ws.prepare(request)
         say("info", "accepted connection")
         self.open.add(ws)
@@ -318,20 +323,27 @@ class _Conversation:
             await self.ws.send_bytes(b"\x02" + text.encode("utf-8"))
 
 
-class _Silent:
-    """Nobody listens (no --record): the frames go to the browser only."""
+class _Fanout:
+    """Every listener hears every call, in order."""
+
+    def __init__(self, listeners: list):
+        self.listeners = listeners
 
     def conversation_starts(self) -> None:
-        pass
+        for listener in self.listeners:
+            listener.conversation_starts()
 
     def heard(self, x) -> None:
-        pass
+        for listener in self.listeners:
+            listener.heard(x)
 
     def stepped(self, tokens) -> None:
-        pass
+        for listener in self.listeners:
+            listener.stepped(tokens)
 
     def said(self, pcm) -> None:
-        pass
+        for listener in self.listeners:
+            listener.said(pcm)
 
 
 def _recorder(contract, engine: Engine, args: argparse.Namespace):
@@ -370,10 +382,15 @@ def _runtime() -> dict:
     return found
 
 
-def make_app(chat: ChatServer, static: str):
+def make_app(chat: ChatServer, static: str, contract=None):
     from aiohttp import web
 
+    from ..backends.contract import ChildContract
+    from ..serving import gate
+
+    contract = contract if contract is not None else ChildContract()
     app = web.Application()
+    gate.install(app, contract.access, contract.limits, lambda line: print(line, flush=True))
     app.router.add_get("/api/chat", chat.handle_chat)
     if static != "none":
         index = os.path.join(static, "index.html")
@@ -397,11 +414,11 @@ def ssl_context(folder: Path | None):
     return context
 
 
-async def serve(args: argparse.Namespace, engine: Engine, pool, recorder=None) -> None:
+async def serve(args: argparse.Namespace, engine: Engine, pool, recorder=None, contract=None) -> None:
     from aiohttp import web
 
     chat = ChatServer(engine, pool, recorder)
-    app = make_app(chat, args.static)
+    app = make_app(chat, args.static, contract)
     if recorder is not None:
         recorder.attach(app, _model_facts(engine, args), _runtime())
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_S)
@@ -448,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     except JMoshiError as exc:
         say("error", f"{exc.message}" + (f" ({exc.hint})" if exc.hint else ""))
         sys.exit(exc.exit_code)
-    asyncio.run(serve(args, engine, pool, _recorder(contract, engine, args)))
+    asyncio.run(serve(args, engine, pool, _recorder(contract, engine, args), contract))
     pool.shutdown(wait=False, cancel_futures=True)
 
 

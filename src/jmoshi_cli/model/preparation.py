@@ -9,7 +9,7 @@ the precision again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,7 +17,7 @@ from .. import preflight, runtime
 from ..cache import artifacts
 from ..cache.artifacts import ModelFiles
 from ..variants import Catalogue, Variant
-from . import finetune, quantize
+from . import derived, finetune, quantize
 from .precision import Precision
 
 Note = Callable[[str], None]
@@ -96,3 +96,18 @@ def local_files(catalogue: Catalogue, variant: Variant, fine_tune: finetune.Fine
     if precision is Precision.INT8:
         files = quantize.int8_files(plan, files, artifacts.data_dir(), on_note)
     return plan, files
+
+
+def recheck_derived(plan: artifacts.Plan, data_dir: Path | None = None) -> list[derived.Rechecked]:
+    """Every file jmoshi made from the plan's LM and Mimi (int8, MLX), hashed whole (`jmoshi verify`); one that
+    no longer matches is removed, so that the next start makes it again. A local --moshi-weight's files are
+    keyed by that file, not by the variant: they are not the plan's."""
+    from ..mlx import convert
+
+    data_dir = data_dir or artifacts.data_dir()
+    found = []
+    for role, recheck in (("moshi", quantize.recheck), ("moshi", convert.recheck_lm), ("mimi", convert.recheck_mimi)):
+        entry = plan.entry(role)
+        if entry is not None and entry.artifact.sha256:
+            found += [replace(made, made_from=entry.artifact) for made in recheck(data_dir, entry.artifact.sha256)]
+    return found

@@ -12,7 +12,8 @@ GPU memory. Loading such a checkpoint expects the int8 weights already made, so 
 - The result lives outside the Hugging Face snapshot, in ``<data dir>/int8/<sha256 of the source>/``,
   beside the LM config that says ``quantize`` and a manifest with the file's size and sha256. The
   weights are written to a ``.partial`` file, hashed while written, read back and hashed again, then
-  renamed; the manifest comes last. A folder without a manifest is never used.
+  renamed; the manifest comes last. A folder without a manifest is never used. Loading it checks it
+  against that sha256 as derived.py says (hashed again when its stamp changed; removed when it differs).
 - moshi 0.2.13 casts every floating tensor of a checkpoint to the model's dtype when it loads it,
   ``weight_scb`` included, and then its QLinear refuses the bfloat16 scales. :func:`restore_scales`
   puts the float32 scales from the file back after loading (the server child and `jmoshi infer`).
@@ -86,9 +87,26 @@ def cached(folder: Path) -> Int8Checkpoint | None:
 
 
 def verify(checkpoint: Int8Checkpoint) -> bool:
-    """Whether the int8 file still has the sha256 it was written with (reads it whole)."""
-    manifest = json.loads((checkpoint.weight.parent / MANIFEST).read_text(encoding="utf-8"))
-    return derived.sha256_of(checkpoint.weight) == manifest["sha256"]
+    """Whether the int8 file still has the sha256 it was written with (reads it whole; a match is recorded)."""
+    return derived.matches(checkpoint.weight, checkpoint.weight.parent / MANIFEST)
+
+
+def recheck(data_dir: Path, source_sha256: str) -> list[derived.Rechecked]:
+    """The int8 checkpoint of that source, if one was made, hashed whole; removed when it no longer matches."""
+    folder = folder_for(data_dir, source_sha256)
+    if cached(folder) is None:
+        return []
+    with derived.locked(folder):
+        found = cached(folder)  # removed meanwhile by another jmoshi
+        if found is None:
+            return []
+        return [derived.recheck("int8", found.weight, folder / MANIFEST, lambda: verify(found))]
+
+
+def _confirmed(found: Int8Checkpoint, on_note: Callable[[str], None]) -> Int8Checkpoint:
+    derived.confirm("the int8 checkpoint", found.weight, found.weight.parent / MANIFEST, lambda: verify(found),
+                    on_note)
+    return found
 
 
 def int8_files(plan, files, data_dir: Path, on_note: Callable[[str], None]):
@@ -109,13 +127,13 @@ def ensure_int8(data_dir: Path, source: Path, source_sha256: str | None, config:
     sha = source_sha256 or derived.local_sha256(data_dir, source, on_note, "int8 checkpoint")
     folder = folder_for(data_dir, sha)
     found = cached(folder)
-    if found is not None:
+    if found is not None and derived.unchanged(found.weight, folder / MANIFEST):
         return found
     derived.make_folder(folder)
     with derived.locked(folder):
         found = cached(folder)  # made meanwhile by another jmoshi
         if found is not None:
-            return found
+            return _confirmed(found, on_note)
         on_note(f"making the int8 checkpoint of {source.name} once (moshi's QLinear, bitsandbytes); "
                 f"it is kept in {folder}")
         return make_int8(source, folder, sha, lm_config.base(config))
@@ -322,7 +340,8 @@ def _finish(folder: Path, lm_config: dict, source_sha256: str, size: int, sha256
     for package in ("moshi", "bitsandbytes", "torch"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[package] = metadata.version(package)
-    manifest = {"format": FORMAT, "source_sha256": source_sha256, "size": size, "sha256": sha256, **versions}
+    manifest = {"format": FORMAT, "source_sha256": source_sha256, "size": size, "sha256": sha256, **versions,
+                derived.STAMP: derived.stamp(folder / WEIGHT)}
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")  # last: the folder is complete
 
 

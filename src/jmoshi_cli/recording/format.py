@@ -29,10 +29,15 @@ from enum import Enum
 from pathlib import Path
 
 from ..audio_io import FRAME_S, SAMPLE_RATE
-from ..fsutil import atomic_write_text
+from ..fsutil import atomic_write
 from ..transcript import join_pieces
 
 FORMAT = 1
+
+
+# Participants' voices are personal data: readable by the account that records them only, whatever the
+# umask (files made by `infer` and `analyze` follow it as usual).
+PRIVATE_FILE, PRIVATE_DIR = 0o600, 0o700
 
 
 DIALOGUE, USER, JMOSHI = "dialogue.wav", "user.wav", "jmoshi.wav"
@@ -72,6 +77,9 @@ class Ended(str, Enum):
     HANG_UP = "hang-up"  # the client closed the conversation
     SERVER_STOP = "server-stop"  # the server was asked to stop (SIGTERM, SIGINT) mid-conversation
     ERROR = "error"  # the conversation handler failed (meta "error" says how)
+    IDLE = "idle"  # the client sent no audio for the idle timeout (--idle-timeout): the server ended it
+    TIME_LIMIT = "time-limit"  # it reached --max-minutes
+    DISK_LOW = "disk-low"  # the disk went below --min-free-mb: the recording stopped and the conversation ended
     INTERRUPTED = "interrupted"  # the server process died mid-conversation (killed, crashed)
     UNREADABLE = "unreadable"  # listing only: meta.json is missing or not what jmoshi writes
 
@@ -97,7 +105,20 @@ def wav_header(channels: int, data_bytes: int, sample_rate: int = SAMPLE_RATE) -
 
 
 def write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+    atomic_write(path, (json.dumps(data, ensure_ascii=False, indent=2) + "\n").encode("utf-8"), mode=PRIVATE_FILE)
+
+
+def private_open(path: Path, mode: str, encoding: str | None = None):
+    """A recording's file opened for writing (`mode` "wb" or "w"), readable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+    os.fchmod(fd, PRIVATE_FILE)  # an existing file keeps its mode through O_CREAT
+    return os.fdopen(fd, mode, encoding=encoding)
+
+
+def private_folder(path: Path) -> None:
+    """mkdir for a recording's folder: FileExistsError as mkdir, 0700 whatever the umask."""
+    path.mkdir(mode=PRIVATE_DIR)
+    os.chmod(path, PRIVATE_DIR)
 
 
 def piece_line(frame: int, text_id: int, piece: str) -> str:
@@ -149,5 +170,10 @@ def server_gone(identity: dict) -> bool:
         return False  # another machine's server: nothing to check it against
     if identity.get("boot_id") != _boot_id():
         return True
-    pid = identity.get("pid")
-    return not isinstance(pid, int) or _start_ticks(pid) != identity.get("start_ticks")
+    from .. import scratch
+
+    pid, ticks = identity.get("pid"), identity.get("start_ticks")
+    if not isinstance(pid, int):
+        return True
+    # A server that recorded no start (no /proc: macOS) is judged by its pid alone.
+    return not scratch.is_running(pid, scratch.ticks_stamp(ticks) if isinstance(ticks, int) else None)

@@ -21,6 +21,7 @@ from .format import (
     FORMAT,
     HEADER_BYTES,
     META,
+    PRIVATE_DIR,
     SAMPLE_BYTES,
     TEXT_JOURNAL,
     WAV_CHANNELS,
@@ -105,7 +106,7 @@ def check_dir(root: Path) -> Path:
     root = Path(root).expanduser().absolute()
     hint = "choose a folder you can write to with --record"
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)  # a new study folder: private (its parents not)
     except OSError as exc:
         raise UsageError(f"--record {root}: cannot create the folder: {exc.strerror or exc}", hint) from exc
     probe = root / f".jmoshi-write-test-{uuid.uuid4().hex[:8]}"

@@ -63,11 +63,18 @@ class Settings:
     seed: int | None = None
     sampling: dict = field(default_factory=dict)  # the values jmoshi put in the LM config's lm_gen_config
     replica: str | None = None
+    min_free_mb: int = 0  # below this free space no recording starts, and a running one stops
+    consent: bool = False  # browsers agreed on the consent page before talking (gate.py)
 
     @classmethod
     def from_contract(cls, contract: ChildContract) -> Settings:
         facts = dict(contract.record.facts) if contract.record is not None else {}
-        return cls(contract.record_dir, facts, contract.seed, dict(contract.sampling), contract.replica)
+        return cls(contract.record_dir, facts, contract.seed, dict(contract.sampling), contract.replica,
+                   contract.limits.min_free_mb, contract.access.consent is not None)
+
+    @property
+    def min_free_bytes(self) -> int:
+        return self.min_free_mb * 1024 * 1024
 
     @property
     def wanted(self) -> bool:
@@ -149,6 +156,12 @@ class Recorder:
     # --- one conversation: the middleware sees it from the request to the end -------------------
 
     async def around_chat(self, request, handler):
+        if self._disk_low():
+            from ..serving import gate, pages
+
+            self.notify(f"{PREFIX}a conversation was turned away: less than {self.settings.min_free_mb} MB free in "
+                        f"{self.settings.record_dir} (--min-free-mb)")
+            return gate.html_response(503, pages.DISK_FULL, **{"Retry-After": "300"})
         conversation = Conversation()
         token = CURRENT.set(conversation)
         ended, error = Ended.HANG_UP, None
@@ -164,7 +177,17 @@ class Recorder:
             raise
         finally:
             CURRENT.reset(token)
-            self.end(conversation, ended, error)
+            self.end(conversation, _ended_by_server() or ended, error)
+
+    def _disk_low(self) -> bool:
+        import shutil
+
+        if self.settings.record_dir is None or not self.settings.min_free_mb:
+            return False
+        try:
+            return shutil.disk_usage(self.settings.record_dir).free < self.settings.min_free_bytes
+        except OSError:
+            return False  # the writer says so when it cannot write
 
     def conversation_starts(self) -> None:
         """The handler reset the generator under the server's lock: its conversation begins."""
@@ -174,7 +197,13 @@ class Recorder:
         if conversation is None or self.settings.record_dir is None:
             return
         self.writers = [w for w in self.writers if w.is_alive()]
-        writer = SessionWriter(self.settings.record_dir, self.base_meta, self.tokenizer, self.max_delay, self.notify)
+        from ..serving import visits
+
+        visit = visits.current()
+        meta = dict(self.base_meta, consent=self._consent(visit))
+        writer = SessionWriter(self.settings.record_dir, meta, self.tokenizer, self.max_delay, self.notify,
+                               self.settings.min_free_bytes,
+                               None if visit is None else lambda: visit.end(visits.End.DISK_LOW))
         try:
             conversation.start(writer, self.max_delay)
         except RuntimeError as exc:  # no thread to be had: talk without recording rather than not at all
@@ -182,6 +211,17 @@ class Recorder:
             return
         self.writers.append(writer)
         self.active = conversation
+
+    def _consent(self, visit) -> dict:
+        """What meta.json says of consent: who talked, and when a browser agreed to be recorded."""
+        from ..serving.visits import Client
+
+        if visit is None:
+            return {"asked": False, "client": None, "given_utc": None}
+        if visit.client is Client.PROGRAM:
+            return {"asked": False, "client": "program", "given_utc": None,
+                    "note": "a program with the server's token (no Origin): the operator's own client"}
+        return {"asked": self.settings.consent, "client": "browser", "given_utc": visit.consent_utc}
 
     def end(self, conversation: Conversation, ended: Ended, error: str | None) -> None:
         conversation.end(ended, error)
@@ -238,6 +278,16 @@ class Recorder:
             method(conversation, value)
         except Exception as exc:  # noqa: BLE001 - a fault in the tap must not end the conversation
             conversation.give_up(f"{type(exc).__name__}: {exc}")
+
+
+def _ended_by_server() -> Ended | None:
+    """How the server itself ended the current conversation (gate.py's watchdog, the disk), if it did."""
+    from ..serving import visits
+
+    visit = visits.current()
+    why = visit.ended if visit is not None else None
+    return {visits.End.IDLE: Ended.IDLE, visits.End.TIME_LIMIT: Ended.TIME_LIMIT,
+            visits.End.DISK_LOW: Ended.DISK_LOW}.get(why) if why is not None else None
 
 
 def _join_all(writers: Sequence[threading.Thread], timeout_s: float) -> None:

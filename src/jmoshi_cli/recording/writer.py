@@ -25,6 +25,7 @@ then turns into complete files.
 from __future__ import annotations
 
 import queue
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ SYNC_EVERY_S = 1.0  # WAV headers and the text journal brought up to date
 
 
 PREFIX = "jmoshi recorder: "
+MB = 1024 * 1024
 
 
 Notify = Callable[[str], None]
@@ -129,7 +131,7 @@ class WavStream:
     def __init__(self, path: Path, channels: int):
         self.channels = channels
         self.data_bytes = 0
-        self.file = open(path, "wb")  # kept open for the whole conversation
+        self.file = recording_format.private_open(path, "wb")  # kept open for the whole conversation
         self.file.write(recording_format.wav_header(channels, 0))
 
     def write(self, samples: np.ndarray) -> None:
@@ -165,8 +167,12 @@ class SessionWriter(threading.Thread):
     Not a daemon: when the server exits normally the interpreter waits for the files to be closed.
     """
 
-    def __init__(self, root: Path, base_meta: dict, tokenizer: Any, max_delay: int, notify: Notify):
+    def __init__(self, root: Path, base_meta: dict, tokenizer: Any, max_delay: int, notify: Notify,
+                 min_free_bytes: int = 0, on_low_disk: Callable[[], None] | None = None):
         self.start_at = recording_format.utc_now()
+        self.root = root
+        self.min_free_bytes = min_free_bytes  # below this free space the recording stops and says why
+        self.on_low_disk = on_low_disk  # ...and the conversation ends: the participant is told, not left unrecorded
         self.folder = root / recording_format.folder_name(self.start_at)
         super().__init__(name=f"jmoshi recorder {self.folder.name}")
         self.meta = dict(base_meta, id=self.folder.name, start_utc=recording_format.iso(self.start_at), end_utc=None,
@@ -204,7 +210,11 @@ class SessionWriter(threading.Thread):
     # --- the thread -------------------------------------------------------------------------------
 
     def run(self) -> None:
+        first = self._first_item()
+        if first is None:
+            return  # the client sent no audio: no folder, nothing kept
         self._guarded(self._open)
+        self._guarded(self._take, first)
         last_sync = time.monotonic()
         while not (self.ending.is_set() and self.items.empty()):
             try:
@@ -215,6 +225,7 @@ class SessionWriter(threading.Thread):
                 self._guarded(self._take, item)
             if time.monotonic() - last_sync >= SYNC_EVERY_S:
                 self._guarded(self._sync)
+                self._check_space()
                 last_sync = time.monotonic()
         self._guarded(self._finish)
         self._close_quietly()
@@ -222,6 +233,27 @@ class SessionWriter(threading.Thread):
         self._guarded(self._write_meta)
         if self.failed is None:
             self.notify(f"{PREFIX}saved {self.folder} ({self.meta['duration_s']:.1f} s, {self.meta['ended']})")
+
+    def _first_item(self) -> UserFrame | ModelFrame | None:
+        """The first frame, or None when the conversation ends before any."""
+        while True:
+            try:
+                return self.items.get(timeout=0.2)
+            except queue.Empty:
+                if self.ending.is_set() and self.items.empty():
+                    return None
+
+    def _check_space(self) -> None:
+        if self.failed is not None or not self.min_free_bytes:
+            return
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            return
+        if free < self.min_free_bytes:
+            self.stop_recording(f"less than {self.min_free_bytes // MB} MB free on the disk (--min-free-mb)")
+            if self.on_low_disk is not None:
+                self.on_low_disk()
 
     def _guarded(self, step: Callable, *args) -> None:
         # After a failure only the closing steps are tried: what was written should still be usable.
@@ -236,14 +268,14 @@ class SessionWriter(threading.Thread):
     def _open(self) -> None:
         for _ in range(5):
             try:
-                self.folder.mkdir()
+                recording_format.private_folder(self.folder)
                 break
             except FileExistsError:
                 self.folder = self.folder.parent / recording_format.folder_name(self.start_at)
         self.meta["id"] = self.folder.name
         self._write_meta()
         recording_format.write_transcript(self.folder)  # an empty one: every file is there from the start
-        self.journal = open(self.folder / recording_format.TEXT_JOURNAL, "w", encoding="utf-8")
+        self.journal = recording_format.private_open(self.folder / recording_format.TEXT_JOURNAL, "w", "utf-8")
         for name, channels in recording_format.WAV_CHANNELS.items():
             self.wavs[name] = WavStream(self.folder / name, channels)
 

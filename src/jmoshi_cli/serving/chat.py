@@ -32,6 +32,8 @@ if tp.TYPE_CHECKING:
 KIND_HANDSHAKE = 0
 KIND_AUDIO = 1
 KIND_TEXT = 2
+REFUSALS = {401: "(no valid token: pass the one in the server's URL)", 403: "(not from its own page, or no consent)",
+            503: "(busy: every slot taken and the waiting line full)"}
 
 
 class ChatError(JMoshiError):
@@ -40,6 +42,20 @@ class ChatError(JMoshiError):
     def __init__(self, message: str, result: "ChatResult | None" = None):
         super().__init__(message)
         self.result = result
+
+
+class ChatRefused(ChatError):
+    """The server answered the websocket upgrade with an HTTP status instead (401 token, 403 origin or consent,
+    503 busy)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def _shown(url: str) -> str:
+    """The URL as messages show it: never with a token in its query."""
+    return url.split("?", 1)[0]
 
 
 @dataclass
@@ -96,10 +112,11 @@ class Conversation:
     """One conversation over /api/chat: the handshake, the frames sent, what came back (audio decoded as
     it arrives, text pieces), and the result. :func:`chat` drives it."""
 
-    def __init__(self, url: str, on_audio: tp.Callable[[], None] | None = None):
+    def __init__(self, url: str, on_audio: tp.Callable[[], None] | None = None, token: str | None = None):
         from .opus import OpusStream
 
         self.url = url
+        self.token = token  # sent as `Authorization: Bearer`, as programs do (browsers use the cookie)
         self.on_audio = on_audio
         self.opus = OpusStream(SAMPLE_RATE)
         self.received: list[np.ndarray] = []
@@ -136,13 +153,18 @@ class Conversation:
     async def connect(self, session: tp.Any, ssl: SSLContext | bool | None, timeout_s: float) -> tp.Any:
         import aiohttp
 
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         try:
             return await asyncio.wait_for(
-                session.ws_connect(self.url, ssl=_ssl_arg(ssl), max_msg_size=0, autoclose=True), timeout=timeout_s)
+                session.ws_connect(self.url, ssl=_ssl_arg(ssl), max_msg_size=0, autoclose=True, headers=headers),
+                timeout=timeout_s)
         except asyncio.TimeoutError as exc:
-            raise ChatError(f"could not connect to {self.url} within {timeout_s:g} s") from exc
+            raise ChatError(f"could not connect to {_shown(self.url)} within {timeout_s:g} s") from exc
+        except aiohttp.WSServerHandshakeError as exc:
+            raise ChatRefused(f"{_shown(self.url)} refused the conversation: HTTP {exc.status} "
+                              f"{REFUSALS.get(exc.status, exc.message)}", exc.status) from exc
         except (aiohttp.ClientError, OSError) as exc:
-            raise ChatError(f"could not connect to {self.url}: {exc}") from exc
+            raise ChatError(f"could not connect to {_shown(self.url)}: {exc}") from exc
 
     async def handshake(self, ws: tp.Any, started: float, timeout_s: float,
                         on_handshake: tp.Callable[[], None] | None) -> None:
@@ -153,7 +175,7 @@ class Conversation:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ChatError(f"no handshake from {self.url} within {timeout_s:g} s "
+                raise ChatError(f"no handshake from {_shown(self.url)} within {timeout_s:g} s "
                                 "(is another conversation holding the server?)", self.result())
             try:
                 msg = await ws.receive(timeout=remaining)
@@ -242,8 +264,10 @@ async def chat(
     until: tp.Callable[[ChatResult], bool] | None = None,
     on_handshake: tp.Callable[[], None] | None = None,
     on_audio: tp.Callable[[], None] | None = None,
+    token: str | None = None,
 ) -> ChatResult:
-    """Talk to a moshi.server at ``url`` (ws:// or wss://.../api/chat) with ``pcm``.
+    """Talk to a moshi.server at ``url`` (ws:// or wss://.../api/chat) with ``pcm``; ``token``: the server's
+    access token (it may also ride in ``url`` as ``?token=``).
 
     After the last frame the client listens up to ``tail_s`` seconds, or, with ``until``, until
     ``until(what came back so far)`` holds within those seconds: a server slower than real time is
@@ -258,7 +282,7 @@ async def chat(
     import aiohttp
 
     frames = _prepare_pcm(pcm, sample_rate)
-    talk = Conversation(url, on_audio)
+    talk = Conversation(url, on_audio, token)
     started = time.monotonic()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout_s)) as session:
         async with await talk.connect(session, ssl, timeout_s) as ws:
@@ -284,4 +308,4 @@ def chat_sync(*args: tp.Any, **kwargs: tp.Any) -> ChatResult:
     return asyncio.run(chat(*args, **kwargs))
 
 
-__all__ = ["ChatError", "ChatResult", "Conversation", "chat", "chat_sync"]
+__all__ = ["ChatError", "ChatRefused", "ChatResult", "Conversation", "chat", "chat_sync"]

@@ -22,7 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from ..backends.contract import Launch, url_host
+from ..addresses import url_host
+from ..backends.contract import Launch
 from ..errors import ServerError
 from . import server_log
 

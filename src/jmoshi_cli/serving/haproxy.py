@@ -13,20 +13,22 @@ reports active and queued conversations and drains replicas before they stop.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import re
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..backends.contract import Launch
+from .. import scratch
+from ..backends.contract import Access, Launch, Limits
 from ..errors import PreflightError
+from . import pages, token
 from .child import Server
 
 START_TIMEOUT_S = 10.0  # HAProxy makes its runtime socket in milliseconds; this long means it hangs
@@ -34,6 +36,7 @@ START_TIMEOUT_S = 10.0  # HAProxy makes its runtime socket in milliseconds; this
 MIN_VERSION = (2, 4)
 CHAT_BACKEND = "chat"
 UI_BACKEND = "ui"
+STATS_BACKEND = "stats"
 INSTALL_HINT = "install it: `sudo apt-get install haproxy` (Debian/Ubuntu) or `sudo dnf install haproxy`"
 
 
@@ -64,6 +67,12 @@ class FrontConfig:
     # Replicas jmoshi starts itself begin in maintenance and enter rotation once they listen:
     # HAProxy would otherwise count a server as UP before its first check.
     managed: bool = False
+    token: str | None = None  # the same token as the servers behind it; None: --no-token
+    unauthorized_page: Path | None = None  # the 401 page's body
+    busy_body: Path | None = None  # the waiting line is full: the 503 page's body
+    max_waiting: int = 8
+    idle_s: float = 30.0  # the servers end a conversation silent this long; HAProxy's tunnel timeout follows
+    metrics: tuple[str, int] | None = None  # --metrics-host/--metrics-port: /stats and /metrics without the token
 
 
 @dataclass(frozen=True)
@@ -101,13 +110,51 @@ def _seconds(value: float) -> str:
     return f"{max(int(value * 1000), 1)}ms"
 
 
+def _hashed(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def _token_rules(cfg: FrontConfig) -> str:
+    """The token as the servers take it (gate.py): `?token=`, the cookie, or `Authorization: Bearer`.
+
+    haproxy.cfg holds digests only, and compares digests: the time a comparison takes says nothing about
+    the token."""
+    if cfg.token is None:
+        return ""
+    digest = ",sha2(256),hex,lower -m str "
+    return f"""    acl token_ok url_param({token.QUERY}){digest}{_hashed(cfg.token)}
+    acl token_ok req.cook({token.cookie_name(cfg.token)}){digest}{_hashed(cfg.token)}
+    acl token_ok req.fhdr(authorization){digest}{_hashed("Bearer " + cfg.token)}
+    http-request return status 401 content-type "text/html; charset=utf-8" file {cfg.unauthorized_page} \
+hdr WWW-Authenticate "Bearer realm=jmoshi" hdr Cache-Control no-store if !token_ok
+"""
+
+
+def _metrics_frontend(cfg: FrontConfig) -> str:
+    if cfg.metrics is None:
+        return ""
+    host, port = cfg.metrics
+    bind = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    return f"""
+frontend metrics
+    bind {bind}
+    http-request use-service prometheus-exporter if {{ path /metrics }}
+    http-request return status 404 content-type text/plain string "/stats or /metrics" if !{{ path /stats }}
+    use_backend {STATS_BACKEND}
+"""
+
+
 def render_config(cfg: FrontConfig) -> str:
     """The whole haproxy.cfg, as text, from data (a pure function: tested without HAProxy)."""
     bind = f"{cfg.host}:{cfg.port}" if ":" not in cfg.host else f"[{cfg.host}]:{cfg.port}"
     tls = f" ssl crt {cfg.pem}" if cfg.pem else ""
+    forwarded = "    http-request set-header X-Forwarded-Proto https\n" if cfg.pem else ""
     check = f"check inter {_seconds(cfg.check_interval_s)} fall 2 rise 1" + (" disabled" if cfg.managed else "")
     chat = "\n".join(f"    server {b.name} {b.address} {check} maxconn {b.slots}" for b in cfg.backends)
     ui = "\n".join(f"    server {b.name} {b.address} {check}" for b in cfg.backends)
+    full = f"is_chat {{ queue({CHAT_BACKEND}) ge {cfg.max_waiting} }}"
+    busy = (f"    http-request return status 503 content-type \"text/html; charset=utf-8\" file {cfg.busy_body} "
+            f"hdr Retry-After 30 hdr Cache-Control no-store if {full}\n" if cfg.busy_body else "")
     return f"""# Made by jmoshi for one run; edits are lost when it stops.
 global
     stats socket {cfg.runtime_socket} mode 600 level admin
@@ -119,8 +166,10 @@ defaults
     timeout connect 5s
     timeout client 60s
     timeout server 60s
-    # A conversation is a websocket that lives as long as people talk.
-    timeout tunnel 12h
+    # A conversation is a websocket: the servers end one that sends no audio for {cfg.idle_s:g} s, and this
+    # ends one whose server or client went silent without closing (a talking browser sends every 80 ms).
+    timeout tunnel {_seconds(cfg.idle_s + 30)}
+    timeout client-fin 10s
     timeout queue {_seconds(cfg.queue_timeout_s)}
     timeout http-request 30s
     # A replica that refuses the connection (restarting) sends the request back to the queue.
@@ -129,12 +178,20 @@ defaults
 
 frontend jmoshi
     bind {bind}{tls}
-    http-request use-service prometheus-exporter if {{ path /metrics }}
+{forwarded}{_token_rules(cfg)}    http-request use-service prometheus-exporter if {{ path /metrics }}
+    # A conversation needs a websocket upgrade: every upgrade goes through the queue, however its path is
+    # spelled (the servers decode paths: /%61pi/chat, //api/chat and /x/../api/chat are /api/chat to them;
+    # HAProxy 2.6's normalize-uri is experimental). Without an upgrade /api/chat is no conversation.
+    acl is_chat path_beg /api/
+    acl is_chat hdr(upgrade) -i websocket
+{busy}    use_backend {STATS_BACKEND} if {{ path /stats }}
+    use_backend {CHAT_BACKEND} if is_chat
+    default_backend {UI_BACKEND}
+
+backend {STATS_BACKEND}
     stats enable
     stats uri /stats
     stats refresh 5s
-    use_backend {CHAT_BACKEND} if {{ path_beg /api/chat }}
-    default_backend {UI_BACKEND}
 
 backend {CHAT_BACKEND}
     balance leastconn
@@ -144,7 +201,7 @@ backend {CHAT_BACKEND}
 backend {UI_BACKEND}
     balance roundrobin
 {ui}
-"""
+{_metrics_frontend(cfg)}"""
 
 
 BUSY_BODY = ("All J-Moshi replicas are busy: every one is in a conversation and the queue wait ran out. "
@@ -261,13 +318,20 @@ class Front:
     """HAProxy as a child of jmoshi: its files in a private temp folder, tied to jmoshi's life."""
 
     def __init__(self, host: str, port: int, backends: list[Backend], queue_timeout_s: float,
-                 ssl_dir: Path | None = None, managed: bool = False):
+                 ssl_dir: Path | None = None, managed: bool = False, access: Access | None = None,
+                 limits: Limits | None = None, metrics: tuple[str, int] | None = None):
         self.version = find()
-        self.folder = Path(tempfile.mkdtemp(prefix="jmoshi-front-"))
+        self.folder = scratch.make("front")
         pem = _combined_pem(ssl_dir, self.folder) if ssl_dir else None
         (self.folder / "busy.http").write_text(busy_page(), encoding="utf-8")
+        (self.folder / "401.html").write_text(pages.UNAUTHORIZED, encoding="utf-8")
+        (self.folder / "busy.html").write_text(pages.BUSY, encoding="utf-8")
+        access, limits = access or Access(), limits or Limits()
         self.config = FrontConfig(host, port, tuple(backends), self.folder / "runtime.sock",
-                                  self.folder / "busy.http", queue_timeout_s, pem, managed=managed)
+                                  self.folder / "busy.http", queue_timeout_s, pem, managed=managed,
+                                  token=access.token, unauthorized_page=self.folder / "401.html",
+                                  busy_body=self.folder / "busy.html", max_waiting=limits.max_waiting,
+                                  idle_s=limits.idle_s, metrics=metrics)
         (self.folder / "haproxy.cfg").write_text(render_config(self.config))
         self.server: Server | None = None
 

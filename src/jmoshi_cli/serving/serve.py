@@ -8,12 +8,10 @@ ready, stop). What a person sees is decided by the caller's `Reporter`.
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .. import backends, preflight, recording
+from .. import addresses, backends, preflight, recording
 from ..backends import Features, ServerSpec
 from ..backends.contract import ChildContract, Launch, Recording
 from ..cache import artifacts
@@ -23,7 +21,8 @@ from ..model.preparation import ModelRequest, PreparedModel
 from ..reporter import Reporter
 from ..sampling import Sampling
 from ..variants import Variant
-from . import tls
+from . import tls, token
+from .access import AccessOptions, decide
 
 
 @dataclass(frozen=True)
@@ -49,6 +48,7 @@ class ServeOptions:
     quantize: str = "auto"  # --quantize as given: parsed once, by the backend's offer (precision.py)
     lora: Path | None = None  # a moshi-finetune adapter over the variant (finetune.py)
     backend: str = "auto"  # backends.Kind: auto is mlx on Apple Silicon, torch elsewhere
+    access: AccessOptions = field(default_factory=AccessOptions)  # the token, origins, consent, limits
 
 
 @dataclass(frozen=True)
@@ -68,15 +68,6 @@ class Prepared:
     @property
     def variant(self) -> Variant:
         return self.model.variant
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # --- the flow ----------------------------------------------------------------------------------------
@@ -107,8 +98,10 @@ def _run_replicas(options: ServeOptions, prepared: Prepared, report: Reporter) -
 
     placements = prepared.placements
     assert placements is not None  # run() comes here only with --replicas
+    contract = prepared.spec.contract
     front = haproxy.Front(options.host, options.port, replicas.backends_for(placements),
-                          options.queue_timeout_s, prepared.spec.ssl_dir, managed=True)
+                          options.queue_timeout_s, prepared.spec.ssl_dir, managed=True, access=contract.access,
+                          limits=contract.limits)
     front_launch = replace(prepared.launch, host=options.host, port=options.port, scheme=front.scheme)
     fleet = replicas.Fleet(
         front, [replicas.Replica(p, replicas.replica_launch(prepared.spec, p)) for p in placements],
@@ -133,6 +126,8 @@ def prepare(options: ServeOptions, report: Reporter) -> Prepared:
         raise UsageError("--https and --ssl both given", "--https makes a certificate; --ssl DIR uses yours")
     preflight.check_address(options.host, options.port)
     ssl_dir = tls.check_ssl_dir(options.ssl_dir) if options.ssl_dir else None
+    access = decide(options.access, artifacts.data_dir(), record_dir is not None)
+    _tell_token(access.token, report)
     catalogue = load_catalogue()
     placements = None
     device = options.device
@@ -146,15 +141,21 @@ def prepare(options: ServeOptions, report: Reporter) -> Prepared:
     if sampling:
         files = replace(files, config=lm_config.with_sampling(files.config, sampling, artifacts.data_dir()))
     if options.https:
-        ssl_dir = tls.ensure_certificate(artifacts.data_dir() / "tls", certificate_names(options.host))
+        ssl_dir = tls.ensure_certificate(artifacts.data_dir() / "tls", addresses.certificate_names(options.host))
     contract = ChildContract(
         bind_host=options.host, config_path=str(files.config) if files.config else None,
         precision=model.precision, threads=backends.cpu_threads() if options.device == "cpu" else None,
         record=Recording(str(record_dir), model.facts()) if record_dir is not None else None,
-        seed=options.sampling.seed, sampling=sampling)
+        seed=options.sampling.seed, sampling=sampling, access=access.access, limits=access.limits)
     spec = ServerSpec(backend.kind, files, model.variant.repo, model.precision, options.host, options.port,
                       options.device, model.half, ssl_dir, contract)
     return Prepared(spec, model, backend.server_name, placements, record_dir)
+
+
+def _tell_token(choice: token.Choice, report: Reporter) -> None:
+    if choice.source is token.Source.NEW:
+        report.note(f"made a new access token, kept in {artifacts.data_dir() / token.FILE} (0600) for the next runs; "
+                    "the URL below carries it")
 
 
 def _place_replicas(options: ServeOptions, chosen: Variant,
@@ -186,33 +187,3 @@ def _settle_recordings(record_dir: Path, report: Reporter) -> None:
     for session in recording.settle(record_dir):
         report.note(f"a recording was cut when its server died; its files are closed: {session.path} "
                       f"({session.duration_s:.1f} s)")
-
-
-# --- addresses -------------------------------------------------------------------------------------
-
-
-def lan_addresses() -> list[str]:
-    """IPv4 addresses of this machine's interfaces other than loopback (no packets sent)."""
-    import fcntl
-    import struct
-
-    found = []
-    for _, name in socket.if_nameindex():
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            try:
-                packed = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
-            except OSError:
-                continue
-        address = socket.inet_ntoa(packed[20:24])
-        if not ipaddress.ip_address(address).is_loopback:
-            found.append(address)
-    return found
-
-
-def certificate_names(host: str) -> set[str]:
-    names = {"localhost", "127.0.0.1", "::1", socket.gethostname()}
-    if host not in ("0.0.0.0", "::", ""):
-        names.add(host)
-    else:
-        names.update(lan_addresses())
-    return names

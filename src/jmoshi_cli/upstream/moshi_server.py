@@ -6,6 +6,8 @@
 - `loaders.CheckpointInfo.from_hf_repo`: hand it the LM config of the resolved revision (0.2.2 has no
   --config-path and would read `main`'s from the hub), and seed with --seed where the server has just
   seeded 42424242 (nothing draws a random number in between).
+- `web.WebSocketResponse` (made by moshi.server's handle_chat): each one is handed to jmoshi's gate as it is
+  made, so that a conversation can be ended from outside its handler (idle, time limit, disk).
 - `torch.cuda.synchronize`: a no-op without CUDA (the warm-up calls it unconditionally).
 - `loaders.get_moshi_lm`: put back the float32 int8 scales moshi casts to the model's dtype (int8).
 - The conversation tap: moshi.server's `ServerState` (found through its /api/chat route) gets proxies
@@ -49,11 +51,14 @@ class Patches:
     int8_scales: bool = False  # the LM is int8 (moshi casts its float32 scales on load)
     seed: int | None = None
     on_app: list[Callable[[Any], None]] = field(default_factory=list)  # given the aiohttp app before it runs
+    on_websocket: list[Callable[[Any], Any]] = field(default_factory=list)  # given each websocket as it is made
 
 
 def apply(patches: Patches) -> None:
     _cpu_synchronize()
     _run_app(patches.bind_host, patches.on_app)
+    if patches.on_websocket:
+        _websockets(patches.on_websocket)
     if patches.config_path or patches.seed is not None:
         _from_hf_repo(patches.config_path, patches.seed)
     if patches.int8_scales:
@@ -74,6 +79,21 @@ def _run_app(host: str | None, on_app: list[Callable[[Any], None]]) -> None:
         return run_app(app, *args, **kwargs)
 
     web.run_app = run_app_patched
+
+
+def _websockets(hooks: list[Callable[[Any], Any]]) -> None:
+    from aiohttp import web
+
+    base = web.WebSocketResponse
+
+    class Told(base):  # type: ignore[valid-type,misc]
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            for hook in hooks:
+                hook(self)
+
+    # moshi.server looks the class up on aiohttp.web at each request; nothing else in the child makes one.
+    web.WebSocketResponse = Told  # type: ignore[misc]
 
 
 def _cpu_synchronize() -> None:
