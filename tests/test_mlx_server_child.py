@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("moshi_mlx", reason="the MLX runtime is not installed (pip install -e '.[mlx]')")
 
-from jmoshi_cli.backends.contract import ChildContract  # noqa: E402
+from jmoshi_cli.backends.contract import Access, ChildContract, Limits  # noqa: E402
 from jmoshi_cli.mlx import convert  # noqa: E402
 from jmoshi_cli.model.precision import Precision  # noqa: E402
 from jmoshi_cli.tiny_model import MIMI_NAME, MOSHI_NAME, TOKENIZER_NAME  # noqa: E402
@@ -58,8 +58,9 @@ def server_argv(files: dict, precision: Precision, port: int, *extra: str) -> li
 class Child:
     """The server as jmoshi runs it: its own session, its contract in the environment, its lines read."""
 
-    def __init__(self, argv: list[str], port: int):
-        env = {**os.environ, **ChildContract(parent_pid=os.getpid()).to_env()}
+    def __init__(self, argv: list[str], port: int, contract: ChildContract | None = None):
+        contract = contract if contract is not None else ChildContract()
+        env = {**os.environ, **contract.with_parent(os.getpid()).to_env()}
         self.port, self.lines = port, []
         self.process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True, text=True)
@@ -247,3 +248,56 @@ def test_what_it_cannot_do_is_one_line_and_an_exit_before_loading(files, change,
     done = subprocess.run(argv, env={**os.environ, **contract.to_env()}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout.startswith("[Err ] ") and says in done.stdout
     assert "Traceback" not in done.stdout + done.stderr and "loading" not in done.stdout
+
+
+@pytest.mark.slow
+def test_the_gate_on_the_mlx_server_token_origin_and_idle_timeout(files):
+    """The same HTTP seam as on moshi.server (serving/gate.py): 401 without the token, 403 for a foreign page,
+    a silent client's slot freed within the idle timeout."""
+    import asyncio
+    import urllib.error
+    import urllib.request
+
+    import aiohttp
+
+    from conftest import TEST_TOKEN
+    from jmoshi_cli.serving.chat import ChatRefused
+
+    port = free_port()
+    contract = ChildContract(access=Access(token=TEST_TOKEN), limits=Limits(idle_s=5))
+    child = Child(server_argv(files, Precision.BF16, port), port, contract)
+    url = f"ws://127.0.0.1:{port}/api/chat"
+
+    async def silent_then_closed() -> int | None:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(url, headers={"Authorization": f"Bearer {TEST_TOKEN}"}) as ws:
+                async for _ in ws:
+                    pass
+                return ws.close_code
+
+    try:
+        child.wait_ready()
+        with pytest.raises(urllib.error.HTTPError) as page:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30)
+        assert page.value.code == 401
+        with pytest.raises(ChatRefused) as no_token:
+            converse_sync(url, user_audio(0.5), token=None)
+        foreign = asyncio.run(_foreign(url, TEST_TOKEN))
+        assert asyncio.run(asyncio.wait_for(silent_then_closed(), 120)) == 4001
+        wait_until(lambda: child.count("conversation ended: no audio from the client") == 1, 30, "the reason")
+    finally:
+        child.stop()
+    assert (no_token.value.status, foreign) == (401, 403)
+
+
+async def _foreign(url: str, token: str) -> int:
+    """The status a page of another site gets for a websocket, token or not."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        try:
+            async with session.ws_connect(url, headers={"Authorization": f"Bearer {token}",
+                                                        "Origin": "http://evil.example"}):
+                return 101
+        except aiohttp.WSServerHandshakeError as exc:
+            return exc.status

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import threading
 import wave
 from pathlib import Path
 
@@ -229,3 +231,30 @@ def test_check_dir_creates_the_folder_and_leaves_nothing_behind(tmp_path):
     folder = store.check_dir(tmp_path / "a" / "b")
     assert folder.is_dir() and list(folder.iterdir()) == []
     assert recordings.folder_name(recordings.utc_now()) != recordings.folder_name(recordings.utc_now())
+
+
+def test_below_the_free_space_floor_the_recording_stops_says_why_and_ends_the_conversation(tmp_path, tokenizer):
+    ended = threading.Event()
+    notes: list[str] = []
+    floor = shutil.disk_usage(tmp_path).free + 2**40  # never met: the first check (a second in) stops it
+    writer = rec_writer.SessionWriter(tmp_path, {"format": recordings.FORMAT}, tokenizer, 1, notes.append,
+                                      min_free_bytes=floor, on_low_disk=ended.set)
+    writer.start()
+    for s in range(100):
+        writer.put(rec_writer.UserFrame(s, frame(0.01)))
+        if ended.wait(0.05):
+            break
+    assert ended.is_set()  # the conversation is told to end (gate.py closes it, saying why)
+    writer.close(Ended.DISK_LOW, None)
+    writer.join(10)
+    meta = json.loads((writer.folder / "meta.json").read_text())
+    assert meta["ended"] == "disk-low" and "MB free on the disk" in meta["recording_stopped"]
+    assert any("recording stopped" in note for note in notes)
+
+
+def test_a_conversation_without_audio_leaves_no_folder(tmp_path, tokenizer):
+    writer = rec_writer.SessionWriter(tmp_path, {"format": recordings.FORMAT}, tokenizer, 1, lambda note: None)
+    writer.start()
+    writer.close(Ended.IDLE, None)
+    writer.join(10)
+    assert not writer.is_alive() and not list(tmp_path.iterdir())

@@ -33,7 +33,7 @@ KIND_HANDSHAKE = 0
 KIND_AUDIO = 1
 KIND_TEXT = 2
 REFUSALS = {401: "(no valid token: pass the one in the server's URL)", 403: "(not from its own page, or no consent)",
-            503: "(busy: every slot taken and the waiting line full)"}
+            503: "(busy: every slot taken and the waiting line full; or it cannot record now)"}
 
 
 class ChatError(JMoshiError):

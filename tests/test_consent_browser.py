@@ -1,0 +1,166 @@
+"""Consent before recording, in a real browser (Debian's chromium through chromedriver, headless): the
+printed URL opens the consent page, not the web UI; before "I agree" the page cannot open a
+conversation; after it, the web UI loads, the browser talks, and meta.json says when it agreed. Also
+what the recording folder looks like on disk: private under umask 022, none for a silent client."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from conftest import child_env
+from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE
+from jmoshi_cli.selftest import free_port, speech_like
+from jmoshi_cli.serving.chat import ChatRefused
+from jmoshi_cli.serving.opus import OpusStream
+
+from helpers import AUTH, LOAD_S, Served, converse_sync, got, wait_until
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver")
+
+# The page's own websocket, as the web UI opens it: report whether it opened, and what came back.
+TALK = """
+const [url, chunks, done] = [arguments[0], arguments[1], arguments[arguments.length - 1]];
+const seen = {open: false, handshake: false, audio: 0, closed: null};
+const ws = new WebSocket(url);
+ws.binaryType = "arraybuffer";
+ws.onopen = () => { seen.open = true; };
+ws.onmessage = (event) => {
+  const kind = new Uint8Array(event.data)[0];
+  if (kind === 0) {
+    seen.handshake = true;
+    for (const chunk of chunks) {
+      const raw = Uint8Array.from(atob(chunk), (c) => c.charCodeAt(0));
+      const message = new Uint8Array(raw.length + 1);
+      message[0] = 1;
+      message.set(raw, 1);
+      ws.send(message);
+    }
+  } else if (kind === 1 && ++seen.audio >= 3) {
+    ws.close();
+  }
+};
+ws.onclose = (event) => { seen.closed = event.code; done(seen); };
+"""
+
+
+@pytest.fixture
+def browser():
+    if not (Path(CHROMIUM).exists() and CHROMEDRIVER):
+        if os.environ.get("CI"):
+            pytest.fail("CI must install chromium and chromium-driver (.ci/run)")
+        pytest.skip("no chromium/chromedriver here (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_script_timeout(180)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _opus_chunks(seconds: float) -> list[str]:
+    pcm, opus = speech_like(seconds), OpusStream(SAMPLE_RATE)
+    chunks = [opus.encode(pcm[i:i + FRAME_SIZE]) for i in range(0, len(pcm) - FRAME_SIZE + 1, FRAME_SIZE)]
+    chunks.append(opus.flush())
+    return [base64.b64encode(chunk).decode() for chunk in chunks if chunk]
+
+
+def test_the_consent_page_gates_the_conversation_in_a_real_browser(tiny_env, tmp_path, browser):
+    study, words = tmp_path / "study", tmp_path / "consent.txt"
+    words.write_text("名古屋大学 対話研究室の実験です。Lab study 42.", encoding="utf-8")
+    port = free_port()
+    served = Served(["--variant", "tiny", "--device", "cpu", "--port", str(port), "--record", str(study),
+                     "--consent", str(words)], child_env(tiny_env))
+    try:
+        url = served.wait_ready(LOAD_S)
+        browser.get(url)
+        assert "この会話は録音されます" in browser.page_source and "Lab study 42." in browser.page_source
+        assert "?token=" not in browser.current_url  # the token went into a cookie
+        chat = f"ws://127.0.0.1:{port}/api/chat"
+        before = browser.execute_async_script(TALK, chat, [])
+        assert not before["open"] and not before["handshake"], before
+        browser.find_element("id", "agree").click()
+        wait_until(lambda: "J-Moshi test UI" in browser.page_source, 60, "the web UI after I agree")
+        after = browser.execute_async_script(TALK, chat, _opus_chunks(2.0))
+        assert after["handshake"] and after["audio"] >= 3, after
+        wait_until(lambda: list(study.glob("*/transcript.json")), 60, "the recording to be saved")
+        served.wait_for("a participant agreed to be recorded")
+    finally:
+        served.stop()
+    [session] = [p for p in study.iterdir() if p.is_dir()]
+    consent = json.loads((session / "meta.json").read_text())["consent"]
+    assert consent["asked"] and consent["client"] == "browser" and consent["given_utc"].endswith("Z"), consent
+
+
+def test_recordings_are_private_under_umask_022_and_a_silent_client_leaves_no_folder(tiny_env, tmp_path):
+    study = tmp_path / "study"
+    port = free_port()
+    old = os.umask(0o022)  # inherited by jmoshi and its server child
+    try:
+        served = Served(["--variant", "tiny", "--device", "cpu", "--port", str(port), "--record", str(study),
+                         "--idle-timeout", "5"], child_env(tiny_env))
+    finally:
+        os.umask(old)
+    try:
+        served.wait_ready(LOAD_S)
+        _silent_conversation(port)
+        served.wait_for("conversation ended: no audio from the client")
+        assert not [p for p in study.iterdir() if p.is_dir()]  # a connection that sent no audio left nothing
+        converse_sync(f"ws://127.0.0.1:{port}/api/chat", speech_like(1.5), until=got())
+        wait_until(lambda: list(study.glob("*/transcript.json")), 60, "the recording to be saved")
+    finally:
+        served.stop()
+    [session] = [p for p in study.iterdir() if p.is_dir()]
+    assert stat.S_IMODE(study.stat().st_mode) == 0o700
+    assert stat.S_IMODE(session.stat().st_mode) == 0o700
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in session.iterdir()}
+    assert set(modes) >= {"dialogue.wav", "user.wav", "jmoshi.wav", "meta.json", "transcript.json"}
+    assert set(modes.values()) == {0o600}, modes
+    consent = json.loads((session / "meta.json").read_text())["consent"]
+    assert consent["client"] == "program" and not consent["asked"], consent
+
+
+def test_a_recorded_conversation_does_not_start_below_the_free_space_floor(tiny_env, tmp_path):
+    study = tmp_path / "study"
+    port = free_port()
+    floor_mb = shutil.disk_usage(tmp_path).free // 2**20 + 10**6  # more than this disk will ever have free
+    served = Served(["--variant", "tiny", "--device", "cpu", "--port", str(port), "--record", str(study),
+                     "--min-free-mb", str(floor_mb)], child_env(tiny_env))
+    try:
+        served.wait_ready(LOAD_S)
+        with pytest.raises(ChatRefused) as refused:
+            converse_sync(f"ws://127.0.0.1:{port}/api/chat", speech_like(1.0), until=got())
+        served.wait_for("a conversation was turned away: less than")
+    finally:
+        served.stop()
+    assert refused.value.status == 503
+    assert not [p for p in study.iterdir() if p.is_dir()]
+
+
+def _silent_conversation(port: int) -> None:
+    import asyncio
+
+    async def hold() -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"ws://127.0.0.1:{port}/api/chat", headers=AUTH) as ws:
+                async for _ in ws:  # until the server ends it
+                    pass
+
+    asyncio.run(asyncio.wait_for(hold(), 120))
