@@ -195,11 +195,11 @@ async def _release(held) -> None:
     await session.close()
 
 
-def _timed_busy_body(port: int, wait_s: float) -> tuple[str, float]:
-    """The raw answer to a websocket upgrade of /api/chat (urllib cannot send one), and how long it took."""
+def _timed_busy_body(port: int, wait_s: float, path: str = "/api/chat") -> tuple[str, float]:
+    """The raw answer to a websocket upgrade of `path` (urllib cannot send one), and how long it took."""
     import socket
 
-    request = ("GET /api/chat HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    request = (f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
                f"Authorization: Bearer {TEST_TOKEN}\r\n"
                "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
     started = time.monotonic()
@@ -209,6 +209,17 @@ def _timed_busy_body(port: int, wait_s: float) -> tuple[str, float]:
         while chunk := conn.recv(65536):
             answer += chunk
     return answer.decode("utf-8", "replace"), time.monotonic() - started
+
+
+def _status_of(url: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def serve_replicas(tiny_env, *extra: str) -> tuple[Served, int]:
@@ -260,16 +271,26 @@ def test_two_replicas_serve_two_queue_the_third_and_turn_away_in_words_when_the_
             talked = await third
             waited_after_release = taken_at[0] - released_at
             blocker = await _hold(ws_url)  # takes the freed replica again: both busy
-            busy = await asyncio.get_running_loop().run_in_executor(None, _timed_busy_body, port, queue_s + 60)
+            # The same path spelled otherwise is the same conversation to a replica: it queues as well.
+            loop = asyncio.get_running_loop()
+            busy, *other_spellings = await asyncio.gather(*(
+                loop.run_in_executor(None, _timed_busy_body, port, queue_s + 60, path)
+                for path in ("/api/chat", "/%61pi/chat", "//api/chat", "/x/../api/chat", "/api/./chat")))
             await _release(first)
             await _release(blocker)
-            return talked, waited_after_release, busy
+            return talked, waited_after_release, busy, other_spellings
 
-        talked, waited_after_release, busy = asyncio.run(scenario())
+        talked, waited_after_release, busy, other_spellings = asyncio.run(scenario())
+        # Without the token the front answers 401 before anything: the page, the stats, the metrics.
+        unauthorized = [_status_of(f"http://127.0.0.1:{port}{path}") for path in ("/", "/stats", "/metrics")]
+        stats = http_get(f"http://127.0.0.1:{port}/stats")
     finally:
         code, err = served.stop()
     assert "J-Moshi test UI" in page
     assert 'haproxy_backend_current_queue{proxy="chat"}' in metrics
+    assert unauthorized == [401, 401, 401] and "Statistics Report" in stats
+    for answer, _ in other_spellings:
+        assert answer.startswith("HTTP/1.1 503 ") and "All J-Moshi replicas are busy" in answer, answer
     # Its turn came with the release, not before (and not at the queue's timeout, which answers 503).
     assert 0 < waited_after_release < 30, (talked.handshake_s, waited_after_release)
     assert talked.audio_samples > 0 and talked.text_pieces
