@@ -38,12 +38,16 @@ def tiny_hub_root() -> Path:
     return root
 
 
+# The token every server a benchmark starts checks (JMOSHI_TOKEN), and its clients send.
+BENCH_TOKEN = "jmoshi-bench-token-0123456789"
+
+
 def bench_env(endpoint: str, cache: Path) -> dict:
     variants = cache.parent / "variants.toml"
     variants.write_text('[variants.tiny]\nrepo = "jmoshi-test/tiny"\nvram_gb = 0\nvram_min_gb = 0\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "JMOSHI_"))}
     env.update(HF_ENDPOINT=endpoint, HF_HUB_CACHE=str(cache), JMOSHI_HOME=str(cache.parent / "home"),
-               JMOSHI_VARIANTS=str(variants), HF_HUB_DISABLE_TELEMETRY="1", NO_COLOR="1")
+               JMOSHI_VARIANTS=str(variants), HF_HUB_DISABLE_TELEMETRY="1", NO_COLOR="1", JMOSHI_TOKEN=BENCH_TOKEN)
     return env
 
 

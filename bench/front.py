@@ -28,8 +28,10 @@ from pathlib import Path
 from jmoshi_cli.selftest import free_port, speech_like
 from jmoshi_cli.serving import haproxy
 
-from _common import BIN, bench_env, tiny_hub_root
+from _common import BENCH_TOKEN, BIN, bench_env, tiny_hub_root
 from hub_server import LocalHub
+
+AUTH = {"Authorization": f"Bearer {BENCH_TOKEN}"}  # jmoshi's servers; upstream's ignores it
 
 UPSTREAM = ("import torch, runpy; torch.cuda.synchronize = lambda *a, **k: None; "
             "runpy.run_module('moshi.server', run_name='__main__')")
@@ -58,7 +60,7 @@ async def served_at_once(url: str, clients: int, limit_s: float = 3.0) -> int:
     async with aiohttp.ClientSession() as session:
 
         async def one(held: list) -> bool:
-            ws = await session.ws_connect(url)  # behind the front, a queued client waits right here
+            ws = await session.ws_connect(url, headers=AUTH)  # behind the front, a queued client waits right here
             held.append(ws)
             message = await ws.receive()
             return message.data[:1] == b"\x00"
@@ -80,10 +82,10 @@ async def first_audio_after_release(url: str) -> float:
     from jmoshi_cli.serving.opus import OpusStream
 
     async with aiohttp.ClientSession() as session:
-        held = [await session.ws_connect(url) for _ in range(2)]
+        held = [await session.ws_connect(url, headers=AUTH) for _ in range(2)]
         for ws in held:
             await ws.receive()
-        queued = asyncio.ensure_future(session.ws_connect(url))
+        queued = asyncio.ensure_future(session.ws_connect(url, headers=AUTH))
         await asyncio.sleep(2.0)
         assert not queued.done()
         released = time.monotonic()

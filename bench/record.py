@@ -38,7 +38,7 @@ from jmoshi_cli.audio_io import FRAME_S, FRAME_SIZE, SAMPLE_RATE
 from jmoshi_cli.selftest import free_port, speech_like
 from jmoshi_cli.serving.server_log import frame_ms
 
-from _common import BIN, bench_env, tiny_hub_root
+from _common import BENCH_TOKEN, BIN, bench_env, tiny_hub_root
 from hub_server import LocalHub
 
 
@@ -85,7 +85,8 @@ async def paced_conversation(url: str, pcm: np.ndarray, ahead: int) -> int:
     opus = OpusStream(SAMPLE_RATE)
     received = 0
     answered = asyncio.Event()
-    async with aiohttp.ClientSession() as session, session.ws_connect(url, max_msg_size=0) as ws:
+    auth = {"Authorization": f"Bearer {BENCH_TOKEN}"}
+    async with aiohttp.ClientSession() as session, session.ws_connect(url, max_msg_size=0, headers=auth) as ws:
         assert (await ws.receive()).data == b"\x00"
 
         async def listen() -> None:

@@ -26,7 +26,7 @@ from jmoshi_cli.selftest import free_port, speech_like
 from jmoshi_cli.serving.chat import chat_sync
 from jmoshi_cli.serving.server_log import frame_ms
 
-from _common import BIN, bench_env, tiny_hub_root
+from _common import BENCH_TOKEN, BIN, bench_env, tiny_hub_root
 from hub_server import LocalHub
 
 UPSTREAM = ("import torch, runpy; torch.cuda.synchronize = lambda *a, **k: None; "
@@ -55,7 +55,7 @@ def measure(argv: list[str], env: dict, port: int, pcm) -> tuple[float, list[flo
     try:
         wait_port(port, process)
         ready = time.perf_counter() - started
-        result = chat_sync(f"ws://127.0.0.1:{port}/api/chat", pcm, tail_s=3.0)
+        result = chat_sync(f"ws://127.0.0.1:{port}/api/chat", pcm, tail_s=3.0, token=BENCH_TOKEN)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:

@@ -325,7 +325,7 @@ def _session_figures(sessions):
 @app.command()
 def analyze(
     paths: Annotated[list[Path], typer.Argument(
-        help="Stereo WAVs (one speaker per channel, any rate), `serve --record` session folders, folders of "
+        help="Stereo WAVs (one speaker per channel, 8-384 kHz, up to 4 hours), `serve --record` session folders, folders of "
         "sessions, or `infer` outputs (*.dialogue.wav).", show_default=False)],
     against: Annotated[Optional[list[Path]], typer.Option(
         "--against", help="A second set analysed the same way (e.g. human dialogues of the same corpus), shown "
@@ -411,7 +411,7 @@ def selftest(as_json: JsonOpt = False, backend: BackendOpt = "auto") -> int:
 
 @app.command()
 def infer(
-    inputs: Annotated[list[Path], typer.Argument(help="Audio files or folders (wav, flac, mp3, ogg; any rate).",
+    inputs: Annotated[list[Path], typer.Argument(help="Audio files or folders (wav, flac, mp3, ogg; 8-384 kHz).",
                                                  show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the results.")] = Path("jmoshi-out"),
     channel: Annotated[str, typer.Option("--channel", help="The user's side of a stereo file: left, right or mix.")]

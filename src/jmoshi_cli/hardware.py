@@ -14,8 +14,6 @@ import socket
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -226,19 +224,3 @@ def port_free(host: str, port: int) -> Probe[bool]:
                 return Probe(True, False, error="in use")
             return Probe(False, error=exc.strerror or str(exc))
     return Probe(True, True)
-
-
-def http_reachable(url: str, timeout_s: float = 3.0) -> Probe[int]:
-    """Whether an HTTP server answers at url (any HTTP status counts as reachable)."""
-    request = urllib.request.Request(url, method="HEAD", headers={"user-agent": "jmoshi-doctor"})
-    token = os.environ.get("HF_TOKEN")
-    if token:
-        request.add_header("authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return Probe(True, response.status)
-    except urllib.error.HTTPError as exc:
-        return Probe(True, exc.code)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return Probe(False, error=str(reason))
