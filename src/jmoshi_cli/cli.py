@@ -325,8 +325,8 @@ def _session_figures(sessions):
 @app.command()
 def analyze(
     paths: Annotated[list[Path], typer.Argument(
-        help="Stereo WAVs (one speaker per channel, 8-384 kHz, up to 4 hours), `serve --record` session folders, folders of "
-        "sessions, or `infer` outputs (*.dialogue.wav).", show_default=False)],
+        help="Stereo WAVs (one speaker per channel, 8-384 kHz, up to 4 hours), `serve --record` session folders, "
+        "folders of sessions, or `infer` outputs (*.dialogue.wav).", show_default=False)],
     against: Annotated[Optional[list[Path]], typer.Option(
         "--against", help="A second set analysed the same way (e.g. human dialogues of the same corpus), shown "
         "beside the first with the difference per figure; repeat the flag for more paths.",
