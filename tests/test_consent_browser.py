@@ -80,14 +80,27 @@ def _opus_chunks(seconds: float) -> list[str]:
     return [base64.b64encode(chunk).decode() for chunk in chunks if chunk]
 
 
-def test_the_consent_page_gates_the_conversation_in_a_real_browser(tiny_env, tmp_path, browser):
+def test_the_consent_page_gates_the_conversation_in_a_real_browser_and_recordings_stay_private(tiny_env, tmp_path,
+                                                                                                   browser):
     study, words = tmp_path / "study", tmp_path / "consent.txt"
     words.write_text("名古屋大学 対話研究室の実験です。Lab study 42.", encoding="utf-8")
     port = free_port()
-    served = Served(["--variant", "tiny", "--device", "cpu", "--port", str(port), "--record", str(study),
-                     "--consent", str(words)], child_env(tiny_env))
+    old = os.umask(0o022)  # inherited by jmoshi and its server child: the recordings must not follow it
+    try:
+        served = Served(["--variant", "tiny", "--device", "cpu", "--port", str(port), "--record", str(study),
+                         "--consent", str(words), "--idle-timeout", "5"], child_env(tiny_env))
+    finally:
+        os.umask(old)
     try:
         url = served.wait_ready(LOAD_S)
+        # A program (no Origin) with the token is the operator's own client: no consent asked. One that sends
+        # no audio is ended by the idle timeout and leaves no folder.
+        _silent_conversation(port)
+        served.wait_for("conversation ended: no audio from the client")
+        assert not _sessions(study)
+        converse_sync(f"ws://127.0.0.1:{port}/api/chat", speech_like(1.5), until=got())
+        wait_until(lambda: len(list(study.glob("*/transcript.json"))) == 1, 60, "the program's recording")
+        # A browser: the printed URL opens the consent page, not the web UI.
         browser.get(url)
         assert "この会話は録音されます" in browser.page_source and "Lab study 42." in browser.page_source
         assert "?token=" not in browser.current_url  # the token went into a cookie
@@ -98,41 +111,24 @@ def test_the_consent_page_gates_the_conversation_in_a_real_browser(tiny_env, tmp
         wait_until(lambda: "J-Moshi test UI" in browser.page_source, 60, "the web UI after I agree")
         after = browser.execute_async_script(TALK, chat, _opus_chunks(2.0))
         assert after["handshake"] and after["audio"] >= 3, after
-        wait_until(lambda: list(study.glob("*/transcript.json")), 60, "the recording to be saved")
+        wait_until(lambda: len(list(study.glob("*/transcript.json"))) == 2, 60, "the browser's recording")
         served.wait_for("a participant agreed to be recorded")
     finally:
         served.stop()
-    [session] = [p for p in study.iterdir() if p.is_dir()]
-    consent = json.loads((session / "meta.json").read_text())["consent"]
-    assert consent["asked"] and consent["client"] == "browser" and consent["given_utc"].endswith("Z"), consent
-
-
-def test_recordings_are_private_under_umask_022_and_a_silent_client_leaves_no_folder(tiny_env, tmp_path):
-    study = tmp_path / "study"
-    port = free_port()
-    old = os.umask(0o022)  # inherited by jmoshi and its server child
-    try:
-        served = Served(["--variant", "tiny", "--device", "cpu", "--port", str(port), "--record", str(study),
-                         "--idle-timeout", "5"], child_env(tiny_env))
-    finally:
-        os.umask(old)
-    try:
-        served.wait_ready(LOAD_S)
-        _silent_conversation(port)
-        served.wait_for("conversation ended: no audio from the client")
-        assert not [p for p in study.iterdir() if p.is_dir()]  # a connection that sent no audio left nothing
-        converse_sync(f"ws://127.0.0.1:{port}/api/chat", speech_like(1.5), until=got())
-        wait_until(lambda: list(study.glob("*/transcript.json")), 60, "the recording to be saved")
-    finally:
-        served.stop()
-    [session] = [p for p in study.iterdir() if p.is_dir()]
+    program, browser_session = (json.loads((p / "meta.json").read_text())["consent"] for p in _sessions(study))
+    assert program["client"] == "program" and not program["asked"], program
+    assert browser_session["asked"] and browser_session["client"] == "browser", browser_session
+    assert browser_session["given_utc"].endswith("Z"), browser_session
     assert stat.S_IMODE(study.stat().st_mode) == 0o700
-    assert stat.S_IMODE(session.stat().st_mode) == 0o700
-    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in session.iterdir()}
-    assert set(modes) >= {"dialogue.wav", "user.wav", "jmoshi.wav", "meta.json", "transcript.json"}
-    assert set(modes.values()) == {0o600}, modes
-    consent = json.loads((session / "meta.json").read_text())["consent"]
-    assert consent["client"] == "program" and not consent["asked"], consent
+    for session in _sessions(study):
+        assert stat.S_IMODE(session.stat().st_mode) == 0o700
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in session.iterdir()}
+        assert set(modes) >= {"dialogue.wav", "user.wav", "jmoshi.wav", "meta.json", "transcript.json"}
+        assert set(modes.values()) == {0o600}, modes
+
+
+def _sessions(study: Path) -> list[Path]:
+    return sorted(p for p in study.iterdir() if p.is_dir())  # named by their start time: oldest first
 
 
 def test_a_recorded_conversation_does_not_start_below_the_free_space_floor(tiny_env, tmp_path):
@@ -149,7 +145,7 @@ def test_a_recorded_conversation_does_not_start_below_the_free_space_floor(tiny_
     finally:
         served.stop()
     assert refused.value.status == 503
-    assert not [p for p in study.iterdir() if p.is_dir()]
+    assert not _sessions(study)
 
 
 def _silent_conversation(port: int) -> None:
