@@ -250,7 +250,9 @@ def replica_pids(jmoshi_pid: int) -> dict[int, int]:
 def test_two_replicas_serve_two_queue_the_third_and_turn_away_in_words_when_the_wait_runs_out(tiny_env,
                                                                                               haproxy_binary):
     queue_s = 8  # long enough to see the third conversation queued and release a replica on a busy machine
-    served, port = serve_replicas(tiny_env, "--queue-timeout", str(queue_s))
+    scraper_port = free_port()  # /stats and /metrics without the token, on loopback, for a Prometheus scraper
+    served, port = serve_replicas(tiny_env, "--queue-timeout", str(queue_s), "--metrics-host", "127.0.0.1",
+                                  "--metrics-port", str(scraper_port))
     try:
         url = served.wait_ready()
         wait_until(lambda: len(listening(port)) > 0, 60, "the front")
@@ -284,11 +286,13 @@ def test_two_replicas_serve_two_queue_the_third_and_turn_away_in_words_when_the_
         # Without the token the front answers 401 before anything: the page, the stats, the metrics.
         unauthorized = [_status_of(f"http://127.0.0.1:{port}{path}") for path in ("/", "/stats", "/metrics")]
         stats = http_get(f"http://127.0.0.1:{port}/stats")
+        scraped = http_get(f"http://127.0.0.1:{scraper_port}/metrics", headers={})
     finally:
         code, err = served.stop()
     assert "J-Moshi test UI" in page
     assert 'haproxy_backend_current_queue{proxy="chat"}' in metrics
     assert unauthorized == [401, 401, 401] and "Statistics Report" in stats
+    assert 'haproxy_backend_current_queue{proxy="chat"}' in scraped
     for answer, _ in other_spellings:
         assert answer.startswith("HTTP/1.1 503 ") and "All J-Moshi replicas are busy" in answer, answer
     # Its turn came with the release, not before (and not at the queue's timeout, which answers 503).

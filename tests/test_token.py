@@ -92,7 +92,7 @@ def test_bad_access_flags_are_usage_errors(tiny_env):
 
     env = child_env(tiny_env)
     for flags in (["--token", "short"], ["--no-token", "--new-token"], ["--idle-timeout", "0"],
-                  ["--allow-origin", "nope"], ["--consent", "x.txt"]):
+                  ["--allow-origin", "nope"], ["--consent", "x.txt"], ["--metrics-host", "127.0.0.1"]):
         done = run_cli("serve", "--variant", "tiny", "--device", "cpu", *flags, env=env)
         assert done.returncode == 2 and done.stderr.count("error:") == 1, (flags, done.stderr)
         assert "Traceback" not in done.stderr

@@ -124,6 +124,12 @@ MinFreeOpt = Annotated[int, typer.Option(
     "--min-free-mb", help="With --record: a recording does not start, or stops and ends its conversation, below "
     "this much free disk space.", rich_help_panel="Access")]
 
+MetricsHostOpt = Annotated[Optional[str], typer.Option(
+    "--metrics-host", help="The front also serves /stats and /metrics without the token on this address (e.g. "
+    "127.0.0.1 for a Prometheus scraper on this machine), at --metrics-port.", show_default=False,
+    rich_help_panel="Access")]
+MetricsPortOpt = Annotated[int, typer.Option("--metrics-port", help="With --metrics-host.", rich_help_panel="Access")]
+
 
 def _access(token: str | None, new_token: bool, no_token: bool, allow_origin: list[str] | None, idle_timeout: float,
             max_minutes: float | None, max_waiting: int, consent: Path | None = None, min_free_mb: int = 1024):
@@ -279,6 +285,8 @@ def serve(
     max_waiting: MaxWaitingOpt = 8,
     consent: ConsentOpt = None,
     min_free_mb: MinFreeOpt = 1024,
+    metrics_host: MetricsHostOpt = None,
+    metrics_port: MetricsPortOpt = 8405,
 ) -> int:
     """Talk to J-Moshi in the browser: check, fetch what is missing, then run its server.
 
@@ -294,7 +302,7 @@ def serve(
         drain_timeout_s=drain_timeout, record=record, sampling=Sampling(temp, temp_text, top_k, top_k_text, seed),
         quantize=quantize, lora=lora, backend=backend,
         access=_access(token, new_token, no_token, allow_origin, idle_timeout, max_minutes, max_waiting, consent,
-                       min_free_mb))
+                       min_free_mb), metrics_host=metrics_host, metrics_port=metrics_port)
     return srv.run(options, ConsoleReporter(ui.settings.verbose, open_browser))
 
 
@@ -379,12 +387,8 @@ def front(
     no_token: NoTokenOpt = False,
     idle_timeout: IdleTimeoutOpt = 30.0,
     max_waiting: MaxWaitingOpt = 8,
-    metrics_host: Annotated[Optional[str], typer.Option(
-        "--metrics-host", help="Also serve /stats and /metrics without the token on this address (e.g. 127.0.0.1 "
-        "for a Prometheus scraper on this machine), at --metrics-port.", show_default=False,
-        rich_help_panel="Access")] = None,
-    metrics_port: Annotated[int, typer.Option("--metrics-port", help="With --metrics-host.",
-                                              rich_help_panel="Access")] = 8405,
+    metrics_host: MetricsHostOpt = None,
+    metrics_port: MetricsPortOpt = 8405,
 ) -> int:
     """One URL over `jmoshi serve` instances on other machines: HAProxy, health checks, a fair queue.
 

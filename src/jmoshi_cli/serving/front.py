@@ -86,7 +86,7 @@ def run(options: FrontOptions, report: Reporter | None = None) -> int:
     if options.https:
         ssl_dir = tls.ensure_certificate(artifacts.data_dir() / "tls", addresses.certificate_names(options.host))
     decided = decide(options.access, artifacts.data_dir(), record=False)
-    metrics = _metrics(options)
+    metrics = check_metrics(options.metrics_host, options.metrics_port, options.host, options.port)
     front = haproxy.Front(options.host, options.port, backends, options.queue_timeout_s, ssl_dir,
                           access=decided.access, limits=decided.limits, metrics=metrics)
     launch = Launch([], {}, options.host, options.port, front.scheme,
@@ -95,10 +95,11 @@ def run(options: FrontOptions, report: Reporter | None = None) -> int:
     return fleet.run()
 
 
-def _metrics(options: FrontOptions) -> tuple[str, int] | None:
-    if options.metrics_host is None:
+def check_metrics(host: str | None, port: int, front_host: str, front_port: int) -> tuple[str, int] | None:
+    """--metrics-host/--metrics-port: a second address for /stats and /metrics without the token, or None."""
+    if host is None:
         return None
-    if options.metrics_host == options.host and options.metrics_port == options.port:
-        raise UsageError("--metrics-port is the front's own port", "e.g. --metrics-port 8405")
-    preflight.check_address(options.metrics_host, options.metrics_port)
-    return options.metrics_host, options.metrics_port
+    if port == front_port:
+        raise UsageError(f"--metrics-port {port} is the front's own port", "e.g. --metrics-port 8405")
+    preflight.check_address(host, port)
+    return host, port

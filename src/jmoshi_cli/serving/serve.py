@@ -23,6 +23,7 @@ from ..sampling import Sampling
 from ..variants import Variant
 from . import tls, token
 from .access import AccessOptions, decide
+from .front import check_metrics
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class ServeOptions:
     lora: Path | None = None  # a moshi-finetune adapter over the variant (finetune.py)
     backend: str = "auto"  # backends.Kind: auto is mlx on Apple Silicon, torch elsewhere
     access: AccessOptions = field(default_factory=AccessOptions)  # the token, origins, consent, limits
+    metrics_host: str | None = None  # with --replicas: /stats and /metrics without the token, on this address
+    metrics_port: int = 8405
 
 
 @dataclass(frozen=True)
@@ -99,9 +102,10 @@ def _run_replicas(options: ServeOptions, prepared: Prepared, report: Reporter) -
     placements = prepared.placements
     assert placements is not None  # run() comes here only with --replicas
     contract = prepared.spec.contract
+    metrics = check_metrics(options.metrics_host, options.metrics_port, options.host, options.port)
     front = haproxy.Front(options.host, options.port, replicas.backends_for(placements),
                           options.queue_timeout_s, prepared.spec.ssl_dir, managed=True, access=contract.access,
-                          limits=contract.limits)
+                          limits=contract.limits, metrics=metrics)
     front_launch = replace(prepared.launch, host=options.host, port=options.port, scheme=front.scheme)
     fleet = replicas.Fleet(
         front, [replicas.Replica(p, replicas.replica_launch(prepared.spec, p)) for p in placements],
@@ -126,6 +130,10 @@ def prepare(options: ServeOptions, report: Reporter) -> Prepared:
         raise UsageError("--https and --ssl both given", "--https makes a certificate; --ssl DIR uses yours")
     preflight.check_address(options.host, options.port)
     ssl_dir = tls.check_ssl_dir(options.ssl_dir) if options.ssl_dir else None
+    if options.metrics_host is not None:
+        if options.replicas is None:
+            raise UsageError("--metrics-host without --replicas", "the stats and metrics are the front's")
+        check_metrics(options.metrics_host, options.metrics_port, options.host, options.port)
     access = decide(options.access, artifacts.data_dir(), record_dir is not None)
     _tell_token(access.token, report)
     catalogue = load_catalogue()
