@@ -25,6 +25,8 @@ UNAUTHORIZED = _page("J-Moshi: トークンが必要です / a token is needed",
 <p>This J-Moshi server answers only those who hold its token. Ask whoever started it for the URL
 that carries it (ending in <code>?token=…</code>) or its QR code.</p>
 <p>Programs: <code>Authorization: Bearer TOKEN</code> or <code>?token=TOKEN</code>.</p>
+<p>起動した人へ / If you started it: the URL jmoshi printed carries the token; it is also kept in jmoshi's
+data folder (<code>~/.local/share/jmoshi/token</code>, or <code>$JMOSHI_HOME/token</code>).</p>
 """)
 
 FOREIGN_ORIGIN = _page("J-Moshi: 別のサイトからは使えません / another site", """
