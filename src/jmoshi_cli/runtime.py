@@ -98,6 +98,7 @@ class Runtime:
     has_config_path: bool  # --config-path (0.2.4+)
     has_lora: bool  # --lora-weight (0.2.4+)
     has_int8: bool  # QLinear int8 checkpoints with "quantize" in the LM config (checked on 0.2.13)
+    has_slot_masks: bool  # per-slot reset and exec masks, LMGen(support_out_of_sync=True) (0.2.5+)
     sphn_api: str  # the sphn API moshi's server calls: "0.1" (< 0.2.12) or "0.2"
     kind: str  # CURRENT, DOCUMENTED or UNTESTED
 
@@ -113,7 +114,7 @@ class Runtime:
         return cls(moshi=moshi, sphn=versions.get("sphn"), torch=versions.get("torch"),
                    huggingface_hub=versions.get("huggingface_hub"), bitsandbytes=versions.get("bitsandbytes"),
                    honours_host=v >= (0, 2, 5), has_config_path=v >= (0, 2, 4), has_lora=v >= (0, 2, 4),
-                   has_int8=v >= (0, 2, 13),
+                   has_int8=v >= (0, 2, 13), has_slot_masks=v >= (0, 2, 5),
                    sphn_api="0.2" if v >= (0, 2, 12) else "0.1", kind=kind)
 
     @property

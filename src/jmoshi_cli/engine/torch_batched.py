@@ -1,0 +1,128 @@
+"""N conversations on one loaded moshi, stepped together (moshi >= 0.2.5: streaming_forever, reset and
+exec masks, `LMGen(support_out_of_sync=True)`; Kyutai's rust/moshi-server/batched_asr.py drives Mimi and
+LMGen the same way).
+
+A tick steps every open slot whose next 80 ms frame has arrived; the others are masked for that step
+(their Mimi and LM state do not move, so their stream stays aligned: a late slot is stepped when its
+audio comes, never fed invented input). Opening a slot resets that slot's state only. Per slot, the
+first frame goes through Mimi's encoder and the encoder is then reset, as moshi.server does for each
+conversation (the frame's codes carry the encoder's left padding).
+
+Sampling: the whole batch draws from torch's one generator, so with sampling a slot's words depend on
+its neighbours; greedy decoding (temp 0) does not. Per-slot generators are the next step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..audio_io import FRAME_SIZE
+
+
+@dataclass(frozen=True)
+class Said:
+    """What one step gave a slot: J-Moshi's 80 ms of voice and its text token, once the model has any."""
+
+    pcm: np.ndarray | None
+    text_id: int | None
+    codes: np.ndarray | None  # the audio codes the voice was decoded from (dep_q,)
+
+
+class SlotsFull(Exception):
+    """Every slot holds a conversation."""
+
+
+class BatchedEngine:
+    def __init__(self, mimi: Any, lm: Any, slots: int, **sampling: Any):
+        import torch
+        from moshi.models import LMGen
+
+        self.torch = torch
+        self.mimi, self.slots = mimi, slots
+        self.device = next(iter(lm.parameters())).device
+        self.lm_gen = LMGen(lm, support_out_of_sync=True, **sampling)
+        self.mimi.streaming_forever(slots)
+        self.lm_gen.streaming_forever(slots)
+        self.open_slots: set[int] = set()
+        self.first: set[int] = set()  # slots whose first frame is still to come
+        self.pending: dict[int, np.ndarray] = {}
+
+    def _mask(self, slots: set[int]) -> Any:
+        mask = self.torch.zeros(self.slots, dtype=self.torch.bool, device=self.device)
+        mask[list(slots)] = True
+        return mask
+
+    def open(self) -> int:
+        """A free slot, its state reset (the others untouched); SlotsFull when none is free."""
+        free = [slot for slot in range(self.slots) if slot not in self.open_slots]
+        if not free:
+            raise SlotsFull(f"all {self.slots} slots are in a conversation")
+        slot = free[0]
+        reset = self._mask({slot})
+        self.mimi.reset_streaming(reset)
+        self.lm_gen.reset_streaming(reset)
+        self.open_slots.add(slot)
+        self.first.add(slot)
+        return slot
+
+    def close(self, slot: int) -> None:
+        """The slot is free again; its state stays until the next open resets it (it costs no step)."""
+        self.open_slots.discard(slot)
+        self.first.discard(slot)
+        self.pending.pop(slot, None)
+
+    def feed(self, slot: int, pcm: np.ndarray) -> None:
+        """The slot's next 80 ms of the user's audio (1920 float32 samples at 24 kHz)."""
+        if slot not in self.open_slots:
+            raise ValueError(f"slot {slot} is not open")
+        if slot in self.pending:
+            raise ValueError(f"slot {slot} already has a frame waiting for the next step")
+        frame = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        if frame.shape[0] != FRAME_SIZE:
+            raise ValueError(f"a frame is {FRAME_SIZE} samples, not {frame.shape[0]}")
+        self.pending[slot] = frame
+
+    def step(self) -> dict[int, Said]:
+        """One tick: every slot with a frame waiting is stepped; what each gave back."""
+        ready = set(self.pending)
+        if not ready:
+            return {}
+        torch = self.torch
+        with torch.no_grad():
+            codes = self._encode(ready)
+            tokens = self.lm_gen.step(codes)
+            return self._decode(ready, tokens)
+
+    def _encode(self, ready: set[int]) -> Any:
+        torch = self.torch
+        batch = np.zeros((self.slots, 1, FRAME_SIZE), dtype=np.float32)
+        for slot in ready:
+            batch[slot, 0] = self.pending.pop(slot)
+        exec_mask = self._mask(ready)
+        self.mimi.set_exec_mask(exec_mask)
+        self.lm_gen.set_exec_mask(exec_mask)
+        codes = self.mimi.encode(torch.from_numpy(batch).to(self.device))
+        starting = ready & self.first
+        if starting:
+            # As moshi.server after a conversation's first frame: that slot's encoder starts again.
+            self.mimi.reset_streaming(self._mask(starting))
+            self.mimi.set_exec_mask(exec_mask)
+            self.first -= starting
+        return codes
+
+    def _decode(self, ready: set[int], tokens: Any) -> dict[int, Said]:
+        torch = self.torch
+        valid = (tokens[:, 1:, 0] >= 0).all(dim=1) & self._mask(ready)
+        said = {slot: Said(None, None, None) for slot in ready}
+        if not bool(valid.any()):
+            return said
+        self.mimi.set_exec_mask(valid)
+        audio = torch.where(valid[:, None, None], tokens[:, 1:], torch.zeros_like(tokens[:, 1:]))
+        pcm = self.mimi.decode(audio).float().cpu().numpy()
+        for slot in ready:
+            if bool(valid[slot]):
+                said[slot] = Said(pcm[slot, 0], int(tokens[slot, 0, 0]), tokens[slot, 1:, 0].cpu().numpy())
+        return said
