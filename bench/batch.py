@@ -39,15 +39,15 @@ def load(repo: Path, device: str, dtype: str):
 def batched_steps(mimi, lm, slots: int, steps: int, pcm: np.ndarray) -> list[float]:
     from jmoshi_cli.engine.torch_batched import BatchedEngine
 
-    engine = BatchedEngine(mimi, lm, slots=slots, use_sampling=False)
-    opened = [engine.open() for _ in range(slots)]
     times = []
-    for i in range(steps):
-        for slot in opened:
-            engine.feed(slot, pcm[(i % (len(pcm) // FRAME)) * FRAME:][:FRAME])
-        began = time.perf_counter()
-        engine.step()
-        times.append(1000 * (time.perf_counter() - began))
+    with BatchedEngine(mimi, lm, slots=slots, use_sampling=False) as engine:
+        opened = [engine.open() for _ in range(slots)]
+        for i in range(steps):
+            for slot in opened:
+                engine.feed(slot, pcm[(i % (len(pcm) // FRAME)) * FRAME:][:FRAME])
+            began = time.perf_counter()
+            engine.step()
+            times.append(1000 * (time.perf_counter() - began))
     return times[3:]  # the first steps warm up allocators
 
 

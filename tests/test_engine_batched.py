@@ -63,14 +63,26 @@ def test_each_slot_talks_as_if_alone_through_stalls_hang_ups_and_new_conversatio
     mimi, lm = model
     voices = _voices()
     alone = [_alone(mimi, lm, pcm) for pcm in voices]
-    engine = BatchedEngine(mimi, lm, slots=3, use_sampling=False)
+    with BatchedEngine(mimi, lm, slots=3, use_sampling=False) as engine:
+        got = _run_schedule(engine, voices, SlotsFull)
+    for name, reference in (("a", alone[0]), ("b", alone[1]), ("c again", alone[2])):
+        assert len(got[name]) == len(reference), name
+        assert [t for t, _, _ in got[name]] == [t for t, _, _ in reference], name
+        pairs = list(zip(got[name], reference, strict=True))
+        assert all(np.array_equal(x, y) for (_, x, _), (_, y, _) in pairs), name
+        assert all(np.allclose(x, y, atol=1e-4) for (_, _, x), (_, _, y) in pairs), name
+
+
+def _run_schedule(engine, voices: list[np.ndarray], full: type[Exception]) -> dict[str, list]:
+    """a and c talk from the start; b joins at tick 3 and its audio is late at ticks 8-11; c hangs up at tick
+    6 and a new conversation ("c again") takes its slot."""
     got: dict[str, list] = {"a": [], "b": [], "c": [], "c again": []}
     slot_of, sent = {"a": engine.open(), "c": engine.open()}, {"a": 0, "b": 0, "c": 0, "c again": 0}
     source = {"a": voices[0], "b": voices[1], "c": voices[2], "c again": voices[2]}
     for tick in range(60):
         if tick == 3:
             slot_of["b"] = engine.open()  # a conversation starts beside two running ones
-            with pytest.raises(SlotsFull):
+            with pytest.raises(full):
                 engine.open()
         if tick == 6:  # c hangs up mid-way; a new conversation takes its slot and starts from a clean state
             engine.close(slot_of.pop("c"))
@@ -88,9 +100,4 @@ def test_each_slot_talks_as_if_alone_through_stalls_hang_ups_and_new_conversatio
                 got[name].append((said.text_id, said.codes, said.pcm))
         if all(count == FRAMES for name, count in sent.items() if name != "c"):
             break
-    for name, reference in (("a", alone[0]), ("b", alone[1]), ("c again", alone[2])):
-        assert len(got[name]) == len(reference), name
-        assert [t for t, _, _ in got[name]] == [t for t, _, _ in reference], name
-        pairs = list(zip(got[name], reference, strict=True))
-        assert all(np.array_equal(x, y) for (_, x, _), (_, y, _) in pairs), name
-        assert all(np.allclose(x, y, atol=1e-4) for (_, _, x), (_, _, y) in pairs), name
+    return got

@@ -14,6 +14,7 @@ its neighbours; greedy decoding (temp 0) does not. Per-slot generators are the n
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,11 +45,22 @@ class BatchedEngine:
         self.mimi, self.slots = mimi, slots
         self.device = next(iter(lm.parameters())).device
         self.lm_gen = LMGen(lm, support_out_of_sync=True, **sampling)
-        self.mimi.streaming_forever(slots)
-        self.lm_gen.streaming_forever(slots)
+        # Streaming state for N slots, held until `shutdown` (the model can then serve another engine).
+        self._streaming = contextlib.ExitStack()
+        self._streaming.enter_context(self.mimi.streaming(slots))
+        self._streaming.enter_context(self.lm_gen.streaming(slots))
         self.open_slots: set[int] = set()
         self.first: set[int] = set()  # slots whose first frame is still to come
         self.pending: dict[int, np.ndarray] = {}
+
+    def shutdown(self) -> None:
+        self._streaming.close()
+
+    def __enter__(self) -> BatchedEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     def _mask(self, slots: set[int]) -> Any:
         mask = self.torch.zeros(self.slots, dtype=self.torch.bool, device=self.device)
