@@ -67,7 +67,7 @@ def choose(folder: Path, given: str | None = None, new: bool = False, off: bool 
             raise UsageError("--no-token with --token or --new-token", "choose one")
         return Choice(None, Source.NONE)
     if given is not None:
-        return Choice(check(given, "--token"), Source.GIVEN)
+        return Choice(check(given, f"--token (or {ENV})"), Source.GIVEN)
     from_env = os.environ.get(ENV)
     if from_env and not new:
         return Choice(check(from_env, ENV), Source.GIVEN)
