@@ -73,3 +73,167 @@ def read_wav_pcm16(path: Path) -> tuple[np.ndarray, int]:
             raise ValueError(f"{path}: {8 * width}-bit WAV, expected 16-bit")
         raw = np.frombuffer(w.readframes(frames), dtype="<i2")
     return (raw.reshape(-1, ch).T.astype(np.float32) / 32767.0), rate
+
+
+# Two-speaker dialogues with known events, each voice leaking into the other's channel: the leak tests of
+# `jmoshi analyze` (tests/test_analyze_leak.py) and its table (bench/analyze.py --leak-table).
+
+DIALOGUE_RATE = 24000
+NOISE_DB = -62.0  # light noise on both channels, as a quiet room and a microphone give
+REVERB_S = 0.5  # the simple room's reverberation time (60 dB decay)
+LEAD_S = 0.1  # of sound kept before each utterance's IPU
+# Utterances of the shared dialogue (channel, start s, end s): the left speaker stands for the user, the
+# right one for J-Moshi. The long one (4.3 s) goes on at an even level from 2 s in, where the script puts
+# the backchannel: its soft stretch before that, under a strong leak of the backchannel, would be lost
+# (the limit analyze states: a voice as quiet as the other's leak).
+SHARED_USER = ((0, 3.58, 4.77), (0, 14.05, 16.45), (0, 19.3, 20.26), (0, 17.28, 19.04), (0, 9.6, 12.38),
+               (0, 3.58, 4.77))
+SHARED_JMOSHI = ((1, 1.5, 3.07), (1, 12.74, 13.89), (1, 4.77, 9.06), (1, 16.64, 17.7), (1, 20.42, 23.07),
+                 (1, 1.5, 3.07))
+# Who speaks which of their utterances when: (channel, utterance, line it follows (index), its "start" or
+# "end", seconds after that). 6 IPUs each, the user pausing once and J-Moshi twice, 5 gaps, and 3 overlaps:
+# a backchannel inside J-Moshi's long turn, the user taking the floor before J-Moshi stops, J-Moshi
+# taking it back the same way.
+SCRIPT = ((1, 0, None, "start", 0.5), (1, 1, 0, "end", 0.5), (0, 0, 1, "end", 0.5), (0, 1, 2, "end", 0.45),
+          (1, 2, 3, "end", 0.35), (0, 2, 4, "start", 2.1), (0, 3, 4, "end", -0.5), (1, 3, 6, "end", 0.4),
+          (0, 4, 7, "end", 0.5), (1, 4, 8, "end", -0.5), (1, 5, 9, "end", 0.5), (0, 5, 10, "end", 0.5))
+SCRIPT_COUNTS = {"ipus": (6, 6), "pauses": (1, 2), "gaps": 5, "overlaps": 3}  # (user, J-Moshi)
+VOWELS = ((800, 1200, 2500), (300, 2300, 3000), (350, 1300, 2400), (500, 1900, 2600), (500, 900, 2500))
+FORMANT_WIDTHS = (80, 90, 120)
+
+
+def shared_voices(path: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The user's and J-Moshi's utterances (SHARED_USER, SHARED_JMOSHI) cut from the shared dialogue."""
+    from jmoshi_cli.audio_io import read_audio, resample
+
+    audio = read_audio(path)
+    pcm = np.stack([resample(c, audio.sample_rate, DIALOGUE_RATE) for c in audio.pcm])
+
+    def cut(channel: int, start: float, end: float) -> np.ndarray:
+        return trimmed(pcm[channel, int((start - LEAD_S) * DIALOGUE_RATE):int(end * DIALOGUE_RATE)])
+
+    return [cut(*u) for u in SHARED_USER], [cut(*u) for u in SHARED_JMOSHI]
+
+
+def formant_voices(seed: int = 5) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """A higher and a lower synthetic voice (:func:`formant_speech`), utterances as long as the shared ones."""
+    rng = np.random.default_rng(seed)
+    user = [trimmed(formant_speech(s, 215.0, 1.17, rng)) for s in (1.1, 2.3, 0.8, 1.7, 3.2, 1.1)]
+    jmoshi = [trimmed(formant_speech(s, 115.0, 1.0, rng)) for s in (1.5, 1.1, 4.2, 1.0, 2.6, 1.5)]
+    return user, jmoshi
+
+
+def formant_speech(seconds: float, pitch_hz: float, formant_scale: float, rng: np.random.Generator) -> np.ndarray:
+    """Speech-like sound that Silero takes for speech: syllables of 130-240 ms, each a noise burst (the
+    consonant) then a vowel, the harmonics of a gliding, declining pitch shaped by the vowel's three formant
+    resonances; the last 100 ms fade by 35 dB. At -25 dBFS while it sounds."""
+    control = 200  # Hz: the rate at which pitch, formants and loudness are set
+    times = np.arange(int(np.ceil(seconds * control)) + 1) / control
+    formants, gain, hiss = _syllables(seconds, times, formant_scale, rng)
+    edge = np.clip(times / 0.03, 0, 1) * np.where(times > seconds - 0.1, 10 ** (-35 * (times - seconds + 0.1) / 2),
+                                                   1.0)
+    gain, hiss = gain * edge, hiss * edge
+    pitch = pitch_hz * (1.1 - 0.2 * times / seconds) * (1 + 0.06 * np.sin(2 * np.pi * 0.7 * times + rng.uniform(0, 6)))
+    t = np.arange(int(seconds * DIALOGUE_RATE)) / DIALOGUE_RATE
+    phase = 2 * np.pi * np.cumsum(np.interp(t, times, pitch) * (1 + 0.005 * rng.standard_normal(len(t))))
+    phase /= DIALOGUE_RATE
+    voiced = np.zeros(len(t))
+    for harmonic in range(1, int(7200 / pitch_hz)):
+        freq = harmonic * pitch
+        amp = gain * (freq < 7000) / harmonic
+        for centre, width in zip(formants, FORMANT_WIDTHS, strict=True):
+            amp = amp * centre ** 2 / np.sqrt((centre ** 2 - freq ** 2) ** 2 + (width * freq) ** 2)
+        voiced += np.interp(t, times, amp) * np.sin(harmonic * phase)
+    spectrum = np.fft.rfft(rng.standard_normal(len(t)))
+    freqs = np.fft.rfftfreq(len(t), 1 / DIALOGUE_RATE)
+    noise = np.fft.irfft(spectrum * ((freqs > 2500) & (freqs < 8000)), len(t))
+    out = voiced + np.interp(t, times, hiss) * noise / noise.std() * np.abs(voiced).max() * 0.3
+    return (out / np.sqrt(np.mean(out[out != 0] ** 2)) * 10 ** (-25 / 20)).astype(np.float32)
+
+
+def _syllables(seconds: float, times: np.ndarray, scale: float, rng: np.random.Generator):
+    """Formant tracks (3, len(times)), vowel loudness and consonant hiss at each control point."""
+    bounds = [0.0]
+    while bounds[-1] < seconds:
+        bounds.append(bounds[-1] + rng.uniform(0.13, 0.24))
+    bounds[-1] = seconds
+    formants, gain, hiss = np.zeros((3, len(times))), np.zeros(len(times)), np.zeros(len(times))
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        inside = (times >= start) & (times < end)
+        formants[:, inside] = np.array(VOWELS[rng.integers(len(VOWELS))])[:, None] * scale
+        x = (times[inside] - start) / (end - start)
+        consonant = rng.uniform(0.15, 0.35)
+        gain[inside] = (np.clip((x - consonant) / 0.15, 0, 1) * np.clip((1 - x) / 0.25, 0, 1)
+                        * 10 ** (rng.uniform(-4, 2) / 20))
+        hiss[inside] = (x < consonant) * 0.15 * rng.uniform(0.3, 1)
+    smooth = np.ones(9) / 9  # 40 ms glides between vowels
+    formants = np.stack([np.convolve(np.pad(f, 4, mode="edge"), smooth, "valid") for f in formants])
+    gain = np.convolve(np.pad(gain, 2, mode="edge"), np.ones(5) / 5, "valid")
+    return formants, gain, hiss
+
+
+def trimmed(piece: np.ndarray) -> np.ndarray:
+    """An utterance cut to where `jmoshi analyze` finds it when it is heard alone (with the light noise),
+    with LEAD_S of what came before (Silero needs the start of a sound to hear its onset where it did): its
+    IPU is then found from LEAD_S into it to its end."""
+    from jmoshi_cli.analysis import Params
+    from jmoshi_cli.analysis.pipeline import find_in_audio
+    from jmoshi_cli.analysis.vad import WINDOW_S
+
+    pad = np.zeros(int(0.5 * DIALOGUE_RATE), dtype=np.float32)
+    alone = np.concatenate([pad, piece, pad, pad])
+    stereo = np.stack([alone, np.zeros_like(alone)])
+    found = find_in_audio(with_leak(stereo, None, 0.0, 0.0, seed=99), DIALOGUE_RATE, Params()).ipus["user"]
+    if len(found) != 1:
+        raise ValueError(f"an utterance must be one IPU alone, found {len(found)}")
+    start, end = (round(w * WINDOW_S * DIALOGUE_RATE) for w in (found[0].start, found[0].end))
+    return alone[start - round(LEAD_S * DIALOGUE_RATE):end]
+
+
+def scripted_dialogue(voices: tuple[list[np.ndarray], list[np.ndarray]]
+                      ) -> tuple[np.ndarray, list[tuple[int, float, float]]]:
+    """The SCRIPT spoken by ``voices`` (user's, J-Moshi's utterances, as :func:`trimmed` cuts them): stereo
+    (user, J-Moshi) at DIALOGUE_RATE without noise or leak, and each line's IPU (channel, start s, end s)."""
+    lines: list[tuple[int, float, float]] = []
+    for channel, utterance, after, edge, offset in SCRIPT:
+        length = len(voices[channel][utterance]) / DIALOGUE_RATE - LEAD_S
+        start = offset if after is None else lines[after][1 if edge == "start" else 2] + offset
+        lines.append((channel, start, start + length))
+    out = np.zeros((2, int((max(end for _, _, end in lines) + 1.0) * DIALOGUE_RATE)), dtype=np.float32)
+    for (channel, utterance, *_), (_, start, _) in zip(SCRIPT, lines, strict=True):
+        piece = voices[channel][utterance]
+        at = round((start - LEAD_S) * DIALOGUE_RATE)
+        out[channel, at:at + len(piece)] += piece
+    return out, lines
+
+
+def with_leak(clean: np.ndarray, leak_db: float | None, delay_s: float, reverb_s: float, seed: int = 0,
+              directions: tuple[int, ...] = (0, 1)) -> np.ndarray:
+    """Each voice of ``clean`` (2, samples) also heard ``leak_db`` down on the other channel (None: not at
+    all), ``delay_s`` late, through a room of ``reverb_s`` reverberation time (0: none), into the channels
+    in ``directions``; and light noise on both."""
+    rng = np.random.default_rng(seed)
+    out = clean.astype(np.float64)
+    for into in directions if leak_db is not None else ():
+        path = _room(delay_s, reverb_s, rng) * 10 ** (leak_db / 20)
+        size = 1 << (clean.shape[1] + len(path) - 2).bit_length()
+        heard = np.fft.irfft(np.fft.rfft(clean[1 - into], size) * np.fft.rfft(path, size), size)
+        out[into] += heard[:clean.shape[1]]
+    out += 10 ** (NOISE_DB / 20) * rng.standard_normal(out.shape)
+    return out.astype(np.float32)
+
+
+def _room(delay_s: float, reverb_s: float, rng: np.random.Generator) -> np.ndarray:
+    """Impulse response of unit energy: the sound ``delay_s`` late, then, with a reverberation time, a tail of
+    noise decaying 60 dB over it, 4 dB below the direct sound in all."""
+    delay = round(delay_s * DIALOGUE_RATE)
+    tail = np.zeros(0)
+    if reverb_s > 0:
+        t = np.arange(int(reverb_s * DIALOGUE_RATE)) / DIALOGUE_RATE
+        tail = rng.standard_normal(len(t)) * 10 ** (-3 * t / reverb_s)
+        tail[:int(0.003 * DIALOGUE_RATE)] = 0.0  # the first reflection 3 ms after the direct sound
+        tail *= 10 ** (-4 / 20) / np.sqrt(np.sum(tail ** 2))
+    out = np.zeros(delay + max(1, len(tail)))
+    out[delay:delay + len(tail)] += tail
+    out[delay] += 1.0
+    return out / np.sqrt(np.sum(out ** 2))

@@ -81,17 +81,37 @@ def test_hysteresis_keeps_speech_between_the_two_thresholds():
 
 
 def test_leakage_is_dropped_and_real_overlap_kept():
-    # J-Moshi's voice leaks into the user's channel 25 dB down, one window late; the user also
-    # really speaks over J-Moshi at [70, 90) at the same level.
+    # J-Moshi's voice leaks into the user's channel 25 dB down, one window late, and the user's VAD holds
+    # on for 6 windows after the leak stops; the user also really speaks over J-Moshi at [70, 90) at the
+    # same level.
     probs, levels = scores(200, user=[(70, 90)], jmoshi=[(20, 100)])
-    probs[0, 21:101] = np.maximum(probs[0, 21:101], 0.8)
+    probs[0, 21:107] = np.maximum(probs[0, 21:107], 0.8)
     levels[0, 21:101] = np.maximum(levels[0, 21:101], LOUD - 25)
     levels[0, 70:90] = LOUD
     kept = find_events(probs, levels, Params())
-    assert [(s.start, s.end) for s in kept.ipus[USER]] == [(70, 90)]
+    # The user's own speech and the 5 windows (160 ms) the VAD takes to let go of a voice; neither the leak
+    # nor the VAD's hold after it (the tail that used to pass for a short IPU of the user).
+    assert [(s.start, s.end) for s in kept.ipus[USER]] == [(70, 95)]
     assert kept.inside == {USER: 1, JMOSHI: 0}
+    path = kept.leak[USER]
+    assert path.heard and path.level_db == pytest.approx(-25) and path.delay_s == pytest.approx(W)
     raw = find_events(probs, levels, Params(leak_db=0))
-    assert [(s.start, s.end) for s in raw.ipus[USER]] == [(21, 101)]
+    assert [(s.start, s.end) for s in raw.ipus[USER]] == [(21, 107)]
+    assert raw.leak == {USER: None, JMOSHI: None}
+
+
+def test_an_echo_a_quarter_second_late_is_not_the_users():
+    # J-Moshi's voice comes back into the user's microphone 8 windows (256 ms) late, 30 dB down; the user
+    # answers after J-Moshi's echo has died away.
+    probs, levels = scores(300, user=[(150, 200)], jmoshi=[(20, 100)])
+    probs[0, 28:113] = 0.8
+    levels[0, 28:108] = LOUD - 30
+    events = find_events(probs, levels, Params())
+    assert [(s.start, s.end) for s in events.ipus[USER]] == [(150, 200)]
+    assert [(g.start, g.end) for g in events.gaps] == [(100, 150)]
+    path = events.leak[USER]
+    assert path.heard and path.level_db == pytest.approx(-30) and path.delay_s == pytest.approx(8 * W)
+    assert not events.leak[JMOSHI].heard  # nothing of the user's voice in J-Moshi's channel
 
 
 def test_help_imports_nothing_heavy():

@@ -2,7 +2,8 @@
 
 :func:`analyze` turns paths into :class:`SetResult`: per-file :class:`FileResult` (events in VAD
 windows and their :class:`~.stats.Figures`), the set's total, and the paths that gave nothing
-(:class:`~.inputs.Problem`). How speech is found: :mod:`.vad`; the event definitions: :mod:`.events`.
+(:class:`~.inputs.Problem`). How speech is found: :mod:`.vad`; the other voice's leak told apart:
+:mod:`.leak`; the event definitions: :mod:`.events`.
 """
 
 from __future__ import annotations

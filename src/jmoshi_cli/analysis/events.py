@@ -5,17 +5,10 @@ into seconds only at the end, so that "ends where the other starts" is an exact 
 
 1. Speech per window: Silero's hysteresis. A channel starts speaking at a score >= ``threshold`` and
    stops at a score < ``threshold - 0.15`` (the package's own ``get_speech_timestamps`` rule).
-2. Leakage: one voice heard, quieter, on the other's microphone. While the other channel speaks,
-   a channel's level minus the other's (the louder of the other's level now and over the previous
-   ``leak_lag_ms``, for an echo that arrives late) is, where it is below 0 dB, mostly this channel's
-   leakage level, since people overlap for far less than half of the time: its median is taken as
-   the channel's coupling (about -50 dB on a clean recording, -20 dB for two microphones in one
-   room). A window where both channels speak is leakage, and the quieter channel silent there, when
-   that channel is at once at least ``leak_db`` quieter than the other and less than ``leak_db``
-   above its coupling. Two people talking at once each speak into their own microphone at their own
-   level, so a real overlap keeps both, and on a clean recording a voice fading out under the
-   other's is kept too. What the rule cannot tell apart: a voice that really is as quiet, under the
-   other's, as the leakage (it is lost).
+2. Leakage: one voice heard, quieter and perhaps late, on the other's microphone. Each channel's speech
+   is checked against the leak of the other's voice that the audio explains, the leak path (level and
+   delay) being measured per file: :mod:`.leak`. Speech the leak explains within ``leak_db`` is not
+   that channel's; real speech over the other's, louder than the leak would be, still is.
 3. IPUs: each channel's speech with silences shorter than ``min_silence_ms`` (200) filled; IPUs shorter
    than ``min_ipu_ms`` are dropped (a click, a breath).
 4. Over the two channels: an overlap is time when both speak; a silence (neither speaks) between the
@@ -34,12 +27,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .leak import LeakPath, Levels, own_speech
 from .vad import VAD_RATE, WINDOW_S, vad_version
 
 USER, JMOSHI = "user", "jmoshi"
 SPEAKERS = (USER, JMOSHI)
 HYSTERESIS = 0.15  # Silero's gap between its start and stop thresholds
-MIN_COUPLING_WINDOWS = 31  # a second of the other's speech, to estimate how much of it leaks in
 
 
 @dataclass(frozen=True)
@@ -49,8 +42,8 @@ class Params:
     threshold: float = 0.5
     min_silence_ms: float = 200.0
     min_ipu_ms: float = 100.0
-    leak_db: float = 10.0  # 0 turns the leakage rule off
-    leak_lag_ms: float = 100.0
+    leak_db: float = 10.0  # how far above the predicted leak speech must be; 0 turns the leakage rule off
+    leak_lag_ms: float = 300.0  # the longest leak delay looked for (an echo through a loudspeaker)
     jmoshi_channel: int = 1
 
     def as_json(self) -> dict:
@@ -93,6 +86,7 @@ class Events:
     transfers: list[Transfer] = field(default_factory=list)
     turns: dict[str, int] = field(default_factory=dict)
     inside: dict[str, int] = field(default_factory=dict)  # IPUs inside the other's turn, per speaker
+    leak: dict[str, LeakPath | None] = field(default_factory=dict)  # the other voice's path into each channel
 
 
 def speech(probs: np.ndarray, threshold: float) -> np.ndarray:
@@ -102,28 +96,6 @@ def speech(probs: np.ndarray, threshold: float) -> np.ndarray:
     known = np.where(~np.isnan(state), np.arange(len(state)), -1)
     last = np.maximum.accumulate(known)
     return np.where(last >= 0, state[np.maximum(last, 0)], 0.0).astype(bool)
-
-
-def drop_leakage(active: np.ndarray, levels: np.ndarray, leak_db: float, lag: int) -> np.ndarray:
-    """Both channels' speech with windows that are the other voice leaking in set to silent."""
-    if leak_db <= 0:
-        return active
-    out = active.copy()
-    for me, other in ((0, 1), (1, 0)):
-        relative = levels[me] - _running_max(levels[other], lag)
-        heard = relative[active[other] & (relative < 0)]
-        if len(heard) < MIN_COUPLING_WINDOWS:
-            continue
-        limit = min(float(np.median(heard)) + leak_db, -leak_db)
-        out[me] &= ~(active[other] & (relative < limit))
-    return out
-
-
-def _running_max(x: np.ndarray, lag: int) -> np.ndarray:
-    out = x.copy()
-    for shift in range(1, lag + 1):
-        out[shift:] = np.maximum(out[shift:], x[:-shift])
-    return out
 
 
 def ipus(active: np.ndarray, min_silence: int, min_ipu: int, speaker: str) -> list[Span]:
@@ -139,22 +111,23 @@ def ipus(active: np.ndarray, min_silence: int, min_ipu: int, speaker: str) -> li
     return [Span(a, b, speaker) for a, b in merged if b - a >= min_ipu]
 
 
-def find_events(probs: np.ndarray, levels: np.ndarray, params: Params) -> Events:
-    """Every event of one dialogue from its (2, windows) scores and levels, channels in file order."""
+def find_events(probs: np.ndarray, levels: np.ndarray | Levels, params: Params) -> Events:
+    """Every event of one dialogue from its (2, windows) scores and its levels, channels in file order:
+    :class:`~.leak.Levels` measured on the audio, or window levels alone (2, windows) in dB."""
+    if not isinstance(levels, Levels):
+        levels = Levels(np.asarray(levels, dtype=np.float32))
     active = np.stack([speech(p, params.threshold) for p in probs])
-    active = drop_leakage(active, levels, params.leak_db, _windows(params.leak_lag_ms))
+    paths: list[LeakPath | None] = [None, None]
+    if params.leak_db > 0:
+        active, paths = own_speech(active, levels, params.leak_db, params.leak_lag_ms / 1000)
     order = {USER: 1 - params.jmoshi_channel, JMOSHI: params.jmoshi_channel}
     found = {who: ipus(active[order[who]], _at_least(params.min_silence_ms), _at_least(params.min_ipu_ms), who)
              for who in SPEAKERS}
-    events = Events(windows=probs.shape[1], ipus=found)
+    events = Events(windows=probs.shape[1], ipus=found, leak={who: paths[order[who]] for who in SPEAKERS})
     events.overlaps = _overlaps(found[USER], found[JMOSHI])
     events.pauses, events.gaps = _silences(found)
     events.transfers, events.turns, events.inside = _floor(found)
     return events
-
-
-def _windows(ms: float) -> int:
-    return max(0, round(ms / 1000 / WINDOW_S))
 
 
 def _at_least(ms: float) -> int:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..fsutil import atomic_write_text
-from .events import Params
+from .events import SPEAKERS, Events, Params
+from .leak import LeakPath
 from .outcome import SetResult
 from .stats import HEADLINE, Figures, headline
 
@@ -17,10 +18,18 @@ def set_json(result: SetResult, params: Params) -> dict:
     """``{"files": [...], "total": {...}, "params": {...}, "problems": [...]}``; total is null without files."""
     total = result.total
     files = [{"path": str(f.path), **f.figures.as_json(),
-              "floor_transfer_offsets_s": [round(v, 3) for v in f.figures.offsets.values]} for f in result.files]
+              "floor_transfer_offsets_s": [round(v, 3) for v in f.figures.offsets.values],
+              "leak": leak_json(f.events)} for f in result.files]
     return {"files": files, "total": total.as_json() if total else None, "params": params.as_json(),
             "problems": [{"path": str(p.path), "error": p.message, "exit_code": p.exit_code}
                          for p in result.problems]}
+
+
+def leak_json(events: Events) -> dict:
+    """The other voice's measured path into each speaker's channel, every key present (null when it was not
+    measured: the rule off, or too little one-sided speech)."""
+    empty = dict.fromkeys(LeakPath(0.0, None, False, 0.0).as_json())
+    return {who: path.as_json() if (path := events.leak.get(who)) else empty for who in SPEAKERS}
 
 
 def comparison_json(first: SetResult, second: SetResult) -> dict:
@@ -51,7 +60,7 @@ def _flatten(data: dict, prefix: str = "") -> dict:
 
 def csv_text(result: SetResult) -> str:
     """One row per analysed file: every figure of its JSON, nested names joined by ``_``."""
-    rows = [_flatten({"path": str(f.path), **f.figures.as_json()}) for f in result.files]
+    rows = [_flatten({"path": str(f.path), **f.figures.as_json(), "leak": leak_json(f.events)}) for f in result.files]
     out = io.StringIO()
     if rows:
         writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")

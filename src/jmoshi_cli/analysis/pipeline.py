@@ -5,23 +5,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import JMoshiError
-from .events import Params, find_events
+from .events import Events, Params, find_events
 from .inputs import Problem, collect, read_dialogue
 from .outcome import FileResult, Outcome, SessionFigures, SetResult
 from .stats import figures
 
+if TYPE_CHECKING:
+    import numpy as np
+
 
 def analyze_file(path: Path, params: Params) -> FileResult:
     """One stereo file's events and figures; AudioReadError or DialogueError if it cannot be read."""
-    from . import vad
-
     audio = read_dialogue(path)
-    windows = vad.windows_of(vad.to_vad_rate(audio.pcm, audio.sample_rate))
-    events = find_events(vad.speech_probs(windows), vad.levels_db(windows), params)
+    events = find_in_audio(audio.pcm, audio.sample_rate, params)
     return FileResult(Path(path), events, figures(events, audio.duration_s))
+
+
+def find_in_audio(pcm: np.ndarray, sample_rate: int, params: Params) -> Events:
+    """The events of one stereo dialogue, (2, samples) at any rate."""
+    from . import vad
+    from .leak import Levels
+
+    windows = vad.windows_of(vad.to_vad_rate(pcm, sample_rate))
+    return find_events(vad.speech_probs(windows), Levels.of(windows), params)
 
 
 def analyze(paths: list[Path], params: Params, on_file: Callable[[Path], None] | None = None) -> SetResult:

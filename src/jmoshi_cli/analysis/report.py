@@ -6,7 +6,8 @@ from rich.table import Table
 
 from ..console import console
 from .events import JMOSHI, SPEAKERS, USER, Params
-from .outcome import SetResult
+from .leak import LeakPath
+from .outcome import FileResult, SetResult
 from .stats import HEADLINE, Figures, Tally, headline
 
 NAMES = {USER: "user", JMOSHI: "J-Moshi"}
@@ -17,13 +18,18 @@ def show_params(params: Params) -> None:
     console.print(f"[dim]{p['vad']}, {p['window_s'] * 1000:.0f} ms windows, speech from {p['threshold']} to "
                   f"{p['stop_threshold']}; IPUs split by silences >= {p['min_silence_ms']:g} ms, shorter than "
                   f"{p['min_ipu_ms']:g} ms dropped; leakage margin {p['leak_db']:g} dB "
-                  f"({'off' if params.leak_db <= 0 else f'lag {params.leak_lag_ms:g} ms'}); user = channel "
+                  f"({'off' if params.leak_db <= 0 else _leak_search(params)}); user = channel "
                   f"{p['channels'][USER]}, J-Moshi = channel {p['channels'][JMOSHI]}[/]", soft_wrap=True)
+
+
+def _leak_search(params: Params) -> str:
+    return f"each file's leak paths measured, delays up to {params.leak_lag_ms:g} ms"
 
 
 def show_set(result: SetResult, title: str = "") -> None:
     for file in result.files:
         _show_figures(file.figures, str(file.path))
+        _show_leak(file)
     total = result.total
     if total is not None and len(result.files) > 1:
         _show_figures(total, f"{title or 'all'}: {len(result.files)} files")
@@ -38,6 +44,24 @@ def show_problems(result: SetResult) -> None:
 def _show_figures(f: Figures, title: str) -> None:
     console.print(_table(f, title))
     console.print(_summary(f), soft_wrap=True)
+
+
+def _show_leak(file: FileResult) -> None:
+    """The leak paths the analysis assumed for this file, when it measured any."""
+    paths = file.events.leak
+    if any(paths.get(who) for who in SPEAKERS):
+        other = {USER: NAMES[JMOSHI], JMOSHI: NAMES[USER]}
+        into = "; ".join(f"{other[who]}'s voice in the {NAMES[who]} channel: {_path(paths.get(who))}"
+                         for who in SPEAKERS)
+        console.print(f"leak paths: {into}", soft_wrap=True)
+
+
+def _path(path: LeakPath | None) -> str:
+    if path is None:
+        return "not measured (too little speech of one side alone)"
+    if not path.heard or path.delay_s is None:
+        return f"not heard (under the noise, below {path.level_db:.0f} dB)"
+    return f"{path.level_db:.1f} dB, {path.delay_s * 1000:.0f} ms late"
 
 
 def _table(f: Figures, title: str) -> Table:
