@@ -7,6 +7,7 @@ loaders build it, saved the way moshi-finetune saves an adapter.
 from __future__ import annotations
 
 import json
+import os
 import typing as tp
 import wave
 from pathlib import Path
@@ -237,3 +238,18 @@ def _room(delay_s: float, reverb_s: float, rng: np.random.Generator) -> np.ndarr
     out[delay:delay + len(tail)] += tail
     out[delay] += 1.0
     return out / np.sqrt(np.sum(out ** 2))
+
+
+def flip_a_byte(path: Path, keep_mtime: bool = False) -> None:
+    """One byte in the middle of `path` changed in place, its size kept. Its mtime moves on as any later write
+    moves it (a write within the clock tick of the file's own leaves it as it was), or is put back, as a tool
+    that restores times does and as a byte rotting on the disk leaves it."""
+    before = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(before.st_size // 2)
+        byte = f.read(1)[0]
+        f.seek(before.st_size // 2)
+        f.write(bytes([byte ^ 0xFF]))
+    mtime = before.st_mtime_ns if keep_mtime else before.st_mtime_ns + 10**9
+    os.utime(path, ns=(before.st_atime_ns, mtime))
+    assert path.stat().st_size == before.st_size

@@ -16,6 +16,7 @@ from jmoshi_cli.errors import CacheError
 from jmoshi_cli.model import derived, quantize
 from jmoshi_cli.tiny_model import CONFIG_NAME, MOSHI_NAME
 
+from builders import flip_a_byte
 from helpers import a_wav
 
 RT = runtime.detect()
@@ -32,21 +33,6 @@ def tiny_repo() -> Path:
 
 def make_int8(home: Path, repo: Path, source_sha256: str | None = None) -> quantize.Int8Checkpoint:
     return quantize.ensure_int8(home, repo / MOSHI_NAME, source_sha256, repo / CONFIG_NAME)
-
-
-def flip_a_byte(path: Path, keep_mtime: bool = False) -> None:
-    """One byte in the middle of `path` changed in place, its size kept. Its mtime moves on as any later write
-    moves it (a write within the clock tick of the file's own leaves it as it was), or is put back, as a tool
-    that restores times does and as a byte rotting on the disk leaves it."""
-    before = path.stat()
-    with open(path, "r+b") as f:
-        f.seek(before.st_size // 2)
-        byte = f.read(1)[0]
-        f.seek(before.st_size // 2)
-        f.write(bytes([byte ^ 0xFF]))
-    mtime = before.st_mtime_ns if keep_mtime else before.st_mtime_ns + 10**9
-    os.utime(path, ns=(before.st_atime_ns, mtime))
-    assert path.stat().st_size == before.st_size
 
 
 class CountedHashes:

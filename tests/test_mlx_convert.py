@@ -14,6 +14,8 @@ from jmoshi_cli.mlx import convert  # noqa: E402
 from jmoshi_cli.model.precision import Precision  # noqa: E402
 from jmoshi_cli.tiny_model import MIMI_NAME, MLX_8BIT_OVERRIDES, MOSHI_NAME, cached_tiny_repo, default_cache_root  # noqa: E402,E501
 
+from builders import flip_a_byte  # noqa: E402
+
 QUANTIZED = (Precision.INT8, Precision.INT4)
 
 
@@ -141,19 +143,6 @@ def test_mimi_gets_the_names_rustymimi_reads(repo, split_repo, tmp_path):
 
 
 # --- a converted file is checked against the sha256 it was written with -----------------------------------------
-
-
-def flip_a_byte(path: Path) -> None:
-    """One byte in the middle changed in place, the size kept, the mtime moved on as a later write moves it."""
-    import os
-
-    before = path.stat()
-    with open(path, "r+b") as f:
-        f.seek(before.st_size // 2)
-        byte = f.read(1)[0]
-        f.seek(before.st_size // 2)
-        f.write(bytes([byte ^ 0xFF]))
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
 
 
 def test_a_flipped_byte_in_the_converted_weights_is_refused_removed_and_made_again(repo, tmp_path):
