@@ -50,6 +50,12 @@ def say(level: str, message: str) -> None:
     sys.stdout.flush()
 
 
+def notify(line: str) -> None:
+    """One of jmoshi's own lines (the recorder's, the gate's), as they are on the torch child: no level prefix."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jmoshi_cli.mlx.server")
     parser.add_argument("--lm-config", required=True, type=Path, help="the moshi LM kwargs the converter wrote")
@@ -352,10 +358,6 @@ def _recorder(contract, engine: Engine, args: argparse.Namespace):
         return None
     from ..recording.tap import Recorder, Settings
 
-    def notify(line: str) -> None:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-
     return Recorder(Settings.from_contract(contract), notify, seeds=False)  # Engine.start seeds MLX itself
 
 
@@ -390,7 +392,7 @@ def make_app(chat: ChatServer, static: str, contract=None):
 
     contract = contract if contract is not None else ChildContract()
     app = web.Application()
-    gate.install(app, contract.access, contract.limits, lambda line: print(line, flush=True))
+    gate.install(app, contract.access, contract.limits, notify)
     app.router.add_get("/api/chat", chat.handle_chat)
     if static != "none":
         index = os.path.join(static, "index.html")

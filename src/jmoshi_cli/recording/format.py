@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import struct
 import uuid
@@ -113,6 +114,17 @@ def private_open(path: Path, mode: str, encoding: str | None = None):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
     os.fchmod(fd, PRIVATE_FILE)  # an existing file keeps its mode through O_CREAT
     return os.fdopen(fd, mode, encoding=encoding)
+
+
+def below_floor(folder: Path, floor_bytes: int) -> bool:
+    """Whether the disk holding `folder` has less than `floor_bytes` free (--min-free-mb; 0: no floor). A disk
+    that cannot be asked counts as above it: the writer says so when a write fails."""
+    if not floor_bytes:
+        return False
+    try:
+        return shutil.disk_usage(folder).free < floor_bytes
+    except OSError:
+        return False
 
 
 def private_folder(path: Path) -> None:

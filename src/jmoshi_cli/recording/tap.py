@@ -180,14 +180,8 @@ class Recorder:
             self.end(conversation, _ended_by_server() or ended, error)
 
     def _disk_low(self) -> bool:
-        import shutil
-
-        if self.settings.record_dir is None or not self.settings.min_free_mb:
-            return False
-        try:
-            return shutil.disk_usage(self.settings.record_dir).free < self.settings.min_free_bytes
-        except OSError:
-            return False  # the writer says so when it cannot write
+        folder = self.settings.record_dir
+        return folder is not None and recording_format.below_floor(folder, self.settings.min_free_bytes)
 
     def conversation_starts(self) -> None:
         """The handler reset the generator under the server's lock: its conversation begins."""

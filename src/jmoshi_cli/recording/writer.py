@@ -25,7 +25,6 @@ then turns into complete files.
 from __future__ import annotations
 
 import queue
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -244,13 +243,7 @@ class SessionWriter(threading.Thread):
                     return None
 
     def _check_space(self) -> None:
-        if self.failed is not None or not self.min_free_bytes:
-            return
-        try:
-            free = shutil.disk_usage(self.root).free
-        except OSError:
-            return
-        if free < self.min_free_bytes:
+        if self.failed is None and recording_format.below_floor(self.root, self.min_free_bytes):
             self.stop_recording(f"less than {self.min_free_bytes // MB} MB free on the disk (--min-free-mb)")
             if self.on_low_disk is not None:
                 self.on_low_disk()

@@ -63,6 +63,7 @@ class Prepared:
     server_name: str  # the backend's server, for people
     placements: list | None = None  # replicas.Placement for each replica, with --replicas
     record_dir: Path | None = None
+    metrics: tuple[str, int] | None = None  # the front's /stats and /metrics without the token, checked free
 
     @property
     def launch(self) -> Launch:
@@ -102,10 +103,9 @@ def _run_replicas(options: ServeOptions, prepared: Prepared, report: Reporter) -
     placements = prepared.placements
     assert placements is not None  # run() comes here only with --replicas
     contract = prepared.spec.contract
-    metrics = check_metrics(options.metrics_host, options.metrics_port, options.host, options.port)
     front = haproxy.Front(options.host, options.port, replicas.backends_for(placements),
                           options.queue_timeout_s, prepared.spec.ssl_dir, managed=True, access=contract.access,
-                          limits=contract.limits, metrics=metrics)
+                          limits=contract.limits, metrics=prepared.metrics)
     front_launch = replace(prepared.launch, host=options.host, port=options.port, scheme=front.scheme)
     fleet = replicas.Fleet(
         front, [replicas.Replica(p, replicas.replica_launch(prepared.spec, p)) for p in placements],
@@ -130,10 +130,9 @@ def prepare(options: ServeOptions, report: Reporter) -> Prepared:
         raise UsageError("--https and --ssl both given", "--https makes a certificate; --ssl DIR uses yours")
     preflight.check_address(options.host, options.port)
     ssl_dir = tls.check_ssl_dir(options.ssl_dir) if options.ssl_dir else None
-    if options.metrics_host is not None:
-        if options.replicas is None:
-            raise UsageError("--metrics-host without --replicas", "the stats and metrics are the front's")
-        check_metrics(options.metrics_host, options.metrics_port, options.host, options.port)
+    if options.metrics_host is not None and options.replicas is None:
+        raise UsageError("--metrics-host without --replicas", "the stats and metrics are the front's")
+    metrics = check_metrics(options.metrics_host, options.metrics_port, options.host, options.port)
     access = decide(options.access, artifacts.data_dir(), record_dir is not None)
     _tell_token(access.token, report)
     catalogue = load_catalogue()
@@ -157,7 +156,7 @@ def prepare(options: ServeOptions, report: Reporter) -> Prepared:
         seed=options.sampling.seed, sampling=sampling, access=access.access, limits=access.limits)
     spec = ServerSpec(backend.kind, files, model.variant.repo, model.precision, options.host, options.port,
                       options.device, model.half, ssl_dir, contract)
-    return Prepared(spec, model, backend.server_name, placements, record_dir)
+    return Prepared(spec, model, backend.server_name, placements, record_dir, metrics)
 
 
 def _tell_token(choice: token.Choice, report: Reporter) -> None:
