@@ -61,6 +61,10 @@ ReplicasOpt = Annotated[Optional[str], typer.Option(
     "--replicas", help="Many conversations at once: N moshi.server replicas (or `auto`: as many as free GPU "
     "memory allows) behind one HAProxy front on --host/--port, with a fair queue. Needs HAProxy.",
     show_default=False)]
+ConversationsOpt = Annotated[Optional[str], typer.Option(
+    "--conversations", help="Many conversations on one loaded J-Moshi (torch, moshi 0.2.5+): N talk at once, each in "
+    "its own slot, stepped together (`auto`: as many as fit the GPU's memory). With --replicas: per replica.",
+    show_default=False)]
 QueueTimeoutOpt = Annotated[float, typer.Option(
     "--queue-timeout", help="Seconds a new conversation may wait for a free replica before it is told "
     "that all replicas are busy.")]
@@ -265,6 +269,7 @@ def serve(
     quantize: QuantizeOpt = "auto",
     open_browser: Annotated[bool, typer.Option("--open", help="Open the browser when the server is ready.")] = False,
     replicas: ReplicasOpt = None,
+    conversations: ConversationsOpt = None,
     gpus: Annotated[Optional[str], typer.Option(
         "--gpus", help="With --replicas: the GPUs to use, e.g. 0,1 (default: all).", show_default=False)] = None,
     queue_timeout: QueueTimeoutOpt = 180.0,
@@ -302,7 +307,8 @@ def serve(
         drain_timeout_s=drain_timeout, record=record, sampling=Sampling(temp, temp_text, top_k, top_k_text, seed),
         quantize=quantize, lora=lora, backend=backend,
         access=_access(token, new_token, no_token, allow_origin, idle_timeout, max_minutes, max_waiting, consent,
-                       min_free_mb), metrics_host=metrics_host, metrics_port=metrics_port)
+                       min_free_mb), metrics_host=metrics_host, metrics_port=metrics_port,
+        conversations=conversations)
     return srv.run(options, ConsoleReporter(ui.settings.verbose, open_browser))
 
 

@@ -292,8 +292,9 @@ def show_note(text: str) -> None:
 def show_starting(prepared) -> None:
     """serve.Prepared: which server, model, device and precision, and the weights' license."""
     variant, spec = prepared.variant, prepared.spec
-    console.print(f"starting {prepared.server_name} ({variant.name}: {variant.repo}, {spec.device}, "
-                  f"{spec.precision.label}); license {variant.license}", soft_wrap=True)
+    many = f", {spec.conversations} conversations at once" if spec.conversations > 1 else ""
+    console.print(f"starting {prepared.launch.name} ({variant.name}: {variant.repo}, {spec.device}, "
+                  f"{spec.precision.label}{many}); license {variant.license}", soft_wrap=True)
 
 
 def show_ready(launch, seconds: float, replicas: str | None = None) -> None:
@@ -302,12 +303,15 @@ def show_ready(launch, seconds: float, replicas: str | None = None) -> None:
     from .addresses import is_loopback, reachable_hosts
 
     url = launch.page_url()
+    at_once = ("One conversation at a time: a second browser waits until the first one hangs up" if launch.slots == 1
+               else f"{launch.slots} conversations at once: one more browser waits until one of them hangs up")
     if replicas is None:
-        console.print(f"[bold green]ready[/] at {url} (took {seconds:.1f} s). One conversation at a time: "
-                      "a second browser waits until the first one hangs up. Ctrl-C stops the server.", soft_wrap=True)
+        console.print(f"[bold green]ready[/] at {url} (took {seconds:.1f} s). {at_once}. Ctrl-C stops the server.",
+                      soft_wrap=True)
     else:
+        per = "One conversation" if launch.slots == 1 else f"{launch.slots} conversations"
         console.print(f"[bold green]ready[/] at {url} (took {seconds:.1f} s; {replicas} up behind the "
-                      "front). One conversation per replica; others wait in a queue. Live numbers: "
+                      f"front). {per} per replica; others wait in a queue. Live numbers: "
                       f"{launch.url}stats and {launch.url}metrics (Prometheus; with the token). Ctrl-C drains and "
                       "stops.", soft_wrap=True)
     if launch.token is None and not is_loopback(launch.host):

@@ -160,8 +160,13 @@ class Runtime:
 
 
 def installed_versions() -> dict[str, str | None]:
+    return versions(PACKAGES)
+
+
+def versions(names) -> dict[str, str | None]:
+    """Each named package's installed version (None: not installed), for meta.json and doctor."""
     found: dict[str, str | None] = {}
-    for name in PACKAGES:
+    for name in names:
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -35,6 +35,7 @@ class Features:
     lora: bool = False
     half: bool = False
     device: str = "auto"
+    conversations: bool = False  # more than one conversation on one loaded model (--conversations)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class ServerSpec:
     half: bool = False
     ssl_dir: Path | None = None
     contract: ChildContract = field(default_factory=ChildContract)
+    conversations: int = 1  # held at once by one loaded model (engine slots); 1: moshi.server
     base_env: Mapping[str, str] | None = None
 
     @property

@@ -109,6 +109,7 @@ class Launch:
     scheme: str
     contract: ChildContract | None = None  # a server child's; None for any other program
     name: str = "moshi.server"  # what people call it in messages
+    slots: int = 1  # conversations it holds at once
 
     @property
     def url(self) -> str:

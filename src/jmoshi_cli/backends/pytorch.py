@@ -1,4 +1,6 @@
-"""The torch backend: Kyutai's moshi.server, run unchanged through jmoshi's bootstrap (_moshi_entry)."""
+"""The torch backend: Kyutai's moshi.server, run unchanged through jmoshi's bootstrap (_moshi_entry); with
+--conversations N > 1, jmoshi's conversation server over N slots of one loaded model
+(conversations/torch_child.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +8,12 @@ import os
 import sys
 
 from .. import runtime
+from ..errors import PreflightError
 from ..model.precision import Precision
 from .base import Backend, Features, Kind, ServerSpec
 from .contract import Launch, without_contract
+
+CONVERSATION_SERVER = "jmoshi's conversation server"
 
 
 class TorchBackend(Backend):
@@ -17,7 +22,14 @@ class TorchBackend(Backend):
     precisions = (Precision.AUTO, Precision.BF16, Precision.INT8)
 
     def refuse(self, wanted: Features) -> None:
-        """moshi.server does everything serve offers; the runtime's own limits are checked with the model."""
+        """moshi.server does everything serve offers; the runtime's own limits are checked with the model.
+        Many conversations on one model need per-slot reset and exec masks (moshi 0.2.5)."""
+        if wanted.conversations:
+            rt = runtime.detect()
+            if not rt.has_slot_masks:
+                raise PreflightError(f"--conversations needs moshi 0.2.5 or later (per-conversation reset and exec "
+                                     f"masks); this runtime has moshi {rt.moshi}",
+                                     "use --replicas N (one moshi.server each), or install jmoshi's current runtime")
 
     def device(self, asked: str) -> str:
         return "cuda" if asked == "auto" else asked
@@ -31,7 +43,9 @@ class TorchBackend(Backend):
         """Explicit local paths and an offline hub; the rest travels in the child's contract."""
 
         files = spec.files
-        argv = [sys.executable, "-m", "jmoshi_cli._moshi_entry",
+        entry = ["jmoshi_cli._moshi_entry"] if spec.conversations == 1 else \
+            ["jmoshi_cli.conversations.torch_child", "--conversations", str(spec.conversations)]
+        argv = [sys.executable, "-m", *entry,
                 "--host", spec.host, "--port", str(spec.port),
                 "--hf-repo", spec.repo,
                 "--moshi-weight", str(files.moshi_weight),
@@ -48,4 +62,5 @@ class TorchBackend(Backend):
         env = without_contract(os.environ if spec.base_env is None else spec.base_env)
         env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         env.update(runtime.compile_setup(spec.device, env)[0])  # NO_TORCH_COMPILE=1 on the CPU (runtime.py)
-        return Launch(argv, env, spec.host, spec.port, spec.scheme, spec.contract, self.server_name)
+        name = self.server_name if spec.conversations == 1 else CONVERSATION_SERVER
+        return Launch(argv, env, spec.host, spec.port, spec.scheme, spec.contract, name, spec.conversations)

@@ -8,43 +8,45 @@ audio comes, never fed invented input). Opening a slot resets that slot's state 
 first frame goes through Mimi's encoder and the encoder is then reset, as moshi.server does for each
 conversation (the frame's codes carry the encoder's left padding).
 
-Sampling: the whole batch draws from torch's one generator, so with sampling a slot's words depend on
-its neighbours; greedy decoding (temp 0) does not. Per-slot generators are the next step.
+Sampling: moshi draws the whole batch from torch's one generator. With a seed, each slot draws from its
+own generator instead, seeded when the slot is opened (upstream/moshi_sampling.py), so a seeded
+conversation says the same alone or beside others; without one, the batch shares torch's generator.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..audio_io import FRAME_SIZE
+from .base import NOTHING_YET, Facts, Said, SlotsFull
 
+__all__ = ["BatchedEngine", "Said", "SlotsFull"]
 
-@dataclass(frozen=True)
-class Said:
-    """What one step gave a slot: J-Moshi's 80 ms of voice and its text token, once the model has any."""
-
-    pcm: np.ndarray | None
-    text_id: int | None
-    codes: np.ndarray | None  # the audio codes the voice was decoded from (dep_q,)
-
-
-class SlotsFull(Exception):
-    """Every slot holds a conversation."""
+SAMPLING_KEYS = ("temp", "temp_text", "top_k", "top_k_text")
 
 
 class BatchedEngine:
-    def __init__(self, mimi: Any, lm: Any, slots: int, **sampling: Any):
+    def __init__(self, mimi: Any, lm: Any, slots: int, *, seed: int | None = None, tokenizer: Any = None,
+                 **sampling: Any):
         import torch
         from moshi.models import LMGen
 
         self.torch = torch
-        self.mimi, self.slots = mimi, slots
-        self.device = next(iter(lm.parameters())).device
+        self.mimi, self.slots, self.seed = mimi, slots, seed
+        parameter = next(iter(lm.parameters()))
+        self.device = parameter.device
         self.lm_gen = LMGen(lm, support_out_of_sync=True, **sampling)
+        self.generators: list[Any] = [None] * slots  # with a seed: each slot's own, seeded when it opens
+        if seed is not None:
+            from ..upstream import moshi_sampling
+
+            moshi_sampling.install()
+        self.facts = Facts(tokenizer, int(self.lm_gen.max_delay),
+                           {key: getattr(self.lm_gen, key, None) for key in SAMPLING_KEYS},
+                           str(self.device), str(parameter.dtype).removeprefix("torch."), _runtime())
         # Streaming state for N slots, held until `shutdown` (the model can then serve another engine).
         self._streaming = contextlib.ExitStack()
         self._streaming.enter_context(self.mimi.streaming(slots))
@@ -76,6 +78,8 @@ class BatchedEngine:
         reset = self._mask({slot})
         self.mimi.reset_streaming(reset)
         self.lm_gen.reset_streaming(reset)
+        if self.seed is not None:
+            self.generators[slot] = self.torch.Generator(device=self.device).manual_seed(self.seed)
         self.open_slots.add(slot)
         self.first.add(slot)
         return slot
@@ -105,8 +109,16 @@ class BatchedEngine:
         torch = self.torch
         with torch.no_grad():
             codes = self._encode(ready)
-            tokens = self.lm_gen.step(codes)
+            with self._sampling(ready):
+                tokens = self.lm_gen.step(codes)
             return self._decode(ready, tokens)
+
+    def _sampling(self, ready: set[int]) -> Any:
+        if self.seed is None:
+            return contextlib.nullcontext()
+        from ..upstream import moshi_sampling
+
+        return moshi_sampling.per_slot([self.generators[s] if s in ready else None for s in range(self.slots)])
 
     def _encode(self, ready: set[int]) -> Any:
         torch = self.torch
@@ -128,7 +140,7 @@ class BatchedEngine:
     def _decode(self, ready: set[int], tokens: Any) -> dict[int, Said]:
         torch = self.torch
         valid = (tokens[:, 1:, 0] >= 0).all(dim=1) & self._mask(ready)
-        said = {slot: Said(None, None, None) for slot in ready}
+        said = {slot: NOTHING_YET for slot in ready}
         if not bool(valid.any()):
             return said
         self.mimi.set_exec_mask(valid)
@@ -138,3 +150,9 @@ class BatchedEngine:
             if bool(valid[slot]):
                 said[slot] = Said(pcm[slot, 0], int(tokens[slot, 0, 0]), tokens[slot, 1:, 0].cpu().numpy())
         return said
+
+
+def _runtime() -> dict:
+    from ..runtime import versions
+
+    return versions(("moshi", "torch", "sphn", "aiohttp", "jmoshi"))

@@ -373,15 +373,9 @@ def _model_facts(engine: Engine, args: argparse.Namespace):
 
 
 def _runtime() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
+    from ..runtime import versions
 
-    found: dict[str, str | None] = {}
-    for name in ("mlx", "moshi_mlx", "rustymimi", "sphn", "aiohttp", "jmoshi"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
+    return versions(("mlx", "moshi_mlx", "rustymimi", "sphn", "aiohttp", "jmoshi"))
 
 
 def make_app(chat: ChatServer, static: str, contract=None):

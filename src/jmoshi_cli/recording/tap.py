@@ -39,7 +39,7 @@ SHUTDOWN_WAIT_S = 5.0  # on SIGTERM, how long the server waits for its writers (
 
 
 # The conversation whose request is being handled: set by the middleware in the request's task, read
-# when the handler resets the generator (it then holds the server's lock, so it is the one talking).
+# by the calls the model side makes from that task (several conversations may talk at once).
 CURRENT: contextvars.ContextVar[Conversation | None] = contextvars.ContextVar("jmoshi_conversation", default=None)
 
 
@@ -91,15 +91,9 @@ def _cpu_copy(frame) -> np.ndarray:
 
 
 def _runtime() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
+    from ..runtime import versions
 
-    found: dict[str, str | None] = {}
-    for name in ("moshi", "torch", "sphn", "aiohttp", "jmoshi"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
+    return versions(("moshi", "torch", "sphn", "aiohttp", "jmoshi"))
 
 
 class Recorder:
@@ -109,7 +103,7 @@ class Recorder:
         self.settings = settings
         self.notify = notify
         self.seeds = seeds  # seed torch at each conversation's start (--seed); a backend that seeds itself: False
-        self.active: Conversation | None = None
+        self.active: set[Conversation] = set()  # recording now
         self.writers: list[SessionWriter] = []
         self.base_meta: dict = {}
         self.tokenizer: Any = None
@@ -195,6 +189,8 @@ class Recorder:
 
         visit = visits.current()
         meta = dict(self.base_meta, consent=self._consent(visit))
+        if visit is not None and visit.slot is not None:
+            meta["slot"] = visit.slot  # which of the server's conversations at once this was
         writer = SessionWriter(self.settings.record_dir, meta, self.tokenizer, self.max_delay, self.notify,
                                self.settings.min_free_bytes,
                                None if visit is None else lambda: visit.end(visits.End.DISK_LOW))
@@ -204,7 +200,7 @@ class Recorder:
             self.notify(f"{PREFIX}cannot record this conversation: {exc}")
             return
         self.writers.append(writer)
-        self.active = conversation
+        self.active.add(conversation)
 
     def _consent(self, visit) -> dict:
         """What meta.json says of consent: who talked, and when a browser agreed to be recorded."""
@@ -219,8 +215,7 @@ class Recorder:
 
     def end(self, conversation: Conversation, ended: Ended, error: str | None) -> None:
         conversation.end(ended, error)
-        if self.active is conversation:
-            self.active = None
+        self.active.discard(conversation)
 
     async def on_startup(self, _app) -> None:
         """Close the recording as soon as SIGTERM/SIGINT arrives, even when the event loop is busy.
@@ -249,8 +244,7 @@ class Recorder:
         await asyncio.get_running_loop().run_in_executor(None, _join_all, writers, SHUTDOWN_WAIT_S)
 
     def _end_active(self) -> None:
-        active = self.active
-        if active is not None:
+        for active in list(self.active):
             self.end(active, Ended.SERVER_STOP, None)
 
     # --- calls from the proxies, on the event loop: copy, enqueue, never wait --------------------
@@ -265,7 +259,9 @@ class Recorder:
         self._forward(Conversation.said, pcm)
 
     def _forward(self, method: Callable[[Conversation, Any], None], value: Any) -> None:
-        conversation = self.active
+        conversation = CURRENT.get()
+        if conversation is None and len(self.active) == 1:  # a call from outside the request's context
+            conversation = next(iter(self.active))
         if conversation is None or not conversation.recording:
             return
         try:

@@ -300,5 +300,6 @@ def _listens(port: int) -> bool:
         return False
 
 
-def backends_for(placements: list[Placement]) -> list[Backend]:
-    return [Backend(p.name, "127.0.0.1", p.port) for p in placements]
+def backends_for(placements: list[Placement], slots: int = 1) -> list[Backend]:
+    """One front backend per replica, each holding `slots` conversations at once (--conversations)."""
+    return [Backend(p.name, "127.0.0.1", p.port, slots) for p in placements]

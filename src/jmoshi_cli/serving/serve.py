@@ -52,6 +52,7 @@ class ServeOptions:
     access: AccessOptions = field(default_factory=AccessOptions)  # the token, origins, consent, limits
     metrics_host: str | None = None  # with --replicas: /stats and /metrics without the token, on this address
     metrics_port: int = 8405
+    conversations: str | None = None  # held at once by one loaded model: a number or "auto"; None: one
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def _run_replicas(options: ServeOptions, prepared: Prepared, report: Reporter) -
     placements = prepared.placements
     assert placements is not None  # run() comes here only with --replicas
     contract = prepared.spec.contract
-    front = haproxy.Front(options.host, options.port, replicas.backends_for(placements),
+    front = haproxy.Front(options.host, options.port, replicas.backends_for(placements, prepared.spec.conversations),
                           options.queue_timeout_s, prepared.spec.ssl_dir, managed=True, access=contract.access,
                           limits=contract.limits, metrics=prepared.metrics)
     front_launch = replace(prepared.launch, host=options.host, port=options.port, scheme=front.scheme)
@@ -118,8 +119,11 @@ def prepare(options: ServeOptions, report: Reporter) -> Prepared:
     from ..variants import load_catalogue
 
     backend = backends.choose(options.backend)
+    wanted = parse_conversations(options.conversations)
     backend.refuse(Features(replicas=options.replicas is not None, lora=options.lora is not None,
-                            half=options.half, device=options.device))
+                            half=options.half, device=options.device, conversations=wanted != 1))
+    if wanted is None and options.replicas is not None:
+        raise UsageError("--conversations auto with --replicas", "give both as numbers: --replicas R --conversations N")
     options = replace(options, device=backend.device(options.device))
     asked = precision.parse(options.quantize, backend.precisions)
     sampling = options.sampling.overrides()
@@ -139,7 +143,7 @@ def prepare(options: ServeOptions, report: Reporter) -> Prepared:
     placements = None
     device = options.device
     if options.replicas is not None:
-        placements, asked = _place_replicas(options, catalogue.get(options.variant), asked)
+        placements, asked = _place_replicas(options, catalogue.get(options.variant), asked, wanted or 1)
         device = placements[0].device
     request = ModelRequest(options.variant, options.revision, options.moshi_weight, options.lora, asked, device,
                            options.half, options.offline)
@@ -154,9 +158,53 @@ def prepare(options: ServeOptions, report: Reporter) -> Prepared:
         precision=model.precision, threads=backends.cpu_threads() if options.device == "cpu" else None,
         record=Recording(str(record_dir), model.facts()) if record_dir is not None else None,
         seed=options.sampling.seed, sampling=sampling, access=access.access, limits=access.limits)
+    count = wanted if wanted is not None else _auto_conversations(options.device, files, report)
     spec = ServerSpec(backend.kind, files, model.variant.repo, model.precision, options.host, options.port,
-                      options.device, model.half, ssl_dir, contract)
+                      options.device, model.half, ssl_dir, contract, conversations=count)
     return Prepared(spec, model, backend.server_name, placements, record_dir, metrics)
+
+
+def parse_conversations(text: str | None) -> int | None:
+    """--conversations: a number from 1 to engine.memory.MOST, or None for auto."""
+    from ..engine.memory import MOST
+
+    if text is None:
+        return 1
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MOST:
+        raise UsageError(f"--conversations {text!r} is not a number from 1 to {MOST}, or auto",
+                         "e.g. --conversations 4 (auto: as many as fit the GPU's memory)")
+    return count
+
+
+def _auto_conversations(device: str, files, report: Reporter) -> int:
+    """As many as fit in the GPU's free memory beside the weights (engine/memory.py); 1 on the CPU."""
+    from .. import hardware
+    from ..engine import memory
+
+    if not device.startswith("cuda"):
+        report.note("--conversations auto: 1 on the CPU (far slower than real time even for one)")
+        return 1
+    probe = hardware.nvidia()
+    if not probe.ok or not probe.value.gpus:
+        raise UsageError("--conversations auto needs to see the GPU's free memory, and NVML sees no GPU",
+                         "give a number: --conversations N")
+    index = int(device.partition(":")[2] or 0)
+    gpu = next((g for g in probe.value.gpus if g.index == index), probe.value.gpus[0])
+    weights = sum(Path(p).stat().st_size for p in (files.moshi_weight, files.mimi_weight))
+    per = memory.per_conversation_bytes(lm_config.lm_kwargs(files.config))
+    count = memory.fit(gpu.free_bytes, weights, per)
+    if count == 0:
+        raise UsageError(f"--conversations auto: not even one conversation fits in {gpu.free_bytes / 1e9:.1f} GB "
+                         f"free on GPU {gpu.index}", "free the GPU, or use --quantize int8")
+    report.note(f"--conversations auto: {count} at once ({per / 1e9:.2f} GB each beside {weights / 1e9:.1f} GB of "
+                f"weights, in {gpu.free_bytes / 1e9:.1f} GB free on GPU {gpu.index})")
+    return count
 
 
 def _tell_token(choice: token.Choice, report: Reporter) -> None:
@@ -165,8 +213,8 @@ def _tell_token(choice: token.Choice, report: Reporter) -> None:
                     "the URL below carries it")
 
 
-def _place_replicas(options: ServeOptions, chosen: Variant,
-                    asked: precision.Precision) -> tuple[list, precision.Precision]:
+def _place_replicas(options: ServeOptions, chosen: Variant, asked: precision.Precision,
+                    conversations: int) -> tuple[list, precision.Precision]:
     from . import haproxy, replicas
 
     haproxy.find()
@@ -176,8 +224,15 @@ def _place_replicas(options: ServeOptions, chosen: Variant,
         if not value >= 0:
             raise UsageError(f"{name} {value} must be 0 or more seconds", f"e.g. {name} 60")
     int8_possible = options.lora is None and not chosen.lora and _int8_runs()
-    need = replicas.Need(chosen.vram_min_gb, chosen.vram_min_int8_gb if int8_possible else None)
+    more = (conversations - 1) * _conversation_gb()  # each replica holds this many beyond its first
+    need = replicas.Need(chosen.vram_min_gb + more, chosen.vram_min_int8_gb + more if int8_possible else None)
     return replicas.place(count, options.device, replicas.parse_gpus(options.gpus), need, asked)
+
+
+def _conversation_gb() -> float:
+    from ..engine.memory import per_conversation_bytes
+
+    return per_conversation_bytes(lm_config.lm_kwargs(None)) / 1e9
 
 
 def _int8_runs() -> bool:

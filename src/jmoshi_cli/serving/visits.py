@@ -49,6 +49,7 @@ class Visit:
     started: float | None = None  # monotonic: the conversation began (the handshake)
     last_audio: float = 0.0
     ended: End | None = None
+    slot: int | None = None  # on a server with several conversations at once: the engine's slot it talks in
     ws: Any = None  # the request's websocket, once the handler made it
     transport: Any = None  # the connection: closing once the client is gone, even while it waits
     loop: asyncio.AbstractEventLoop | None = None
