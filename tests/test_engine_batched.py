@@ -101,3 +101,40 @@ def _run_schedule(engine, voices: list[np.ndarray], full: type[Exception]) -> di
         if all(count == FRAMES for name, count in sent.items() if name != "c"):
             break
     return got
+
+
+def _seeded(engine, pcm: np.ndarray, others: list[np.ndarray], stall: range = range(0)) -> list:
+    """The conversation in `pcm`, opened first, beside `others` (each in a slot of its own): (text id, codes)."""
+    mine, theirs = engine.open(), [engine.open() for _ in others]
+    out, sent, tick = [], 0, 0
+    while sent < FRAMES:
+        if tick not in stall:
+            engine.feed(mine, pcm[sent * FRAME_SIZE:(sent + 1) * FRAME_SIZE])
+            sent += 1
+        for slot, other in zip(theirs, others, strict=True):
+            frame = tick % FRAMES
+            engine.feed(slot, other[frame * FRAME_SIZE:(frame + 1) * FRAME_SIZE])
+        said = engine.step().get(mine)
+        if said is not None and said.pcm is not None:
+            out.append((said.text_id, said.codes))
+        tick += 1
+    return out
+
+
+def test_a_seeded_conversation_samples_the_same_alone_and_beside_three_others(model):
+    from jmoshi_cli.engine.torch_batched import BatchedEngine
+
+    mimi, lm = model
+    voices = _voices()
+    sampling = {"use_sampling": True, "temp": 0.8, "temp_text": 0.7, "top_k": 250, "top_k_text": 25}
+    with BatchedEngine(mimi, lm, slots=1, seed=11, **sampling) as engine:
+        alone = _seeded(engine, voices[0], [])
+    with BatchedEngine(mimi, lm, slots=4, seed=11, **sampling) as engine:
+        beside = _seeded(engine, voices[0], [voices[1], voices[2], voices[1][::-1].copy()], stall=range(5, 8))
+    assert len(alone) == len(beside) > 0
+    assert [t for t, _ in alone] == [t for t, _ in beside]
+    assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(alone, beside, strict=True))
+    # Sampling, not greedy decoding: another seed says something else.
+    with BatchedEngine(mimi, lm, slots=1, seed=12, **sampling) as engine:
+        other = _seeded(engine, voices[0], [])
+    assert [(t, c.tolist()) for t, c in other] != [(t, c.tolist()) for t, c in alone]
