@@ -8,6 +8,7 @@ something observable, up to a deadline long enough for a model to load on a load
 from __future__ import annotations
 
 import asyncio
+import base64
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE
 from jmoshi_cli.hardware import GPU, NvidiaFacts, Probe
 from jmoshi_cli.selftest import speech_like
 from jmoshi_cli.serving.chat import ChatResult, chat
+from jmoshi_cli.serving.opus import OpusStream
 
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}  # what a program sends to a server the tests started
 LOAD_S = 240.0  # a model loading (and the tiny one downloading) on a busy CPU
@@ -237,3 +239,14 @@ def fake_gpus(monkeypatch, *gpus: GPU, arch_flags: str = "sm_70 sm_75 sm_80 sm_8
     monkeypatch.setattr(hardware, "nvidia", lambda timeout_s=5.0: Probe(True, NvidiaFacts("550", "12.4", list(gpus))))
     monkeypatch.setattr(hardware, "torch_cuda", lambda timeout_s=60.0: Probe(True, {
         "version": "x", "cuda": "12.8", "available": True, "arch_flags": arch_flags, "arch_list": []}))
+
+
+# --- a browser's side ---------------------------------------------------------------------------
+
+
+def opus_chunks(seconds: float) -> list[str]:
+    """The test signal as a browser sends it: Opus pages, base64 for a page's script."""
+    pcm, opus = speech_like(seconds), OpusStream(SAMPLE_RATE)
+    chunks = [opus.encode(pcm[i:i + FRAME_SIZE]) for i in range(0, len(pcm) - FRAME_SIZE + 1, FRAME_SIZE)]
+    chunks.append(opus.flush())
+    return [base64.b64encode(chunk).decode() for chunk in chunks if chunk]

@@ -5,7 +5,6 @@ what the recording folder looks like on disk: private under umask 022, none for 
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -15,16 +14,12 @@ from pathlib import Path
 import pytest
 
 from conftest import child_env
-from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE
 from jmoshi_cli.selftest import free_port, speech_like
 from jmoshi_cli.serving.chat import ChatRefused
-from jmoshi_cli.serving.opus import OpusStream
 
-from helpers import AUTH, LOAD_S, Served, converse_sync, got, wait_until
+from helpers import AUTH, LOAD_S, Served, converse_sync, got, opus_chunks, wait_until
 
 pytestmark = pytest.mark.slow
-
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver")
 
 # The page's own websocket, as the web UI opens it: report whether it opened, and what came back.
 TALK = """
@@ -50,34 +45,6 @@ ws.onmessage = (event) => {
 };
 ws.onclose = (event) => { seen.closed = event.code; done(seen); };
 """
-
-
-@pytest.fixture
-def browser():
-    if not (Path(CHROMIUM).exists() and CHROMEDRIVER):
-        if os.environ.get("CI"):
-            pytest.fail("CI must install chromium and chromium-driver (.ci/run)")
-        pytest.skip("no chromium/chromedriver here (apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_script_timeout(180)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def _opus_chunks(seconds: float) -> list[str]:
-    pcm, opus = speech_like(seconds), OpusStream(SAMPLE_RATE)
-    chunks = [opus.encode(pcm[i:i + FRAME_SIZE]) for i in range(0, len(pcm) - FRAME_SIZE + 1, FRAME_SIZE)]
-    chunks.append(opus.flush())
-    return [base64.b64encode(chunk).decode() for chunk in chunks if chunk]
 
 
 def test_the_consent_page_gates_the_conversation_in_a_real_browser_and_recordings_stay_private(tiny_env, tmp_path,
@@ -109,7 +76,7 @@ def test_the_consent_page_gates_the_conversation_in_a_real_browser_and_recording
         assert not before["open"] and not before["handshake"], before
         browser.find_element("id", "agree").click()
         wait_until(lambda: "J-Moshi test UI" in browser.page_source, 60, "the web UI after I agree")
-        after = browser.execute_async_script(TALK, chat, _opus_chunks(2.0))
+        after = browser.execute_async_script(TALK, chat, opus_chunks(2.0))
         assert after["handshake"] and after["audio"] >= 3, after
         wait_until(lambda: len(list(study.glob("*/transcript.json"))) == 2, 60, "the browser's recording")
         served.wait_for("a participant agreed to be recorded")

@@ -17,7 +17,7 @@ from conftest import TEST_TOKEN, TINY_VARIANTS, child_env
 from jmoshi_cli import runtime
 from jmoshi_cli.selftest import free_port, speech_like
 
-from helpers import ANSWER_S, LOAD_S, Served, alive, children_of, converse, got, japanese, wait_until
+from helpers import ANSWER_S, LOAD_S, Served, alive, children_of, converse, got, japanese, opus_chunks, wait_until
 from hub_server import LocalHub
 
 pytestmark = pytest.mark.slow
@@ -120,6 +120,47 @@ def test_a_client_that_stalls_does_not_hold_the_others(server):
 
     result = asyncio.run(scene())
     assert result.audio_samples > 0 and japanese(result.text)
+
+
+# The page's own websockets, as the web UI opens them, two at once: what came back on each.
+TALK_TWICE = """
+const [url, chunks, done] = [arguments[0], arguments[1], arguments[arguments.length - 1]];
+const talk = () => new Promise((resolve) => {
+  const seen = {handshake: false, audio: 0, text: "", closed: null};
+  const ws = new WebSocket(url);
+  ws.binaryType = "arraybuffer";
+  ws.onmessage = (event) => {
+    const data = new Uint8Array(event.data);
+    if (data[0] === 0) {
+      seen.handshake = true;
+      for (const chunk of chunks) {
+        const raw = Uint8Array.from(atob(chunk), (c) => c.charCodeAt(0));
+        const message = new Uint8Array(raw.length + 1);
+        message[0] = 1;
+        message.set(raw, 1);
+        ws.send(message);
+      }
+    } else if (data[0] === 1) {
+      seen.audio += 1;
+    } else if (data[0] === 2) {
+      seen.text += new TextDecoder().decode(data.slice(1));
+    }
+    if (seen.audio >= 3 && seen.text) ws.close();
+  };
+  ws.onclose = (event) => { seen.closed = event.code; resolve(seen); };
+});
+Promise.all([talk(), talk()]).then(done);
+"""
+
+
+def test_a_browser_holds_two_conversations_at_once_through_the_web_ui(server, browser):
+    served, port, _ = server
+    browser.get(f"http://127.0.0.1:{port}/?token={TEST_TOKEN}")
+    browser.find_element("id", "agree").click()  # recorded: the consent page comes first
+    wait_until(lambda: "J-Moshi test UI" in browser.page_source, 60, "the web UI after I agree")
+    both = browser.execute_async_script(TALK_TWICE, f"ws://127.0.0.1:{port}/api/chat", opus_chunks(2.0))
+    for seen in both:
+        assert seen["handshake"] and seen["audio"] >= 3 and japanese(seen["text"]), both
 
 
 def test_kill_9_of_jmoshi_leaves_nothing(server):
