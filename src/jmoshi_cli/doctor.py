@@ -6,7 +6,9 @@ with made-up facts for hardware this project's CI does not have (GPUs).
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import urllib.error
 import urllib.parse
@@ -82,6 +84,9 @@ class Facts:
     haproxy: Probe[Any] | None = None  # value: haproxy.Version; error: why it cannot be used
     compile: CompileFacts = field(default_factory=CompileFacts)
     apple: Probe[hardware.AppleFacts] | None = None  # on Apple Silicon: chip, unified memory, macOS, MLX
+    # The state one more conversation on a loaded J-Moshi holds (engine.memory, moshi's built-in 7B kwargs);
+    # None where not asked (no NVIDIA GPU, or no moshi).
+    conversation_bytes: Probe[int] | None = None
 
     @property
     def on_mac(self) -> bool:
@@ -99,7 +104,9 @@ def gather(catalogue: Catalogue, variant: Variant, host: str = "127.0.0.1", port
     apple = hardware.apple()
     nvidia = hardware.nvidia() if not apple.ok else Probe(False, error="an Apple Silicon Mac has no NVIDIA GPU")
     has_gpu = nvidia.ok and bool(nvidia.value.gpus)
+    sizing = _start_conversation_probe() if has_gpu and packages["moshi"] else None  # beside torch's probe
     torch = hardware.torch_cuda() if has_gpu and packages["torch"] else None
+    conversation = _conversation_bytes(sizing) if sizing is not None else None
     offline = hub.offline_env()
     reach = None
     if not offline:
@@ -113,7 +120,42 @@ def gather(catalogue: Catalogue, variant: Variant, host: str = "127.0.0.1", port
         hub=reach, endpoint=hub.endpoint(), port=hardware.port_free(host, port), host=host, port_number=port,
         extra={"cache_dir": str(hub.cache_dir()), "offline": offline}, haproxy=_haproxy_probe(),
         compile=CompileFacts(runtime.c_compiler(), runtime.python_headers(), runtime.NO_COMPILE_ENV in os.environ),
-        apple=apple)
+        apple=apple, conversation_bytes=conversation)
+
+
+# moshi's built-in 7B kwargs need moshi, thus torch: asked in a child process (as torch itself is), so that a
+# broken install cannot take the doctor down, and only where an NVIDIA GPU is there to size.
+_CONVERSATION_SCRIPT = """
+from jmoshi_cli.engine.memory import per_conversation_bytes
+from jmoshi_cli.model.lm_config import lm_kwargs
+print(per_conversation_bytes(lm_kwargs(None)))
+"""
+
+
+def _start_conversation_probe() -> subprocess.Popen | Probe[int]:
+    try:
+        return subprocess.Popen([sys.executable, "-c", _CONVERSATION_SCRIPT], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except OSError as exc:
+        return Probe(False, error=str(exc))
+
+
+def _conversation_bytes(child: subprocess.Popen | Probe[int], timeout_s: float = 60.0) -> Probe[int]:
+    """What one more conversation costs on J-Moshi, from the child `_start_conversation_probe` started."""
+    if isinstance(child, Probe):
+        return child
+    try:
+        out, err = child.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        return Probe(False, error=f"importing moshi took longer than {timeout_s:g} s")
+    if child.returncode != 0:
+        return Probe(False, error=(err.strip().splitlines() or ["moshi failed to start"])[-1])
+    try:
+        return Probe(True, int(json.loads(out.strip().splitlines()[-1])))
+    except (ValueError, IndexError, TypeError):
+        return Probe(False, error="unexpected output from moshi")
 
 
 class _TokenStaysHome(urllib.request.HTTPRedirectHandler):
@@ -275,6 +317,35 @@ def _gpu_checks(facts: Facts, variant: Variant) -> list[Check]:
     checks.append(_bf16(best))
     checks.append(_vram(best, variant, facts.runtime))
     checks += [_fits(gpu, variant, facts.runtime) for gpu in gpus]
+    if facts.conversation_bytes is not None:
+        checks += _conversations(gpus, variant, facts.runtime, facts.conversation_bytes)
+    return checks
+
+
+def _conversations(gpus: list[GPU], variant: Variant, rt: runtime.Runtime, per: Probe[int]) -> list[Check]:
+    """Per GPU, from its total memory: how many conversations `serve --conversations` holds on one model,
+    in bf16 and in int8 (informational: the vram and fit rows judge whether J-Moshi runs at all)."""
+    from .engine import memory
+
+    if not per.ok:
+        return [Check("conversations", WARN, f"cannot size a conversation: {per.error}",
+                      "`jmoshi serve --conversations auto` sizes them itself when it starts")]
+    each = per.value
+    later = "" if rt.has_slot_masks else f"; --conversations needs moshi 0.2.5 or later, this runtime has {rt.moshi}"
+    hint = "" if rt.has_slot_masks else f"install the current runtime: {runtime.INSTALL[runtime.CURRENT]}"
+    checks = []
+    for gpu in gpus:
+        bf16 = memory.fit_measured(gpu.total_bytes, variant.vram_min_gb, each)
+        counts = [f"{bf16} in bf16"]
+        if variant.lora:
+            counts.append("int8 not for a LoRA variant")
+        elif rt.has_int8:
+            counts.append(f"{memory.fit_measured(gpu.total_bytes, variant.vram_min_int8_gb, each)} in int8")
+        else:
+            counts.append("int8 needs the current runtime")
+        checks.append(Check(f"conversations:{gpu.index}", OK,
+                            f"cuda:{gpu.index} {gpu.name}, {_gb(gpu.total_bytes)} total: conversations at once on "
+                            f"one loaded {variant.name}: {', '.join(counts)} ({each / 1e9:.2f} GB each){later}", hint))
     return checks
 
 

@@ -2,9 +2,11 @@
 
 A conversation's state is mostly the LM's key-value cache: for each of its layers, keys and values
 for the whole context (moshi's RingKVCache: 2 x context x dim, in the model's dtype; float16 under
-int8 weights, the same two bytes). The depformer's cache holds one step's codebooks, Mimi's
-transformers 250 frames of 512 floats each way. J-Moshi (32 layers, dim 4096, context 3000):
-about 1.59 GB a conversation, in bf16 and in int8 alike.
+int8 weights, the same two bytes). The depformer's cache holds `depformer_context` steps (moshi's
+default: one step's codebooks, dep_q), Mimi's transformers 250 frames of 512 float32 each way. J-Moshi
+(32 layers, dim 4096, context 3000): about 1.59 GB a conversation, in bf16 and in int8 alike. Checked
+against the tensors moshi holds in its streaming states (tests/test_conversations_units.py: the tiny
+model, float32, within 1 %).
 """
 
 from __future__ import annotations
@@ -12,16 +14,27 @@ from __future__ import annotations
 from typing import Any
 
 KV_BYTES = 2  # bf16, or float16 beside int8 weights
-MIMI_BYTES = 2 * 2 * 8 * 250 * 512 * 4  # encoder and decoder transformers: 8 layers, K and V, 250 x 512 float32
+# Mimi (moshi's loaders._transformer_kwargs, float32 on every backend): an encoder and a decoder
+# transformer of 8 layers each, keys and values for a context of 250 frames of d_model 512.
+MIMI_TRANSFORMERS, MIMI_LAYERS, MIMI_CONTEXT, MIMI_DIM, MIMI_FLOAT_BYTES = 2, 8, 250, 512, 4
+MIMI_BYTES = MIMI_TRANSFORMERS * MIMI_LAYERS * 2 * MIMI_CONTEXT * MIMI_DIM * MIMI_FLOAT_BYTES  # 16.4 MB
 MARGIN = 0.9  # of a GPU's free memory: the rest is for activations, the allocator and the CUDA context
 MOST = 64
 
 
-def per_conversation_bytes(lm_kwargs: dict[str, Any]) -> int:
-    lm = 2 * lm_kwargs["num_layers"] * lm_kwargs["context"] * lm_kwargs["dim"] * KV_BYTES
-    dep_q = lm_kwargs.get("dep_q", 8)
-    depformer = 2 * lm_kwargs.get("depformer_num_layers", 0) * dep_q * lm_kwargs.get("depformer_dim", 0) * KV_BYTES
+def per_conversation_bytes(lm_kwargs: dict[str, Any], kv_bytes: int = KV_BYTES) -> int:
+    """The state one conversation adds: LM and depformer KV caches (kv_bytes an element: 2 for bf16,
+    float16 or int8 weights, 4 for a float32 model such as the tiny test model) and Mimi's (float32)."""
+    lm = 2 * lm_kwargs["num_layers"] * lm_kwargs["context"] * lm_kwargs["dim"] * kv_bytes
+    steps = lm_kwargs.get("depformer_context") or lm_kwargs.get("dep_q", 8)  # moshi: context, else weights_per_step
+    depformer = 2 * lm_kwargs.get("depformer_num_layers", 0) * steps * lm_kwargs.get("depformer_dim", 0) * kv_bytes
     return lm + depformer + MIMI_BYTES
+
+
+def fit_measured(memory_bytes: float, need_gb: float, per_conversation: float) -> int:
+    """`fit`, with the weights taken from a variant's measured need (the catalogue's vram_min_gb or
+    vram_min_int8_gb, which hold one conversation and the activations) less that one conversation."""
+    return fit(memory_bytes, need_gb * 1e9 - per_conversation, per_conversation)
 
 
 def fit(free_bytes: float, weights_bytes: float, per_conversation: float) -> int:

@@ -158,7 +158,7 @@ def prepare(options: ServeOptions, report: Reporter) -> Prepared:
         precision=model.precision, threads=backends.cpu_threads() if options.device == "cpu" else None,
         record=Recording(str(record_dir), model.facts()) if record_dir is not None else None,
         seed=options.sampling.seed, sampling=sampling, access=access.access, limits=access.limits)
-    count = wanted if wanted is not None else _auto_conversations(options.device, files, report)
+    count = wanted if wanted is not None else _auto(options.device, model, files.config, report)
     spec = ServerSpec(backend.kind, files, model.variant.repo, model.precision, options.host, options.port,
                       options.device, model.half, ssl_dir, contract, conversations=count)
     return Prepared(spec, model, backend.server_name, placements, record_dir, metrics)
@@ -182,29 +182,37 @@ def parse_conversations(text: str | None) -> int | None:
     return count
 
 
-def _auto_conversations(device: str, files, report: Reporter) -> int:
-    """As many as fit in the GPU's free memory beside the weights (engine/memory.py); 1 on the CPU."""
+def _auto(device: str, model: PreparedModel, config: Path | None, report: Reporter) -> int:
+    from ..engine.memory import per_conversation_bytes
+
+    variant = model.variant
+    need = variant.vram_min_int8_gb if model.precision is precision.Precision.INT8 else variant.vram_min_gb
+    count, note = auto_conversations(device, need, per_conversation_bytes(lm_config.lm_kwargs(config)))
+    report.note(note)
+    return count
+
+
+def auto_conversations(device: str, need_gb: float, per_conversation: int) -> tuple[int, str]:
+    """--conversations auto: as many as fit in the GPU's free memory beside the model, whose measured need
+    (the variant's, at the precision chosen) holds one (engine/memory.py); 1 on the CPU. With the note why."""
     from .. import hardware
     from ..engine import memory
 
     if not device.startswith("cuda"):
-        report.note("--conversations auto: 1 on the CPU (far slower than real time even for one)")
-        return 1
+        return 1, "--conversations auto: 1 on the CPU (far slower than real time even for one)"
     probe = hardware.nvidia()
     if not probe.ok or not probe.value.gpus:
         raise UsageError("--conversations auto needs to see the GPU's free memory, and NVML sees no GPU",
                          "give a number: --conversations N")
     index = int(device.partition(":")[2] or 0)
     gpu = next((g for g in probe.value.gpus if g.index == index), probe.value.gpus[0])
-    weights = sum(Path(p).stat().st_size for p in (files.moshi_weight, files.mimi_weight))
-    per = memory.per_conversation_bytes(lm_config.lm_kwargs(files.config))
-    count = memory.fit(gpu.free_bytes, weights, per)
+    count = memory.fit_measured(gpu.free_bytes, need_gb, per_conversation)
     if count == 0:
         raise UsageError(f"--conversations auto: not even one conversation fits in {gpu.free_bytes / 1e9:.1f} GB "
-                         f"free on GPU {gpu.index}", "free the GPU, or use --quantize int8")
-    report.note(f"--conversations auto: {count} at once ({per / 1e9:.2f} GB each beside {weights / 1e9:.1f} GB of "
-                f"weights, in {gpu.free_bytes / 1e9:.1f} GB free on GPU {gpu.index})")
-    return count
+                         f"free on GPU {gpu.index} (J-Moshi needs about {need_gb:.1f} GB)",
+                         "free the GPU, or use --quantize int8")
+    return count, (f"--conversations auto: {count} at once ({per_conversation / 1e9:.2f} GB each beside the model's "
+                   f"{need_gb:.1f} GB, in {gpu.free_bytes / 1e9:.1f} GB free on GPU {gpu.index})")
 
 
 def _tell_token(choice: token.Choice, report: Reporter) -> None:
