@@ -135,13 +135,13 @@ def test_j_moshi_costs_1_59_gb_a_conversation_and_how_many_fit():
 
 @pytest.mark.parametrize(("text", "count"), [("4", 4), ("auto", None), ("AUTO", None), (None, 1), ("64", 64)])
 def test_parse_conversations(text, count):
-    assert serve.parse_conversations(text) == count
+    assert memory.parse_count(text, "--conversations") == count
 
 
 @pytest.mark.parametrize("text", ["0", "x", "65", "-1", ""])
 def test_parse_conversations_refuses_what_is_not_a_count(text):
     with pytest.raises(UsageError) as caught:
-        serve.parse_conversations(text)
+        memory.parse_count(text, "--conversations")
     assert caught.value.exit_code == 2 and "--conversations 4" in caught.value.hint
 
 
@@ -153,6 +153,17 @@ def test_cli_refuses_a_bad_count_in_one_line(env):
     assert lines[0] == "error: --conversations 'x' is not a number from 1 to 64, or auto", lines
     assert lines[1:] == ["hint: e.g. --conversations 4 (auto: as many as fit the GPU's memory)"]
 
+
+
+def test_infer_refuses_a_bad_batch_and_a_batch_on_mlx_in_one_line(env, tmp_path):
+    wav = tmp_path / "in.wav"
+    wav.write_bytes(b"")
+    result = run_cli("infer", str(wav), "--batch", "many", env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.strip().splitlines()[0] == "error: --batch 'many' is not a number from 1 to 64, or auto"
+    result = run_cli("infer", str(wav), "--batch", "2", "--backend", "mlx", env=env)
+    assert result.returncode == 2 and "--conversations is not offered on the MLX backend" not in result.stderr
+    assert result.stderr.startswith("error: --batch is not offered on the MLX backend"), result.stderr
 
 def _real_runtime() -> runtime.Runtime:
     return runtime.Runtime.from_versions(runtime.installed_versions())
@@ -171,7 +182,7 @@ def test_mlx_refuses_conversations():
     from jmoshi_cli.backends.mlx import MlxBackend
 
     with pytest.raises(UsageError, match="--conversations"):
-        MlxBackend().refuse(Features(conversations=True))
+        MlxBackend().refuse(Features(conversations="--conversations"))
 
 
 @pytest.mark.parametrize("slot_masks", [False, True])
@@ -181,10 +192,10 @@ def test_torch_refuses_conversations_on_a_moshi_without_slot_masks(monkeypatch, 
     faked = dataclasses.replace(_real_runtime(), has_slot_masks=slot_masks)
     monkeypatch.setattr(runtime, "detect", lambda: faked)
     if slot_masks:
-        TorchBackend().refuse(Features(conversations=True))
+        TorchBackend().refuse(Features(conversations="--conversations"))
     else:
         with pytest.raises(PreflightError, match="--conversations needs moshi 0.2.5"):
-            TorchBackend().refuse(Features(conversations=True))
+            TorchBackend().refuse(Features(conversations="--conversations"))
     TorchBackend().refuse(Features(conversations=False))  # one conversation: any runtime
 
 
@@ -192,10 +203,10 @@ def test_torch_refusal_follows_the_installed_runtime():
     from jmoshi_cli.backends.pytorch import TorchBackend
 
     if runtime.detect().has_slot_masks:
-        TorchBackend().refuse(Features(conversations=True))
+        TorchBackend().refuse(Features(conversations="--conversations"))
     else:  # moshi 0.2.2 (.venv-022): the refusal is real
         with pytest.raises(PreflightError):
-            TorchBackend().refuse(Features(conversations=True))
+            TorchBackend().refuse(Features(conversations="--conversations"))
 
 
 # --- auto -----------------------------------------------------------------------------------------------
@@ -205,21 +216,23 @@ def test_auto_fills_the_gpus_free_memory_beside_the_models_measured_need(monkeyp
     fake_gpus(monkeypatch, GPU(0, "NVIDIA H100 80GB HBM3", int(85e9), int(80e9), (9, 0)),
               GPU(1, "NVIDIA GeForce RTX 4090", int(25e9), int(24e9), (8, 9)))
     # The catalogue's need (18.7 GB in bf16) holds one conversation; each more costs 1.59 GB, in 90 % of the free.
-    count, note = serve.auto_conversations("cuda", 18.7, J_MOSHI_BYTES)
+    room = memory.auto("cuda", 18.7, J_MOSHI_BYTES, "--conversations")
+    count, note = room.count, room.says("--conversations")
     assert count == memory.fit(80e9, 18.7e9 - J_MOSHI_BYTES, J_MOSHI_BYTES) == 34
     assert "--conversations auto: 34 at once (1.59 GB each" in note and "GPU 0" in note
-    assert serve.auto_conversations("cuda:1", 18.7, J_MOSHI_BYTES)[0] == 2
-    assert serve.auto_conversations("cuda:1", 11.0, J_MOSHI_BYTES)[0] == 7  # int8's need
+    assert memory.auto("cuda:1", 18.7, J_MOSHI_BYTES, "--conversations").count == 2
+    assert memory.auto("cuda:1", 11.0, J_MOSHI_BYTES, "--conversations").count == 7  # int8's need
 
 
 def test_auto_refuses_a_gpu_where_none_fits(monkeypatch):
     fake_gpus(monkeypatch, GPU(0, "NVIDIA GeForce RTX 4060", int(8.6e9), int(7.9e9), (8, 9)))
     with pytest.raises(UsageError, match="not even one conversation fits"):
-        serve.auto_conversations("cuda:0", 18.7, J_MOSHI_BYTES)
+        memory.auto("cuda:0", 18.7, J_MOSHI_BYTES, "--conversations")
 
 
 def test_auto_is_one_on_the_cpu_with_a_note():
-    count, note = serve.auto_conversations("cpu", 18.7, J_MOSHI_BYTES)
+    room = memory.auto("cpu", 18.7, J_MOSHI_BYTES, "--conversations")
+    count, note = room.count, room.says("--conversations")
     assert count == 1 and "1 on the CPU" in note
 
 

@@ -440,6 +440,9 @@ def infer(
     top_k: TopKOpt = None,
     top_k_text: TopKTextOpt = None,
     seed: SeedOpt = None,
+    batch: Annotated[str, typer.Option(
+        "--batch", help="Inputs at once on one loaded model (torch, moshi 0.2.5+), each as if alone: a number, or "
+        "auto (as many as fit the GPU's memory; 1 on the CPU).")] = "auto",
     as_json: JsonOpt = False,
 ) -> int:
     """Talk to J-Moshi from audio files: its voice, a stereo dialogue wav and a timed transcript per file."""
@@ -451,7 +454,7 @@ def infer(
     options = inf.InferOptions(device=device, half=half, channel=channel, quantize=quantize,
                                sampling=Sampling(temp, temp_text, top_k, top_k_text, seed))
     request = inf.InferRequest(inputs, out, variant, revision, offline, moshi_weight, options, lora=lora,
-                               backend=backend)
+                               backend=backend, batch=batch)
     return finish(InferResult(inf.run(request, ConsoleReporter())), as_json)
 
 

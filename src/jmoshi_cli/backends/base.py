@@ -35,7 +35,7 @@ class Features:
     lora: bool = False
     half: bool = False
     device: str = "auto"
-    conversations: bool = False  # more than one conversation on one loaded model (--conversations)
+    conversations: str | None = None  # the flag that asks for several conversations on one model (or --batch)
 
 
 @dataclass(frozen=True)

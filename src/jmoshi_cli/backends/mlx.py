@@ -74,9 +74,10 @@ class MlxBackend(Backend):
             raise UsageError("--replicas is not offered on the MLX backend: one Mac holds one J-Moshi",
                              "run `jmoshi serve` on several machines and `jmoshi front` over them")
         if wanted.conversations:
-            raise UsageError("--conversations is not offered on the MLX backend: moshi_mlx batches streams but "
+            raise UsageError(f"{wanted.conversations} is not offered on the MLX backend: moshi_mlx batches streams but "
                              "cannot reset one conversation's state without the others'",
-                             "one Mac holds one conversation; run `jmoshi serve` on several Macs and `jmoshi front`")
+                             f"drop {wanted.conversations}: on MLX one conversation at a time (more at once: several "
+                             "Macs behind `jmoshi front`)")
         if wanted.lora:
             raise UsageError("--lora is not offered on the MLX backend",
                              "merge the adapter into a full checkpoint (moshi-finetune), then --moshi-weight FILE")

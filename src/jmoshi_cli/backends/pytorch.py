@@ -27,8 +27,8 @@ class TorchBackend(Backend):
         if wanted.conversations:
             rt = runtime.detect()
             if not rt.has_slot_masks:
-                raise PreflightError(f"--conversations needs moshi 0.2.5 or later (per-conversation reset and exec "
-                                     f"masks); this runtime has moshi {rt.moshi}",
+                raise PreflightError(f"{wanted.conversations} needs moshi 0.2.5 or later (per-conversation reset "
+                                     f"and exec masks); this runtime has moshi {rt.moshi}",
                                      "use --replicas N (one moshi.server each), or install jmoshi's current runtime")
 
     def device(self, asked: str) -> str:

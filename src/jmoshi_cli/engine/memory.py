@@ -11,7 +11,10 @@ model, float32, within 1 %).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+from ..errors import UsageError
 
 KV_BYTES = 2  # bf16, or float16 beside int8 weights
 # Mimi (moshi's loaders._transformer_kwargs, float32 on every backend): an encoder and a decoder
@@ -43,3 +46,57 @@ def fit(free_bytes: float, weights_bytes: float, per_conversation: float) -> int
     if room < per_conversation:
         return 0
     return min(int(room // per_conversation), MOST)
+
+
+def parse_count(text: str | None, flag: str) -> int | None:
+    """--conversations or --batch: a number from 1 to MOST, None for auto; not given: 1."""
+    if text is None:
+        return 1
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MOST:
+        raise UsageError(f"{flag} {text!r} is not a number from 1 to {MOST}, or auto",
+                         f"e.g. {flag} 4 (auto: as many as fit the GPU's memory)")
+    return count
+
+
+@dataclass(frozen=True)
+class Room:
+    """What `auto` found: how many fit, and why."""
+
+    count: int
+    per_conversation: int
+    need_gb: float
+    free_bytes: int | None = None  # None: on the CPU
+    gpu: int | None = None
+
+    def says(self, flag: str, unit: str = "at once") -> str:
+        if self.gpu is None:
+            return f"{flag} auto: 1 on the CPU (far slower than real time even for one)"
+        return (f"{flag} auto: {self.count} {unit} ({self.per_conversation / 1e9:.2f} GB each beside the model's "
+                f"{self.need_gb:.1f} GB, in {(self.free_bytes or 0) / 1e9:.1f} GB free on GPU {self.gpu})")
+
+
+def auto(device: str, need_gb: float, per_conversation: int, flag: str) -> Room:
+    """`flag` auto: as many as fit in the GPU's free memory beside the model, whose measured need (the
+    variant's, at the precision chosen) holds one; 1 on the CPU."""
+    from .. import hardware
+
+    if not device.startswith("cuda"):
+        return Room(1, per_conversation, need_gb)
+    probe = hardware.nvidia()
+    if not probe.ok or not probe.value.gpus:
+        raise UsageError(f"{flag} auto needs to see the GPU's free memory, and NVML sees no GPU",
+                         f"give a number: {flag} N")
+    index = int(device.partition(":")[2] or 0)
+    gpu = next((g for g in probe.value.gpus if g.index == index), probe.value.gpus[0])
+    count = fit_measured(gpu.free_bytes, need_gb, per_conversation)
+    if count == 0:
+        raise UsageError(f"{flag} auto: not even one conversation fits in {gpu.free_bytes / 1e9:.1f} GB free on "
+                         f"GPU {gpu.index} (J-Moshi needs about {need_gb:.1f} GB)",
+                         "free the GPU, or use --quantize int8")
+    return Room(count, per_conversation, need_gb, gpu.free_bytes, gpu.index)

@@ -54,6 +54,9 @@ class BatchedEngine:
         self.open_slots: set[int] = set()
         self.first: set[int] = set()  # slots whose first frame is still to come
         self.pending: dict[int, np.ndarray] = {}
+        self.replay_first: set[int] = set()  # not live: slots whose first frame's codes are to be stepped twice
+        self.replay: dict[int, Any] = {}  # ... and those codes, for their next step
+        self.codes_shape: tuple[int, ...] = (slots, 0, 1)  # of Mimi's codes, known from the first encode
 
     def shutdown(self) -> None:
         self._streaming.close()
@@ -69,8 +72,14 @@ class BatchedEngine:
         mask[list(slots)] = True
         return mask
 
-    def open(self) -> int:
-        """A free slot, its state reset (the others untouched); SlotsFull when none is free."""
+    def open(self, *, live: bool = True, generator: Any = None) -> int:
+        """A free slot, its state reset (the others untouched); SlotsFull when none is free.
+
+        live: a conversation as moshi.server runs it (Mimi's encoder reset after the first frame). Not
+        live: as `jmoshi infer` (and moshi.run_inference) runs a file: the encoder runs unbroken and the
+        first frame's codes are stepped twice, the second time at the next step, without a feed
+        (infer/generation.py, Alignment). generator: the slot samples from it (else, with the engine's
+        seed, from one seeded now; else from torch's)."""
         free = [slot for slot in range(self.slots) if slot not in self.open_slots]
         if not free:
             raise SlotsFull(f"all {self.slots} slots are in a conversation")
@@ -78,23 +87,30 @@ class BatchedEngine:
         reset = self._mask({slot})
         self.mimi.reset_streaming(reset)
         self.lm_gen.reset_streaming(reset)
-        if self.seed is not None:
-            self.generators[slot] = self.torch.Generator(device=self.device).manual_seed(self.seed)
+        if generator is None and self.seed is not None:
+            generator = self.torch.Generator(device=self.device).manual_seed(self.seed)
+        if generator is not None:
+            from ..upstream import moshi_sampling
+
+            moshi_sampling.install()
+        self.generators[slot] = generator
         self.open_slots.add(slot)
-        self.first.add(slot)
+        (self.first if live else self.replay_first).add(slot)
         return slot
 
     def close(self, slot: int) -> None:
         """The slot is free again; its state stays until the next open resets it (it costs no step)."""
         self.open_slots.discard(slot)
         self.first.discard(slot)
+        self.replay_first.discard(slot)
+        self.replay.pop(slot, None)
         self.pending.pop(slot, None)
 
     def feed(self, slot: int, pcm: np.ndarray) -> None:
         """The slot's next 80 ms of the user's audio (1920 float32 samples at 24 kHz)."""
         if slot not in self.open_slots:
             raise ValueError(f"slot {slot} is not open")
-        if slot in self.pending:
+        if slot in self.pending or slot in self.replay:
             raise ValueError(f"slot {slot} already has a frame waiting for the next step")
         frame = np.asarray(pcm, dtype=np.float32).reshape(-1)
         if frame.shape[0] != FRAME_SIZE:
@@ -103,7 +119,7 @@ class BatchedEngine:
 
     def step(self) -> dict[int, Said]:
         """One tick: every slot with a frame waiting is stepped; what each gave back."""
-        ready = set(self.pending)
+        ready = set(self.pending) | set(self.replay)
         if not ready:
             return {}
         torch = self.torch
@@ -114,26 +130,36 @@ class BatchedEngine:
             return self._decode(ready, tokens)
 
     def _sampling(self, ready: set[int]) -> Any:
-        if self.seed is None:
+        if all(self.generators[s] is None for s in ready):
             return contextlib.nullcontext()
         from ..upstream import moshi_sampling
 
         return moshi_sampling.per_slot([self.generators[s] if s in ready else None for s in range(self.slots)])
 
     def _encode(self, ready: set[int]) -> Any:
+        """The codes each ready slot steps on: its frame through Mimi, or its first frame's codes again."""
         torch = self.torch
-        batch = np.zeros((self.slots, 1, FRAME_SIZE), dtype=np.float32)
-        for slot in ready:
-            batch[slot, 0] = self.pending.pop(slot)
-        exec_mask = self._mask(ready)
-        self.mimi.set_exec_mask(exec_mask)
-        self.lm_gen.set_exec_mask(exec_mask)
-        codes = self.mimi.encode(torch.from_numpy(batch).to(self.device))
-        starting = ready & self.first
+        heard = set(self.pending)
+        replayed = {slot: self.replay.pop(slot) for slot in ready - heard}
+        self.lm_gen.set_exec_mask(self._mask(ready))
+        if heard:
+            batch = np.zeros((self.slots, 1, FRAME_SIZE), dtype=np.float32)
+            for slot in heard:
+                batch[slot, 0] = self.pending.pop(slot)
+            self.mimi.set_exec_mask(self._mask(heard))
+            codes = self.mimi.encode(torch.from_numpy(batch).to(self.device))
+            self.codes_shape = tuple(codes.shape)
+        else:
+            codes = torch.zeros(self.codes_shape, dtype=torch.long, device=self.device)
+        for slot, again in replayed.items():
+            codes[slot] = again
+        for slot in heard & self.replay_first:
+            self.replay[slot] = codes[slot].clone()
+        self.replay_first -= heard
+        starting = heard & self.first
         if starting:
             # As moshi.server after a conversation's first frame: that slot's encoder starts again.
             self.mimi.reset_streaming(self._mask(starting))
-            self.mimi.set_exec_mask(exec_mask)
             self.first -= starting
         return codes
 

@@ -181,6 +181,12 @@ class Model:
     sampling: dict[str, Any]
     max_delay: int
     max_frames: int | None  # the LM's context: longest segment it attends to in full (None: no limit)
+    engine: Any = None  # with a batch of more than one: the batched engine (infer/batched.py) instead of lm_gen
+
+    @property
+    def batch(self) -> int:
+        """How many inputs it runs at once."""
+        return 1 if self.engine is None else int(self.engine.slots)
 
     def generate(self, pcm: np.ndarray, segments: list[tuple[int, int]], seed: int | None,
                  on_step: OnStep | None = None) -> tuple[np.ndarray, list[int]]:
@@ -304,14 +310,23 @@ def _generator(lm, sampling: dict[str, Any], config_path: Path | None):
         raise CacheError(f"bad lm_gen_config in {config_path}: {exc}", hint="download the model again") from exc
 
 
+def _batched(mimi, lm, batch: int, tokenizer, sampling: dict[str, Any], config_path: Path | None):
+    from ..engine.torch_batched import BatchedEngine
+
+    try:
+        return BatchedEngine(mimi, lm, batch, tokenizer=tokenizer, **sampling)
+    except TypeError as exc:
+        raise CacheError(f"bad lm_gen_config in {config_path}: {exc}", hint="download the model again") from exc
+
+
 def load_model(files: ModelFiles, device: str = "cuda", half: bool = False,
-               overrides: dict[str, Any] | None = None, quiet: bool = True) -> Model:
+               overrides: dict[str, Any] | None = None, quiet: bool = True, batch: int = 1) -> Model:
     """Load J-Moshi for :meth:`Model.generate`: LM in bfloat16 (float16 with ``half``), Mimi in float32.
 
     ``overrides``: sampling values that win over config.json's. ``quiet``: keep what moshi and its
     imports print, log or warn meanwhile (see :func:`captured_output`). Raises PreflightError (no CUDA,
     not enough GPU memory), CacheError (files missing or corrupt) or UsageError (a model type jmoshi
-    infer does not run).
+    infer does not run). ``batch`` > 1: inputs run that many at a time (infer/batched.py; moshi 0.2.5+).
     """
     from .. import runtime
 
@@ -334,6 +349,10 @@ def load_model(files: ModelFiles, device: str = "cuda", half: bool = False,
 
         restore_scales(lm, Path(files.moshi_weight))  # moshi cast them to the LM's dtype (quantize.py)
     _check_loaded(mimi, lm)
+    context = int(lm.context) if lm.context else None
+    if batch > 1:
+        engine = _batched(mimi, lm, batch, tokenizer, sampling, files.config)
+        return Model(mimi, lm, None, tokenizer, torch_device, sampling, engine.facts.max_delay, context, engine)
     lm_gen = _generator(lm, sampling, files.config)
     mimi.streaming_forever(1)
     lm_gen.streaming_forever(1)

@@ -42,6 +42,7 @@ class MlxModel:
     tokenizer: Any  # sentencepiece's, the engine's
     sampling: dict[str, Any]
     max_frames: int | None
+    batch: int = 1  # moshi_mlx's generator holds one conversation: inputs go one at a time
 
     def generate(self, pcm: np.ndarray, segments: list[tuple[int, int]], seed: int | None,
                  on_step: OnStep | None = None) -> tuple[np.ndarray, list[int]]:

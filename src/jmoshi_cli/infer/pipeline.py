@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 from .. import audio_io, transcript
 from ..audio_io import FRAME_S, SAMPLE_RATE
 from ..cache.artifacts import ModelFiles
+from ..engine.memory import parse_count
 from ..errors import JMoshiError, UsageError
 from ..reporter import Reporter
 from ..sampling import Sampling
@@ -57,6 +58,7 @@ class InferOptions:
     channel: str = "left"
     sampling: Sampling = field(default_factory=Sampling)
     quantize: str = "auto"  # --quantize as given: auto, bf16 or int8 (precision.py)
+    batch: int | None = 1  # inputs at once on one loaded model (infer/batched.py); None: as many as fit
 
     def __post_init__(self) -> None:
         if self.channel not in audio_io.CHANNELS:
@@ -103,6 +105,7 @@ class InferRequest:
     options: InferOptions = field(default_factory=InferOptions)
     lora: Path | None = None  # a moshi-finetune adapter over the variant (finetune.py)
     backend: str = "auto"  # --backend: auto, torch or mlx (backends.choose)
+    batch: str | None = None  # --batch as given: a number or auto; None: one at a time
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,6 +140,10 @@ class Generating(Protocol):
     sampling: dict[str, Any]
     max_frames: int | None
 
+    @property
+    def batch(self) -> int:
+        """Inputs it runs at once (> 1: generation.Model with the batched engine)."""
+
     def generate(self, pcm: Any, segments: list[tuple[int, int]], seed: int | None,
                  on_step: generation.OnStep | None = None) -> tuple[Any, list[int]]: ...
 
@@ -152,7 +159,8 @@ class Session:
     def load(cls, files: ModelFiles, options: InferOptions | None = None, quiet: bool = True) -> Session:
         """Load the model for ``options`` (device, dtype, sampling); see :func:`generation.load_model`."""
         options = options or InferOptions()
-        model = generation.load_model(files, options.device, options.half, options.sampling.overrides(), quiet)
+        model = generation.load_model(files, options.device, options.half, options.sampling.overrides(), quiet,
+                                      batch=options.batch or 1)
         return cls(model, options)
 
     def run_file(self, src: Path, out_dir: Path, on_frame: OnFrame | None = None,
@@ -181,13 +189,21 @@ class Session:
         return result
 
     def _process(self, result: FileResult, out_dir: Path, name: str, on_frame: OnFrame | None) -> None:
+        user, segments = self._read(result)
+        pcm, text_ids = self.model.generate(user.pcm, segments, self.options.sampling.seed,
+                                            _frame_counter(on_frame, user.frames))
+        self._write(result, user, segments, pcm, text_ids, out_dir, name)
+
+    def _read(self, result: FileResult) -> tuple[UserAudio, list[tuple[int, int]]]:
         user = load_user(result.source, self.options.channel)
         result.audio_s, result.sample_rate, result.channel, result.frames = (
             user.input_s, user.input_rate, user.channel, user.frames)
         segments = generation.segment_bounds(user.frames, self.model.max_frames)
         result.segments, result.note = len(segments), _note(user, segments, self.model.max_frames)
-        pcm, text_ids = self.model.generate(user.pcm, segments, self.options.sampling.seed,
-                                            _frame_counter(on_frame, user.frames))
+        return user, segments
+
+    def _write(self, result: FileResult, user: UserAudio, segments: list[tuple[int, int]], pcm: Any,
+               text_ids: list[int], out_dir: Path, name: str) -> None:
         pieces = transcript.timed_pieces(text_ids, self.model.tokenizer, FRAME_S)
         doc = transcript.document(result.source, user, segments,
                                   {**self.model.sampling, "seed": self.options.sampling.seed}, pieces,
@@ -207,6 +223,8 @@ class Session:
         """
         out_dir = prepare_out_dir(out_dir)
         names = output_names(list(sources))
+        if self.model.batch > 1:
+            return self._run_batched(list(sources), out_dir, names, on_file, on_result)
         results = []
         for i, src in enumerate(sources):
             if on_file is not None:
@@ -215,6 +233,55 @@ class Session:
             if on_result is not None:
                 on_result(results[-1])
         return results
+
+
+    def _run_batched(self, sources: list[Path], out_dir: Path, names: dict[Path, str],
+                     on_file: Callable[[int, int, Path], None] | None,
+                     on_result: Callable[[FileResult], None] | None) -> list[FileResult]:
+        """run_many with the batched engine: files start as slots free up and are written as they finish."""
+        from . import batched
+
+        results = [FileResult(source=src, ok=False) for src in sources]
+        read: dict[int, tuple[UserAudio, list[tuple[int, int]]]] = {}
+
+        def done(index: int) -> None:
+            if on_result is not None:
+                on_result(results[index])
+
+        def jobs():
+            for index, src in enumerate(sources):
+                if on_file is not None:
+                    on_file(index, len(sources), src)
+                try:
+                    read[index] = user, segments = self._read(results[index])
+                except (audio_io.AudioReadError, JMoshiError) as exc:
+                    results[index].error = f"cannot read {src}: {exc.message}"
+                    done(index)
+                    continue
+                yield batched.Job(index, user.pcm, segments, self.options.sampling.seed)
+
+        try:
+            for job in batched.generate_many(self.model.engine, jobs()):  # type: ignore[attr-defined]
+                self._finish_batched(results[job.key], read.pop(job.key), job, out_dir, names)
+                done(job.key)
+        except Exception as exc:  # noqa: BLE001 - the files still in the batch fail together; the others stand
+            for index in read:
+                results[index].error = f"{sources[index]}: internal error: {type(exc).__name__}: {exc}"
+                done(index)
+        return results
+
+    def _finish_batched(self, result: FileResult, read: tuple[UserAudio, list[tuple[int, int]]], job: Any,
+                        out_dir: Path, names: dict[Path, str]) -> None:
+        user, segments = read
+        try:
+            self._write(result, user, segments, job.out, job.text_ids, out_dir, names[result.source])
+        except JMoshiError as exc:
+            result.error = f"{result.source}: {exc.message}"
+        except Exception as exc:  # noqa: BLE001 - as run_file: one file's failure does not lose the others
+            result.error = f"{result.source}: internal error: {type(exc).__name__}: {exc}"
+        result.compute_s = job.compute_s
+        if result.ok and result.audio_s > 0:
+            result.rtf = result.compute_s / result.audio_s
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,14 +300,21 @@ def run(request: InferRequest, report: Reporter | None = None) -> list[FileResul
     backend = backends.choose(request.backend)
     mlx = backend.kind is backends.Kind.MLX
     options = request.options
+    wanted = parse_count(request.batch, "--batch")
     if mlx:
-        backend.refuse(backends.Features(lora=request.lora is not None, half=options.half, device=options.device))
-    elif options.device == "auto":
-        options = replace(options, device="cuda")
+        backend.refuse(backends.Features(lora=request.lora is not None, half=options.half, device=options.device,
+                                         conversations="--batch" if wanted not in (1, None) else None))
+    else:
+        if wanted not in (1, None):
+            backend.refuse(backends.Features(conversations="--batch"))  # moshi 0.2.2 has no per-slot masks
+        if options.device == "auto":
+            options = replace(options, device="cuda")
     asked = precision.parse(options.quantize, backend.precisions)
     sources = collect_inputs(request.inputs, on_warning=report.note)
     prepare_out_dir(request.out_dir)
-    session = (_load_mlx if mlx else _load_torch)(request, options, asked, report)
+    options = replace(options, batch=wanted)
+    session = _load_mlx(request, options, asked, report) if mlx else _load_torch(request, options, asked, report,
+                                                                               len(sources))
     progress = report.progress(len(sources))
     if progress is None:
         return session.run_many(sources, request.out_dir)
@@ -254,18 +328,38 @@ def _channel_note(options: InferOptions, report: Reporter) -> None:
         report.note("the user is the left channel of stereo inputs (--channel right|mix to change)")
 
 
-def _load_torch(request: InferRequest, options: InferOptions, asked: Precision, report: Reporter) -> Session:
+def _load_torch(request: InferRequest, options: InferOptions, asked: Precision, report: Reporter,
+                inputs: int) -> Session:
     from ..console import settings
     from ..model.preparation import ModelRequest, prepare_model
 
     model = prepare_model(ModelRequest(request.variant, request.revision, request.moshi_weight, request.lora, asked,
                                        options.device, options.half, request.offline),
                           web_ui=False, watch=report.watch_download, on_note=report.note)
-    options = replace(options, half=model.half)
+    options = replace(options, half=model.half, batch=_batch(options, model, inputs, report))
     _channel_note(options, report)
     with report.loading(f"loading {model.variant.name} on {options.device}"):
         # What moshi prints while loading is for those who asked to see details (--verbose, JMOSHI_DEBUG).
         return Session.load(model.files, options, quiet=not settings.show_tracebacks)
+
+
+def _batch(options: InferOptions, model: Any, inputs: int, report: Reporter) -> int:
+    """How many inputs at once: as asked, or (auto) as many as fit beside the model; never more than there are."""
+    from .. import runtime
+    from ..engine.memory import auto, per_conversation_bytes
+    from ..model import lm_config
+    from ..model.precision import Precision
+
+    if options.batch is not None:
+        return max(1, min(options.batch, inputs))
+    if inputs == 1 or not options.device.startswith("cuda") or not runtime.detect().has_slot_masks:
+        return 1
+    need = model.variant.vram_min_int8_gb if model.precision is Precision.INT8 else model.variant.vram_min_gb
+    room = auto(options.device, need, per_conversation_bytes(lm_config.lm_kwargs(model.files.config)), "--batch")
+    count = min(room.count, inputs)
+    if count > 1:
+        report.note(replace(room, count=count).says("--batch", "inputs at once"))
+    return count
 
 
 def _load_mlx(request: InferRequest, options: InferOptions, asked: Precision, report: Reporter) -> Session:

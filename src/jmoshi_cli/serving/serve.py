@@ -15,6 +15,7 @@ from .. import addresses, backends, preflight, recording
 from ..backends import Features, ServerSpec
 from ..backends.contract import ChildContract, Launch, Recording
 from ..cache import artifacts
+from ..engine.memory import parse_count
 from ..errors import UsageError
 from ..model import lm_config, precision
 from ..model.preparation import ModelRequest, PreparedModel
@@ -119,9 +120,10 @@ def prepare(options: ServeOptions, report: Reporter) -> Prepared:
     from ..variants import load_catalogue
 
     backend = backends.choose(options.backend)
-    wanted = parse_conversations(options.conversations)
+    wanted = parse_count(options.conversations, "--conversations")
     backend.refuse(Features(replicas=options.replicas is not None, lora=options.lora is not None,
-                            half=options.half, device=options.device, conversations=wanted != 1))
+                            half=options.half, device=options.device,
+                            conversations="--conversations" if wanted != 1 else None))
     if wanted is None and options.replicas is not None:
         raise UsageError("--conversations auto with --replicas", "give both as numbers: --replicas R --conversations N")
     options = replace(options, device=backend.device(options.device))
@@ -164,55 +166,14 @@ def prepare(options: ServeOptions, report: Reporter) -> Prepared:
     return Prepared(spec, model, backend.server_name, placements, record_dir, metrics)
 
 
-def parse_conversations(text: str | None) -> int | None:
-    """--conversations: a number from 1 to engine.memory.MOST, or None for auto."""
-    from ..engine.memory import MOST
-
-    if text is None:
-        return 1
-    if text.strip().lower() == "auto":
-        return None
-    try:
-        count = int(text)
-    except ValueError:
-        count = 0
-    if not 1 <= count <= MOST:
-        raise UsageError(f"--conversations {text!r} is not a number from 1 to {MOST}, or auto",
-                         "e.g. --conversations 4 (auto: as many as fit the GPU's memory)")
-    return count
-
-
 def _auto(device: str, model: PreparedModel, config: Path | None, report: Reporter) -> int:
-    from ..engine.memory import per_conversation_bytes
+    from ..engine.memory import auto, per_conversation_bytes
 
     variant = model.variant
     need = variant.vram_min_int8_gb if model.precision is precision.Precision.INT8 else variant.vram_min_gb
-    count, note = auto_conversations(device, need, per_conversation_bytes(lm_config.lm_kwargs(config)))
-    report.note(note)
-    return count
-
-
-def auto_conversations(device: str, need_gb: float, per_conversation: int) -> tuple[int, str]:
-    """--conversations auto: as many as fit in the GPU's free memory beside the model, whose measured need
-    (the variant's, at the precision chosen) holds one (engine/memory.py); 1 on the CPU. With the note why."""
-    from .. import hardware
-    from ..engine import memory
-
-    if not device.startswith("cuda"):
-        return 1, "--conversations auto: 1 on the CPU (far slower than real time even for one)"
-    probe = hardware.nvidia()
-    if not probe.ok or not probe.value.gpus:
-        raise UsageError("--conversations auto needs to see the GPU's free memory, and NVML sees no GPU",
-                         "give a number: --conversations N")
-    index = int(device.partition(":")[2] or 0)
-    gpu = next((g for g in probe.value.gpus if g.index == index), probe.value.gpus[0])
-    count = memory.fit_measured(gpu.free_bytes, need_gb, per_conversation)
-    if count == 0:
-        raise UsageError(f"--conversations auto: not even one conversation fits in {gpu.free_bytes / 1e9:.1f} GB "
-                         f"free on GPU {gpu.index} (J-Moshi needs about {need_gb:.1f} GB)",
-                         "free the GPU, or use --quantize int8")
-    return count, (f"--conversations auto: {count} at once ({per_conversation / 1e9:.2f} GB each beside the model's "
-                   f"{need_gb:.1f} GB, in {gpu.free_bytes / 1e9:.1f} GB free on GPU {gpu.index})")
+    room = auto(device, need, per_conversation_bytes(lm_config.lm_kwargs(config)), "--conversations")
+    report.note(room.says("--conversations"))
+    return room.count
 
 
 def _tell_token(choice: token.Choice, report: Reporter) -> None:
