@@ -181,11 +181,11 @@ def torch_frames(repo: Path, pcm) -> dict:
 
 def mlx_engine(lm_config: Path, weight: Path, mimi: Path, tokenizer: Path):
     from jmoshi_cli.backends.contract import ChildContract
-    from jmoshi_cli.mlx import server
+    from jmoshi_cli.mlx import server, session
 
     args = server.parse_args(["--lm-config", str(lm_config), "--moshi-weight", str(weight), "--mimi-weight",
                               str(mimi), "--tokenizer", str(tokenizer)])
-    return server.Engine(args, server.settings_from(args, ChildContract(seed=0)))
+    return session.Engine(args, session.settings_from(args, ChildContract(seed=0)))
 
 
 def mlx_frames(engine, pcm) -> dict:

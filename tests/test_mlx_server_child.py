@@ -143,10 +143,10 @@ def test_every_session_starts_from_the_same_fresh_state(files):
     samples (seeded)."""
     import numpy as np
 
-    from jmoshi_cli.mlx import server
+    from jmoshi_cli.mlx import server, session
 
     args = server.parse_args(server_argv(files, Precision.INT8, 0)[3:])
-    engine = server.Engine(args, server.settings_from(args, ChildContract(seed=5)))
+    engine = session.Engine(args, session.settings_from(args, ChildContract(seed=5)))
     engine.warmup()
     pcm = user_audio(2.0)
     runs = []

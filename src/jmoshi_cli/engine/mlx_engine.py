@@ -1,7 +1,7 @@
 """The MLX backend's engine: one slot over mlx/server.py's model (moshi_mlx's LM, rustymimi's Mimi).
 
 moshi_mlx's generator holds one conversation, so this engine has one slot. Opening it starts a fresh
-:class:`~jmoshi_cli.mlx.server.Session` (``Engine.start``: the LM's caches reset, a new Mimi, MLX's
+:class:`~jmoshi_cli.mlx.session.Session` (``Engine.start``: the LM's caches reset, a new Mimi, MLX's
 random generator seeded again when there is a seed); a frame fed is stepped at the next tick through
 ``Session.frame``; closing frees the slot (its state stays until the next open replaces it). Like every
 engine it is used from the server's one model thread, where every MLX and Mimi call runs.
@@ -18,8 +18,8 @@ from ..audio_io import FRAME_SIZE
 from .base import NOTHING_YET, Facts, Said, SlotsFull
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..mlx.server import Engine as Model
-    from ..mlx.server import Session
+    from ..mlx.session import Engine as Model
+    from ..mlx.session import Session
 
 SLOT = 0
 RUNTIME = ("mlx", "moshi_mlx", "rustymimi", "sphn", "aiohttp", "jmoshi")
@@ -72,7 +72,7 @@ class MlxEngine:
 
 def facts(model: Model, device: str) -> Facts:
     """What the server and the recorder are told of the model (meta.json's device, dtype, sampling...)."""
-    from ..mlx.server import describe
+    from ..mlx.session import describe
     from ..runtime import versions
 
     delays = model.lm.cfg.audio_delays

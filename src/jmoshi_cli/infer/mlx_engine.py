@@ -1,7 +1,7 @@
 """`jmoshi infer` on the MLX backend: the same files and results as on PyTorch, from moshi_mlx and rustymimi.
 
 The per-file work (reading, segments, transcript, writing, results) is :class:`jmoshi_cli.infer.pipeline.Session`'s;
-this module gives it a model whose ``generate`` runs on :class:`~jmoshi_cli.mlx.server.Engine`.
+this module gives it a model whose ``generate`` runs on :class:`~jmoshi_cli.mlx.session.Engine`.
 
 Alignment, as in :mod:`~jmoshi_cli.infer.generation`: output frame ``t`` is position ``t + 1`` of the model's
 timeline. PyTorch's ``LMGen`` reads the user's codes at the step they are given (its first step's input
@@ -30,7 +30,7 @@ from .generation import OnStep, captured_output, read_config, resolve_sampling
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..cache.artifacts import ModelFiles
-    from ..mlx.server import Engine
+    from ..mlx.session import Engine
     from .pipeline import InferOptions
 
 
@@ -96,7 +96,7 @@ def load(files: ModelFiles, options: InferOptions, device: str, quiet: bool = Tr
     import mlx.core as mx
 
     from ..mlx.model import Sampling, read_lm_kwargs
-    from ..mlx.server import Engine, Settings
+    from ..mlx.session import Engine, Settings
 
     if files.config is None:
         raise CacheError("the MLX weights came without their LM config", "convert the model again")
