@@ -17,7 +17,7 @@ from typing import Callable
 
 from . import scratch
 from .audio_io import SAMPLE_RATE
-from .backends import Kind, ServerSpec, cpu_threads, render
+from .backends import Backend, ServerSpec, cpu_threads, render
 from .backends.contract import Access, ChildContract, Launch
 from .cache.artifacts import ModelFiles, unpack_bundle
 from .errors import JMoshiError, ServerError
@@ -68,7 +68,7 @@ def run(on_step: Callable[[str], None] = lambda step: None, seconds: float = 3.0
     on_step("building the tiny model (cached after the first run)")
     repo = cached_tiny_repo()
     with scratch.held("selftest") as tmp:
-        launch = _launch(chosen.kind, repo, tmp, on_step)
+        launch = _launch(chosen, repo, tmp, on_step)
         on_step(f"starting {chosen.server_name} on the CPU")
         # Started on the caller's (main) thread, as Server.start requires; the child dies with jmoshi.
         with Server(launch, relay=lambda line: None) as server:
@@ -77,23 +77,17 @@ def run(on_step: Callable[[str], None] = lambda step: None, seconds: float = 3.0
     return result
 
 
-def _launch(kind: Kind, repo: Path, tmp: Path, on_step: Callable[[str], None]) -> Launch:
+def _launch(backend: Backend, repo: Path, tmp: Path, on_step: Callable[[str], None]) -> Launch:
     from .tiny_model import build_web_ui_bundle
 
     static = unpack_bundle(build_web_ui_bundle(tmp / "dist.tgz"), tmp / "dist")
     files = ModelFiles(repo / "model.safetensors", repo / "tokenizer-e351c8d8-checkpoint125.safetensors",
                        repo / "tokenizer_spm_32k_3.model", repo / "config.json", static)
-    if kind is Kind.MLX:
-        from .mlx import convert
-
-        on_step("converting the tiny model to MLX")
-        made = convert.ensure_mlx(tmp, files.moshi_weight, None, files.config, Precision.BF16)
-        files = ModelFiles(made.weight, convert.ensure_mimi(tmp, files.mimi_weight, None), files.tokenizer,
-                           made.config, static)
+    files = backend.from_local(files, tmp, on_step)
     # A token of its own, as on every server jmoshi starts: the selftest's client is the only one let in.
     contract = ChildContract(bind_host="127.0.0.1", config_path=str(files.config), threads=cpu_threads(),
                              access=Access(token=secrets.token_urlsafe(18)))
-    return render(ServerSpec(kind, files, SELFTEST_REPO, Precision.BF16, "127.0.0.1", free_port(), "cpu",
+    return render(ServerSpec(backend.kind, files, SELFTEST_REPO, Precision.BF16, "127.0.0.1", free_port(), "cpu",
                              contract=contract))
 
 

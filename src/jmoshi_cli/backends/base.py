@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import UsageError
 from ..model.precision import Precision
@@ -92,6 +92,16 @@ class Backend(ABC):
     @abstractmethod
     def command(self, spec: ServerSpec) -> Launch:
         """The child's argv and environment: everything it gets, as data."""
+
+    @abstractmethod
+    def load_for_infer(self, files: ModelFiles, options: Any, device: str, quiet: bool = True) -> Any:
+        """The model loaded for `jmoshi infer` (infer.pipeline.Generating), from the files `prepare` gave;
+        `options`: infer.options.InferOptions, `device` as `self.device` resolved it."""
+
+    def from_local(self, files: ModelFiles, folder: Path, on_step=lambda step: None) -> ModelFiles:
+        """The files this backend's server loads, made in `folder` from a local PyTorch checkpoint that no
+        cache verified (the selftest's tiny model). PyTorch loads those files as they are."""
+        return files
 
 
 def cpu_threads(share: int = 1, cores: int | None = None) -> int:

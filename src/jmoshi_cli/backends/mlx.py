@@ -125,6 +125,20 @@ class MlxBackend(Backend):
         return preparation.PreparedModel(catalogue, chosen, plan, files, precision, False, fine_tune,
                                          request.revision)
 
+    def load_for_infer(self, files, options, device, quiet=True):
+        from ..infer import mlx_engine
+
+        return mlx_engine.load(files, options, device, quiet)
+
+    def from_local(self, files, folder, on_step=lambda step: None):
+        """MLX weights and a Mimi with the names rustymimi reads, converted into `folder` (bf16)."""
+        from ..mlx import convert
+
+        on_step("converting the model to MLX")
+        made = convert.ensure_mlx(folder, files.moshi_weight, None, files.config, Precision.BF16)
+        mimi = convert.ensure_mimi(folder, files.mimi_weight, None)
+        return replace(files, moshi_weight=made.weight, mimi_weight=mimi, config=made.config)
+
     def command(self, spec: ServerSpec):
 
         files = spec.files

@@ -39,6 +39,12 @@ class TorchBackend(Backend):
 
         return prepare_model(request, web_ui=web_ui, watch=watch, on_note=on_note)
 
+    def load_for_infer(self, files, options, device, quiet=True):
+        from ..infer import generation
+
+        return generation.load_model(files, device, options.half, options.sampling.overrides(), quiet,
+                                     batch=options.batch or 1)
+
     def command(self, spec: ServerSpec):
         """Explicit local paths and an offline hub; the rest travels in the child's contract."""
 

@@ -31,7 +31,7 @@ from .generation import OnStep, captured_output, read_config, resolve_sampling
 if TYPE_CHECKING:  # pragma: no cover
     from ..cache.artifacts import ModelFiles
     from ..mlx.session import Engine
-    from .pipeline import InferOptions
+    from .options import InferOptions
 
 
 @dataclass

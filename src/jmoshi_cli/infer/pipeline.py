@@ -22,7 +22,6 @@ subclasses before the model is loaded or while it loads. Nothing here prints.
 from __future__ import annotations
 
 import itertools
-import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,14 +31,14 @@ from .. import audio_io, transcript
 from ..audio_io import FRAME_S, SAMPLE_RATE
 from ..cache.artifacts import ModelFiles
 from ..engine.memory import parse_count
-from ..errors import JMoshiError, UsageError
+from ..errors import JMoshiError
 from ..reporter import Reporter
-from ..sampling import Sampling
 from . import generation, outputs
 from .inputs import UserAudio, collect_inputs, load_user, output_names, output_paths, prepare_out_dir
+from .options import InferOptions
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..model.precision import Precision
+    pass
 
 OnFrame = Callable[[int, int], None]
 
@@ -47,24 +46,6 @@ OnFrame = Callable[[int, int], None]
 # --------------------------------------------------------------------------------------------
 # Options, requests and results
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InferOptions:
-    """How to run the model over each file; the sampling as asked (None values: the LM config's, else LMGen's)."""
-
-    device: str = "cuda"
-    half: bool = False
-    channel: str = "left"
-    sampling: Sampling = field(default_factory=Sampling)
-    quantize: str = "auto"  # --quantize as given: auto, bf16 or int8 (precision.py)
-    batch: int | None = 1  # inputs at once on one loaded model (infer/batched.py); None: as many as fit
-
-    def __post_init__(self) -> None:
-        if self.channel not in audio_io.CHANNELS:
-            raise UsageError(f"unknown channel {self.channel!r}", hint=f"use one of: {', '.join(audio_io.CHANNELS)}")
-        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
-            raise UsageError(f"unknown device {self.device!r}", hint="use cuda, cuda:N or cpu")
 
 
 @dataclass
@@ -294,27 +275,30 @@ def run(request: InferRequest, report: Reporter | None = None) -> list[FileResul
     every input. Raises JMoshiError for problems of the whole run; per-file problems are in the results.
     """
     from .. import backends
+    from ..console import settings
     from ..model import precision
+    from ..model.preparation import ModelRequest
 
     report = report or Reporter()
     backend = backends.choose(request.backend)
-    mlx = backend.kind is backends.Kind.MLX
     options = request.options
     wanted = parse_count(request.batch, "--batch")
-    if mlx:
-        backend.refuse(backends.Features(lora=request.lora is not None, half=options.half, device=options.device,
-                                         conversations="--batch" if wanted not in (1, None) else None))
-    else:
-        if wanted not in (1, None):
-            backend.refuse(backends.Features(conversations="--batch"))  # moshi 0.2.2 has no per-slot masks
-        if options.device == "auto":
-            options = replace(options, device="cuda")
+    backend.refuse(backends.Features(lora=request.lora is not None, half=options.half, device=options.device,
+                                     conversations="--batch" if wanted not in (1, None) else None))
+    device = backend.device(options.device)
     asked = precision.parse(options.quantize, backend.precisions)
     sources = collect_inputs(request.inputs, on_warning=report.note)
     prepare_out_dir(request.out_dir)
-    options = replace(options, batch=wanted)
-    session = _load_mlx(request, options, asked, report) if mlx else _load_torch(request, options, asked, report,
-                                                                               len(sources))
+    model = backend.prepare(ModelRequest(request.variant, request.revision, request.moshi_weight, request.lora, asked,
+                                         device, options.half, request.offline),
+                            web_ui=False, watch=report.watch_download, on_note=report.note)
+    options = replace(options, half=model.half, batch=_batch(wanted, device, model, len(sources), report))
+    if options.channel == "left":
+        report.note("the user is the left channel of stereo inputs (--channel right|mix to change)")
+    with report.loading(f"loading {model.variant.name} ({model.precision.value}) with {backend.name} on {device}"):
+        # What moshi prints while loading is for those who asked to see details (--verbose, JMOSHI_DEBUG).
+        session = Session(backend.load_for_infer(model.files, options, device, quiet=not settings.show_tracebacks),
+                          options)
     progress = report.progress(len(sources))
     if progress is None:
         return session.run_many(sources, request.out_dir)
@@ -323,59 +307,23 @@ def run(request: InferRequest, report: Reporter | None = None) -> list[FileResul
                                 on_result=view.result)
 
 
-def _channel_note(options: InferOptions, report: Reporter) -> None:
-    if options.channel == "left":
-        report.note("the user is the left channel of stereo inputs (--channel right|mix to change)")
-
-
-def _load_torch(request: InferRequest, options: InferOptions, asked: Precision, report: Reporter,
-                inputs: int) -> Session:
-    from ..console import settings
-    from ..model.preparation import ModelRequest, prepare_model
-
-    model = prepare_model(ModelRequest(request.variant, request.revision, request.moshi_weight, request.lora, asked,
-                                       options.device, options.half, request.offline),
-                          web_ui=False, watch=report.watch_download, on_note=report.note)
-    options = replace(options, half=model.half, batch=_batch(options, model, inputs, report))
-    _channel_note(options, report)
-    with report.loading(f"loading {model.variant.name} on {options.device}"):
-        # What moshi prints while loading is for those who asked to see details (--verbose, JMOSHI_DEBUG).
-        return Session.load(model.files, options, quiet=not settings.show_tracebacks)
-
-
-def _batch(options: InferOptions, model: Any, inputs: int, report: Reporter) -> int:
+def _batch(wanted: int | None, device: str, model: Any, inputs: int, report: Reporter) -> int:
     """How many inputs at once: as asked, or (auto) as many as fit beside the model; never more than there are."""
     from .. import runtime
     from ..engine.memory import auto, per_conversation_bytes
     from ..model import lm_config
     from ..model.precision import Precision
 
-    if options.batch is not None:
-        return max(1, min(options.batch, inputs))
-    if inputs == 1 or not options.device.startswith("cuda") or not runtime.detect().has_slot_masks:
+    if wanted is not None:
+        return max(1, min(wanted, inputs))
+    if inputs == 1 or not device.startswith("cuda") or not runtime.detect().has_slot_masks:
         return 1
     need = model.variant.vram_min_int8_gb if model.precision is Precision.INT8 else model.variant.vram_min_gb
-    room = auto(options.device, need, per_conversation_bytes(lm_config.lm_kwargs(model.files.config)), "--batch")
+    room = auto(device, need, per_conversation_bytes(lm_config.lm_kwargs(model.files.config)), "--batch")
     count = min(room.count, inputs)
     if count > 1:
         report.note(replace(room, count=count).says("--batch", "inputs at once"))
     return count
-
-
-def _load_mlx(request: InferRequest, options: InferOptions, asked: Precision, report: Reporter) -> Session:
-    from ..backends.mlx import MlxBackend
-    from ..console import settings
-    from ..model.preparation import ModelRequest
-    from . import mlx_engine
-
-    backend = MlxBackend()
-    device = backend.device(options.device)
-    model = backend.prepare(ModelRequest(request.variant, request.revision, request.moshi_weight, None, asked,
-                                         device, False, request.offline),
-                            web_ui=False, watch=report.watch_download, on_note=report.note)
-    _channel_note(options, report)
-    with report.loading(f"loading {model.variant.name} ({model.precision.value}) on MLX ({device})"):
-        return Session(mlx_engine.load(model.files, options, device, quiet=not settings.show_tracebacks), options)
 
 
 def summarize(results: list[FileResult]) -> dict[str, Any]:
