@@ -177,8 +177,8 @@ def test_an_unexpected_failure_in_one_file_names_it_and_the_others_go_on(tmp_pat
 
 
 def test_infer_refuses_a_one_hz_file_in_one_line(tmp_path, no_decoding):
-    from jmoshi_cli.infer.inputs import load_user
     from jmoshi_cli.infer import InferOptions, Session
+    from jmoshi_cli.infer.inputs import load_user
 
     bad = one_hz_stereo(tmp_path / "one-hz.wav")
     with pytest.raises(AudioReadError, match="implausible sample rate 1 Hz.*; the header is probably damaged"):

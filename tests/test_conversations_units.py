@@ -280,4 +280,4 @@ def test_doctor_says_how_many_conversations_each_gpu_holds():
 def test_doctor_sizes_a_conversation_in_a_child_process():
     from jmoshi_cli import doctor
 
-    assert doctor._conversation_bytes(doctor._start_conversation_probe()) == Probe(True, J_MOSHI_BYTES)
+    assert doctor.conversation_size(doctor.start_conversation_probe()) == Probe(True, J_MOSHI_BYTES)

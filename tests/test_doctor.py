@@ -212,7 +212,7 @@ def test_haproxy_missing_is_a_warning_with_the_install_command():
 
 
 def test_haproxy_on_this_machine_is_found_with_its_version():
-    probe = doctor._haproxy_probe()
+    probe = doctor.haproxy_probe()
     if not probe.ok:
         pytest.skip(f"no HAProxy here: {probe.error}")
     check = by_name(doctor.evaluate(facts(haproxy=probe), EXT))["haproxy"]

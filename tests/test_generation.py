@@ -9,7 +9,7 @@ import warnings
 import pytest
 
 from jmoshi_cli.errors import CacheError
-from jmoshi_cli.infer.generation import ModelConfig, _loading_failed, captured_output, read_config, segment_bounds
+from jmoshi_cli.infer.generation import ModelConfig, captured_output, loading_failed, read_config, segment_bounds
 
 
 def test_captured_output_keeps_prints_warnings_and_logs(capsys):
@@ -34,11 +34,11 @@ def test_captured_output_lets_everything_through_when_not_quiet(capsys, caplog):
 
 def test_a_failed_load_carries_what_was_captured():
     captured = io.StringIO("The installed version of bitsandbytes was compiled without GPU support.\n")
-    error = _loading_failed(ValueError("header too large\nsecond line"), captured)
+    error = loading_failed(ValueError("header too large\nsecond line"), captured)
     assert isinstance(error, CacheError) and error.exit_code == 4
     assert error.message.splitlines()[0] == "cannot load the model: header too large"
     assert "compiled without GPU support" in error.message
-    assert "output while loading" not in _loading_failed(ValueError("x"), io.StringIO()).message
+    assert "output while loading" not in loading_failed(ValueError("x"), io.StringIO()).message
 
 
 def test_read_config_like_moshi(tmp_path):

@@ -104,9 +104,9 @@ def gather(catalogue: Catalogue, variant: Variant, host: str = "127.0.0.1", port
     apple = hardware.apple()
     nvidia = hardware.nvidia() if not apple.ok else Probe(False, error="an Apple Silicon Mac has no NVIDIA GPU")
     has_gpu = nvidia.ok and bool(nvidia.value.gpus)
-    sizing = _start_conversation_probe() if has_gpu and packages["moshi"] else None  # beside torch's probe
+    sizing = start_conversation_probe() if has_gpu and packages["moshi"] else None  # beside torch's probe
     torch = hardware.torch_cuda() if has_gpu and packages["torch"] else None
-    conversation = _conversation_bytes(sizing) if sizing is not None else None
+    conversation = conversation_size(sizing) if sizing is not None else None
     offline = hub.offline_env()
     reach = None
     if not offline:
@@ -118,7 +118,7 @@ def gather(catalogue: Catalogue, variant: Variant, host: str = "127.0.0.1", port
         os=hardware.os_facts(), python=sys.version_info[:3], packages=packages, nvidia=nvidia,
         torch=torch, disk=hardware.disk_free(hub.cache_dir()), cache=cache, missing_bytes=missing,
         hub=reach, endpoint=hub.endpoint(), port=hardware.port_free(host, port), host=host, port_number=port,
-        extra={"cache_dir": str(hub.cache_dir()), "offline": offline}, haproxy=_haproxy_probe(),
+        extra={"cache_dir": str(hub.cache_dir()), "offline": offline}, haproxy=haproxy_probe(),
         compile=CompileFacts(runtime.c_compiler(), runtime.python_headers(), runtime.NO_COMPILE_ENV in os.environ),
         apple=apple, conversation_bytes=conversation)
 
@@ -132,7 +132,7 @@ print(per_conversation_bytes(lm_kwargs(None)))
 """
 
 
-def _start_conversation_probe() -> subprocess.Popen | Probe[int]:
+def start_conversation_probe() -> subprocess.Popen | Probe[int]:
     try:
         return subprocess.Popen([sys.executable, "-c", _CONVERSATION_SCRIPT], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -140,8 +140,8 @@ def _start_conversation_probe() -> subprocess.Popen | Probe[int]:
         return Probe(False, error=str(exc))
 
 
-def _conversation_bytes(child: subprocess.Popen | Probe[int], timeout_s: float = 60.0) -> Probe[int]:
-    """What one more conversation costs on J-Moshi, from the child `_start_conversation_probe` started."""
+def conversation_size(child: subprocess.Popen | Probe[int], timeout_s: float = 60.0) -> Probe[int]:
+    """What one more conversation costs on J-Moshi, from the child `start_conversation_probe` started."""
     if isinstance(child, Probe):
         return child
     try:
@@ -189,7 +189,7 @@ def hub_reachable(url: str, token: str | None, timeout_s: float = 3.0) -> Probe[
         return Probe(False, error=str(getattr(exc, "reason", exc)))
 
 
-def _haproxy_probe() -> Probe[Any]:
+def haproxy_probe() -> Probe[Any]:
     from .errors import JMoshiError
     from .serving import haproxy
 

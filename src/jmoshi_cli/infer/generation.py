@@ -146,7 +146,7 @@ def captured_output(quiet: bool = True) -> Iterator[io.StringIO]:
         root.removeHandler(handler)
 
 
-def _loading_failed(exc: Exception, captured: io.StringIO) -> CacheError:
+def loading_failed(exc: Exception, captured: io.StringIO) -> CacheError:
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     said = captured.getvalue().strip()
     detail = f"\noutput while loading:\n{said[-_CAPTURED_IN_ERRORS:]}" if said else ""
@@ -282,7 +282,7 @@ def _load_modules(files: ModelFiles, config: ModelConfig, device, dtype, capture
         raise PreflightError("not enough GPU memory to load the model",
                              hint="close other GPU programs or use a smaller variant") from exc
     except Exception as exc:  # noqa: BLE001 - safetensors, torch and sentencepiece raise their own
-        raise _loading_failed(exc, captured) from exc
+        raise loading_failed(exc, captured) from exc
 
 
 def _import_bitsandbytes() -> None:

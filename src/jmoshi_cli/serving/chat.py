@@ -76,7 +76,7 @@ class ChatResult:
         return self.audio_samples / SAMPLE_RATE
 
 
-def _prepare_pcm(pcm: tp.Any, sample_rate: int) -> np.ndarray:
+def prepare_pcm(pcm: tp.Any, sample_rate: int) -> np.ndarray:
     """1-D float32 PCM at 24 kHz (first channel if several), padded to whole 80 ms frames."""
     data = np.asarray(pcm)
     if data.ndim == 2:
@@ -281,7 +281,7 @@ async def chat(
     """
     import aiohttp
 
-    frames = _prepare_pcm(pcm, sample_rate)
+    frames = prepare_pcm(pcm, sample_rate)
     talk = Conversation(url, on_audio, token)
     started = time.monotonic()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout_s)) as session:
