@@ -1,4 +1,6 @@
-"""Helpers shared by the benchmarks: timing child processes, a loopback hub with the tiny model."""
+"""Helpers shared by the benchmarks: timing child processes, a loopback hub with the tiny model, `jmoshi serve`
+in a child process (Served), and the memory checks of the benchmarks that load a full-size model on a shared
+machine (MemAvailable, RSS, waiting for room)."""
 
 from __future__ import annotations
 
@@ -59,3 +61,93 @@ def emit_json(result: dict, path: str | None) -> None:
     print(text)
     if path:
         Path(path).write_text(text + "\n")
+
+
+# --- memory, for benchmarks that load a full-size model on a shared machine ------------------------------
+
+
+def mem_available_bytes() -> int:
+    """MemAvailable of /proc/meminfo (Linux): what can be allocated without swapping."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def rss_bytes() -> int:
+    """This process's resident set (VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def wait_for_memory(need_bytes: float, poll_s: float = 30.0, timeout_s: float = 1200.0) -> None:
+    """Until MemAvailable >= need_bytes (others may be using the machine); SystemExit after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while (free := mem_available_bytes()) < need_bytes:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"MemAvailable {free / 2**30:.1f} GiB stayed below {need_bytes / 2**30:.1f} GiB "
+                             f"for {timeout_s:g} s")
+        print(f"MemAvailable {free / 2**30:.1f} GiB < {need_bytes / 2**30:.1f} GiB: waiting {poll_s:g} s",
+              file=sys.stderr)
+        time.sleep(poll_s)
+
+
+# --- `jmoshi serve` in a child process -------------------------------------------------------------------
+
+
+class Served:
+    """`jmoshi --verbose serve ...` in its own process group: the URL it prints on stdout when ready, its
+    stderr lines (the server's, per-frame "frame handled in N ms" lines included) as they come."""
+
+    def __init__(self, args: list[str], env: dict):
+        import threading
+
+        self.process = subprocess.Popen([str(BIN / "jmoshi"), "--verbose", "serve", *args], env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        start_new_session=True)
+        self.started = time.perf_counter()
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self.readers = [threading.Thread(target=self._read, args=(stream, lines), daemon=True)
+                        for stream, lines in ((self.process.stdout, self.out), (self.process.stderr, self.err))]
+        for reader in self.readers:
+            reader.start()
+
+    @staticmethod
+    def _read(stream, lines: list[str]) -> None:
+        for line in stream:
+            lines.append(line.rstrip("\n"))
+
+    def wait_ready(self, timeout: float = 300) -> float:
+        """Seconds from start to the URL line."""
+        deadline = time.monotonic() + timeout
+        while not any(line.strip() for line in self.out):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise SystemExit(f"jmoshi serve never became ready (exit {self.process.returncode}):\n"
+                                 + "\n".join(self.err[-30:]))
+            time.sleep(0.05)
+        return time.perf_counter() - self.started
+
+    def frame_times(self) -> list[float]:
+        """ms of every "frame handled in" line so far (one per frame; one per tick with --conversations N)."""
+        from jmoshi_cli.serving.server_log import frame_ms
+
+        return [ms for ms in map(frame_ms, list(self.err)) if ms is not None]
+
+    def stop(self) -> None:
+        """SIGTERM to the group (jmoshi stops its child in order), SIGKILL if it lingers."""
+        import signal
+
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        except ProcessLookupError:
+            pass
+        for reader in self.readers:
+            reader.join(10)
