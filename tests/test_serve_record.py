@@ -200,10 +200,13 @@ def assert_same_pieces(transcript: dict, result, answered_all: bool) -> None:
     time may still be answering when the client stops reading: what it said from then on is
     recorded, and never read by the client."""
     recorded = sent_as(transcript)
+    assert recorded[:len(result.text_pieces)] == result.text_pieces
     if answered_all:
-        assert recorded == result.text_pieces
-    else:
-        assert recorded[:len(result.text_pieces)] == result.text_pieces
+        # All but the last frame's piece: the client counts the voice it decoded, and Opus's own delay lets
+        # it hear "every frame" a moment before the last frame's text message has arrived.
+        last = max(p["frame"] for p in transcript["pieces"])
+        unread = transcript["pieces"][len(result.text_pieces):]
+        assert all(p["frame"] == last for p in unread), (unread, len(result.text_pieces))
 
 
 def check_second(session: Path, first, second) -> None:
