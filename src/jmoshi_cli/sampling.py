@@ -12,6 +12,7 @@ from .errors import UsageError
 
 # moshi's LMGen defaults (moshi/models/lm.py), the last word after the flags and the LM config's lm_gen_config.
 DEFAULTS: dict[str, Any] = {"temp": 0.8, "temp_text": 0.7, "top_k": 250, "top_k_text": 25}
+UPSTREAM_SEED = 42424242  # what moshi.server seeds once at start (jmoshi's servers without --seed do the same)
 SEED_LIMIT = 2**32  # moshi.server also seeds numpy, whose seeds stop there
 
 

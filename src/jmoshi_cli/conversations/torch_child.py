@@ -26,8 +26,6 @@ from ..backends.contract import ChildContract
 from ..model.precision import Precision
 from .server import Site, say, serve
 
-UPSTREAM_SEED = 42424242  # what moshi.server seeds at start
-
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jmoshi_cli.conversations.torch_child")
@@ -52,7 +50,7 @@ def load(args: argparse.Namespace, contract: ChildContract) -> Any:
     from moshi.models import loaders
 
     from ..engine.torch_batched import BatchedEngine
-    from ..sampling import seed_all
+    from ..sampling import UPSTREAM_SEED, seed_all
     from ..upstream import moshi_server
 
     seed_all(UPSTREAM_SEED)

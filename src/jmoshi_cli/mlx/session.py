@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 from ..audio_io import FRAME_SIZE
 from ..conversations.server import say
+from ..sampling import UPSTREAM_SEED
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import Sampling
 
-UPSTREAM_SEED = 42424242  # what moshi.server seeds at start
 WARMUP_FRAMES = 4
 
 

@@ -25,15 +25,10 @@ import numpy as np
 
 from ..audio_io import FRAME_S, SAMPLE_RATE
 from ..backends.contract import ChildContract
-from ..sampling import seed_all
+from ..sampling import UPSTREAM_SEED, seed_all
 from . import format as recording_format
 from .format import Ended
 from .writer import PREFIX, ModelFrame, Notify, SessionWriter, UserFrame
-
-UPSTREAM_SEED = 42424242  # what moshi.server seeds at start
-
-
-
 
 SHUTDOWN_WAIT_S = 5.0  # on SIGTERM, how long the server waits for its writers (jmoshi waits 10 s)
 
