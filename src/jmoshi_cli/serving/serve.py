@@ -62,7 +62,6 @@ class Prepared:
 
     spec: ServerSpec
     model: PreparedModel
-    server_name: str  # the backend's server, for people
     placements: list | None = None  # replicas.Placement for each replica, with --replicas
     record_dir: Path | None = None
     metrics: tuple[str, int] | None = None  # the front's /stats and /metrics without the token, checked free
@@ -163,7 +162,7 @@ def prepare(options: ServeOptions, report: Reporter) -> Prepared:
     count = wanted if wanted is not None else _auto(options.device, model, files.config, report)
     spec = ServerSpec(backend.kind, files, model.variant.repo, model.precision, options.host, options.port,
                       options.device, model.half, ssl_dir, contract, conversations=count)
-    return Prepared(spec, model, backend.server_name, placements, record_dir, metrics)
+    return Prepared(spec, model, placements, record_dir, metrics)
 
 
 def _auto(device: str, model: PreparedModel, config: Path | None, report: Reporter) -> int:
