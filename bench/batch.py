@@ -106,51 +106,10 @@ def in_ram(*modules) -> None:
                 tensor.data = tensor.data.clone()
 
 
-def streaming_bytes(*modules) -> int:
-    """Bytes of every tensor held by the streaming states under `modules` (KV caches, conv buffers, LMGen's
-    token cache...), each storage once; parameters and buffers of the modules are not counted."""
-    import dataclasses
-
-    import torch
-    from moshi.modules.streaming import StreamingModule
-
-    seen: set = set()
-    for module in modules:
-        for tensor in [*module.parameters(), *module.buffers()]:
-            seen.add(tensor.untyped_storage().data_ptr())
-    total = 0
-
-    def visit(obj, depth: int) -> None:
-        nonlocal total
-        if depth > 6 or obj is None:
-            return
-        if isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        elif isinstance(obj, (list, tuple)):
-            for item in obj:
-                visit(item, depth + 1)
-        elif isinstance(obj, dict):
-            for item in obj.values():
-                visit(item, depth + 1)
-        elif isinstance(obj, torch.nn.Module) or callable(obj):
-            return  # modules are visited on their own; graphs and callbacks hold no state of their own
-        elif dataclasses.is_dataclass(obj) or type(obj).__module__.startswith("moshi."):
-            for item in vars(obj).values():
-                visit(item, depth + 1)
-
-    for module in modules:
-        for sub in module.modules():
-            if isinstance(sub, StreamingModule) and sub._streaming_state is not None:
-                visit(sub._streaming_state, 0)
-    return total
-
-
 def batched_steps(mimi, lm, slots: int, steps: int, warmup: int, pcm: np.ndarray) -> tuple[list[float], dict]:
     """Step times (ms, after `warmup` steps) at `slots` open conversations, and the memory they hold."""
     from jmoshi_cli.engine.torch_batched import BatchedEngine
+    from jmoshi_cli.upstream.moshi_private import streaming_state_bytes
 
     times = []
     rss_before = rss_bytes()
@@ -163,7 +122,8 @@ def batched_steps(mimi, lm, slots: int, steps: int, warmup: int, pcm: np.ndarray
             began = time.perf_counter()
             engine.step()
             times.append(1000 * (time.perf_counter() - began))
-        memory = {"state_bytes": streaming_bytes(mimi, engine.lm_gen), "rss_delta_bytes": rss_bytes() - rss_before}
+        memory = {"state_bytes": streaming_state_bytes(mimi, engine.lm_gen),
+                  "rss_delta_bytes": rss_bytes() - rss_before}
     return times[warmup:], memory
 
 

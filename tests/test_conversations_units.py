@@ -16,6 +16,7 @@ from jmoshi_cli.errors import PreflightError, UsageError
 from jmoshi_cli.hardware import GPU, Probe
 from jmoshi_cli.reporter import Reporter
 from jmoshi_cli.serving import haproxy, replicas, serve
+from jmoshi_cli.upstream.moshi_private import streaming_state_bytes
 
 from helpers import fake_gpus
 
@@ -48,45 +49,13 @@ def tiny():
     return repo, info.get_mimi(device="cpu"), info.get_moshi(device="cpu", dtype=torch.float32)
 
 
-def _held_bytes(*roots) -> int:
-    """The bytes of every tensor in the streaming states under these modules (a storage counted once)."""
-    import torch
-    from moshi.modules.streaming import StreamingModule
-
-    storages: dict[int, int] = {}
-    seen: set[int] = set()
-
-    def walk(obj, depth: int = 0) -> None:
-        if depth > 8 or id(obj) in seen:
-            return
-        seen.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-        elif isinstance(obj, (list, tuple)):
-            for item in obj:
-                walk(item, depth + 1)
-        elif isinstance(obj, dict):
-            for item in obj.values():
-                walk(item, depth + 1)
-        elif hasattr(obj, "__dict__") and not isinstance(obj, torch.nn.Module):
-            for item in vars(obj).values():
-                walk(item, depth + 1)
-
-    for root in roots:
-        for module in root.modules():
-            if isinstance(module, StreamingModule) and module._streaming_state is not None:
-                walk(module._streaming_state)
-    return sum(storages.values())
-
-
 def _state_bytes(mimi, lm, slots: int) -> int:
     import torch
     from moshi.models import LMGen
 
     lm_gen = LMGen(lm, use_sampling=False)  # its streaming enters the LM's and the depformer's
     with torch.no_grad(), mimi.streaming(slots), lm_gen.streaming(slots):
-        return _held_bytes(mimi, lm_gen)
+        return streaming_state_bytes(mimi, lm_gen)
 
 
 @pytest.mark.slow  # loads the tiny model (moshi, torch)
@@ -106,7 +75,7 @@ def _held_bytes_streaming(module, slots: int) -> int:
     import torch
 
     with torch.no_grad(), module.streaming(slots):
-        return _held_bytes(module)
+        return streaming_state_bytes(module)
 
 
 def test_mimi_constant_is_the_tiny_models_real_mimi_config():
