@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -21,13 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import SHARED_AUDIO, TEST_TOKEN, child_env
+from conftest import SHARED_AUDIO, TEST_TOKEN, TINY_VARIANTS, child_env
 from jmoshi_cli import hardware, runtime
 from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE
 from jmoshi_cli.hardware import GPU, NvidiaFacts, Probe
 from jmoshi_cli.selftest import speech_like
 from jmoshi_cli.serving.chat import ChatResult, chat
 from jmoshi_cli.serving.opus import OpusStream
+
+from hub_server import LocalHub
 
 AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}  # what a program sends to a server the tests started
 LOAD_S = 240.0  # a model loading (and the tiny one downloading) on a busy CPU
@@ -116,6 +120,27 @@ class Served(Running):
     def __init__(self, args: list[str], env: dict, verbose: bool = False):
         flags = ["--verbose"] if verbose else []
         super().__init__([sys.executable, "-m", "jmoshi_cli", *flags, "serve", *args], env)
+
+
+@contextlib.contextmanager
+def module_server(tmp: Path, hub_root: Path, *flags: str) -> tp.Iterator[tuple[Served, int]]:
+    """`jmoshi serve --variant tiny --device cpu` with `flags`, on a loopback hub of its own, with the test token:
+    one server a module's tests share (none of them may kill it, unless it is the module's last). (served, port)"""
+    from jmoshi_cli.selftest import free_port
+
+    with LocalHub(hub_root) as hub:
+        (tmp / "variants.toml").write_text(TINY_VARIANTS)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "JMOSHI_"))}
+        env.update(HF_ENDPOINT=hub.endpoint, HF_HUB_CACHE=str(tmp / "cache"), JMOSHI_HOME=str(tmp / "home"),
+                   JMOSHI_VARIANTS=str(tmp / "variants.toml"), HF_HUB_DISABLE_TELEMETRY="1", NO_COLOR="1",
+                   JMOSHI_TOKEN=TEST_TOKEN)
+        port = free_port()
+        served = Served(["--variant", "tiny", "--device", "cpu", "--port", str(port), *flags], child_env(env))
+        try:
+            served.wait_ready(LOAD_S)
+            yield served, port
+        finally:
+            served.stop()
 
 
 # --- processes and sockets, from the kernel's tables ----------------------------------------------------
@@ -250,3 +275,37 @@ def opus_chunks(seconds: float) -> list[str]:
     chunks = [opus.encode(pcm[i:i + FRAME_SIZE]) for i in range(0, len(pcm) - FRAME_SIZE + 1, FRAME_SIZE)]
     chunks.append(opus.flush())
     return [base64.b64encode(chunk).decode() for chunk in chunks if chunk]
+
+
+# The page's own websockets, as the web UI opens them, `count` at once: each sends the audio after the
+# handshake, hangs up after three frames of voice (and some text, when `needText`), and tells what it saw.
+# Arguments: url, base64 Opus chunks (opus_chunks), count, needText.
+PAGE_TALK = """
+const [url, chunks, count, needText, done] = arguments;
+const talk = () => new Promise((resolve) => {
+  const seen = {open: false, handshake: false, audio: 0, text: "", closed: null};
+  const ws = new WebSocket(url);
+  ws.binaryType = "arraybuffer";
+  ws.onopen = () => { seen.open = true; };
+  ws.onmessage = (event) => {
+    const data = new Uint8Array(event.data);
+    if (data[0] === 0) {
+      seen.handshake = true;
+      for (const chunk of chunks) {
+        const raw = Uint8Array.from(atob(chunk), (c) => c.charCodeAt(0));
+        const message = new Uint8Array(raw.length + 1);
+        message[0] = 1;
+        message.set(raw, 1);
+        ws.send(message);
+      }
+    } else if (data[0] === 1) {
+      seen.audio += 1;
+    } else if (data[0] === 2) {
+      seen.text += new TextDecoder().decode(data.slice(1));
+    }
+    if (seen.audio >= 3 && (seen.text || !needText)) ws.close();
+  };
+  ws.onclose = (event) => { seen.closed = event.code; resolve(seen); };
+});
+Promise.all(Array.from({length: count}, talk)).then(done);
+"""

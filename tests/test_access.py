@@ -6,7 +6,6 @@ here only talks to it (none kills it), and each leaves it free for the next."""
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
 import urllib.error
@@ -14,13 +13,12 @@ import urllib.request
 
 import pytest
 
-from conftest import TEST_TOKEN, TINY_VARIANTS, child_env
-from jmoshi_cli.selftest import free_port, speech_like
+from conftest import TEST_TOKEN
+from jmoshi_cli.selftest import speech_like
 from jmoshi_cli.serving import token
 from jmoshi_cli.serving.chat import ChatRefused
 
-from helpers import AUTH, LOAD_S, Served, converse, converse_sync, got, wait_until
-from hub_server import LocalHub
+from helpers import AUTH, converse, converse_sync, got, module_server, wait_until
 
 pytestmark = pytest.mark.slow
 IDLE_S = 6
@@ -28,21 +26,9 @@ IDLE_S = 6
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_hub_root):
-    tmp = tmp_path_factory.mktemp("access")
-    with LocalHub(tiny_hub_root) as hub:
-        (tmp / "variants.toml").write_text(TINY_VARIANTS)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "JMOSHI_"))}
-        env.update(HF_ENDPOINT=hub.endpoint, HF_HUB_CACHE=str(tmp / "cache"), JMOSHI_HOME=str(tmp / "home"),
-                   JMOSHI_VARIANTS=str(tmp / "variants.toml"), HF_HUB_DISABLE_TELEMETRY="1", NO_COLOR="1",
-                   JMOSHI_TOKEN=TEST_TOKEN)
-        port = free_port()
-        served = Served(["--variant", "tiny", "--device", "cpu", "--port", str(port), "--idle-timeout", str(IDLE_S),
-                         "--max-waiting", "1", "--allow-origin", "https://lab.example.org"], child_env(env))
-        try:
-            served.wait_ready(LOAD_S)
-            yield served, port
-        finally:
-            served.stop()
+    with module_server(tmp_path_factory.mktemp("access"), tiny_hub_root, "--idle-timeout", str(IDLE_S),
+                       "--max-waiting", "1", "--allow-origin", "https://lab.example.org") as running:
+        yield running
 
 
 def _status(url: str, headers: dict | None = None) -> tuple[int, str, dict]:

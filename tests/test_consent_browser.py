@@ -17,35 +17,9 @@ from conftest import child_env
 from jmoshi_cli.selftest import free_port, speech_like
 from jmoshi_cli.serving.chat import ChatRefused
 
-from helpers import AUTH, LOAD_S, Served, converse_sync, got, opus_chunks, wait_until
+from helpers import AUTH, LOAD_S, PAGE_TALK, Served, converse_sync, got, opus_chunks, wait_until
 
 pytestmark = pytest.mark.slow
-
-# The page's own websocket, as the web UI opens it: report whether it opened, and what came back.
-TALK = """
-const [url, chunks, done] = [arguments[0], arguments[1], arguments[arguments.length - 1]];
-const seen = {open: false, handshake: false, audio: 0, closed: null};
-const ws = new WebSocket(url);
-ws.binaryType = "arraybuffer";
-ws.onopen = () => { seen.open = true; };
-ws.onmessage = (event) => {
-  const kind = new Uint8Array(event.data)[0];
-  if (kind === 0) {
-    seen.handshake = true;
-    for (const chunk of chunks) {
-      const raw = Uint8Array.from(atob(chunk), (c) => c.charCodeAt(0));
-      const message = new Uint8Array(raw.length + 1);
-      message[0] = 1;
-      message.set(raw, 1);
-      ws.send(message);
-    }
-  } else if (kind === 1 && ++seen.audio >= 3) {
-    ws.close();
-  }
-};
-ws.onclose = (event) => { seen.closed = event.code; done(seen); };
-"""
-
 
 def test_the_consent_page_gates_the_conversation_in_a_real_browser_and_recordings_stay_private(tiny_env, tmp_path,
                                                                                                    browser):
@@ -72,11 +46,11 @@ def test_the_consent_page_gates_the_conversation_in_a_real_browser_and_recording
         assert "この会話は録音されます" in browser.page_source and "Lab study 42." in browser.page_source
         assert "?token=" not in browser.current_url  # the token went into a cookie
         chat = f"ws://127.0.0.1:{port}/api/chat"
-        before = browser.execute_async_script(TALK, chat, [])
+        [before] = browser.execute_async_script(PAGE_TALK, chat, [], 1, False)
         assert not before["open"] and not before["handshake"], before
         browser.find_element("id", "agree").click()
         wait_until(lambda: "J-Moshi test UI" in browser.page_source, 60, "the web UI after I agree")
-        after = browser.execute_async_script(TALK, chat, opus_chunks(2.0))
+        [after] = browser.execute_async_script(PAGE_TALK, chat, opus_chunks(2.0), 1, False)
         assert after["handshake"] and after["audio"] >= 3, after
         wait_until(lambda: len(list(study.glob("*/transcript.json"))) == 2, 60, "the browser's recording")
         served.wait_for("a participant agreed to be recorded")

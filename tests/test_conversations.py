@@ -8,17 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 
 import pytest
 
-from conftest import TEST_TOKEN, TINY_VARIANTS, child_env
+from conftest import TEST_TOKEN
 from jmoshi_cli import runtime
-from jmoshi_cli.selftest import free_port, speech_like
+from jmoshi_cli.selftest import speech_like
 
-from helpers import ANSWER_S, LOAD_S, Served, alive, children_of, converse, got, japanese, opus_chunks, wait_until
-from hub_server import LocalHub
+from helpers import (
+    ANSWER_S,
+    PAGE_TALK,
+    alive,
+    children_of,
+    converse,
+    got,
+    japanese,
+    module_server,
+    opus_chunks,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 SLOTS = 4
@@ -29,20 +38,9 @@ def server(tmp_path_factory, tiny_hub_root):
     if not runtime.detect().has_slot_masks:
         pytest.skip("this moshi predates per-slot reset and exec masks (0.2.5): serve refuses --conversations")
     tmp = tmp_path_factory.mktemp("conversations")
-    with LocalHub(tiny_hub_root) as hub:
-        (tmp / "variants.toml").write_text(TINY_VARIANTS)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "JMOSHI_"))}
-        env.update(HF_ENDPOINT=hub.endpoint, HF_HUB_CACHE=str(tmp / "cache"), JMOSHI_HOME=str(tmp / "home"),
-                   JMOSHI_VARIANTS=str(tmp / "variants.toml"), HF_HUB_DISABLE_TELEMETRY="1", NO_COLOR="1",
-                   JMOSHI_TOKEN=TEST_TOKEN)
-        port = free_port()
-        served = Served(["--variant", "tiny", "--device", "cpu", "--port", str(port), "--conversations", str(SLOTS),
-                         "--record", str(tmp / "rec"), "--seed", "7"], child_env(env))
-        try:
-            served.wait_ready(LOAD_S)
-            yield served, port, tmp / "rec"
-        finally:
-            served.stop()
+    with module_server(tmp, tiny_hub_root, "--conversations", str(SLOTS), "--record", str(tmp / "rec"),
+                       "--seed", "7") as (served, port):
+        yield served, port, tmp / "rec"
 
 
 def _url(port: int) -> str:
@@ -122,43 +120,12 @@ def test_a_client_that_stalls_does_not_hold_the_others(server):
     assert result.audio_samples > 0 and japanese(result.text)
 
 
-# The page's own websockets, as the web UI opens them, two at once: what came back on each.
-TALK_TWICE = """
-const [url, chunks, done] = [arguments[0], arguments[1], arguments[arguments.length - 1]];
-const talk = () => new Promise((resolve) => {
-  const seen = {handshake: false, audio: 0, text: "", closed: null};
-  const ws = new WebSocket(url);
-  ws.binaryType = "arraybuffer";
-  ws.onmessage = (event) => {
-    const data = new Uint8Array(event.data);
-    if (data[0] === 0) {
-      seen.handshake = true;
-      for (const chunk of chunks) {
-        const raw = Uint8Array.from(atob(chunk), (c) => c.charCodeAt(0));
-        const message = new Uint8Array(raw.length + 1);
-        message[0] = 1;
-        message.set(raw, 1);
-        ws.send(message);
-      }
-    } else if (data[0] === 1) {
-      seen.audio += 1;
-    } else if (data[0] === 2) {
-      seen.text += new TextDecoder().decode(data.slice(1));
-    }
-    if (seen.audio >= 3 && seen.text) ws.close();
-  };
-  ws.onclose = (event) => { seen.closed = event.code; resolve(seen); };
-});
-Promise.all([talk(), talk()]).then(done);
-"""
-
-
 def test_a_browser_holds_two_conversations_at_once_through_the_web_ui(server, browser):
     served, port, _ = server
     browser.get(f"http://127.0.0.1:{port}/?token={TEST_TOKEN}")
     browser.find_element("id", "agree").click()  # recorded: the consent page comes first
     wait_until(lambda: "J-Moshi test UI" in browser.page_source, 60, "the web UI after I agree")
-    both = browser.execute_async_script(TALK_TWICE, f"ws://127.0.0.1:{port}/api/chat", opus_chunks(2.0))
+    both = browser.execute_async_script(PAGE_TALK, f"ws://127.0.0.1:{port}/api/chat", opus_chunks(2.0), 2, True)
     for seen in both:
         assert seen["handshake"] and seen["audio"] >= 3 and japanese(seen["text"]), both
 
