@@ -54,12 +54,6 @@ def plan_for(rt: runtime.Runtime, contract: ChildContract, argv: list[str]) -> P
         int8_scales=contract.precision is Precision.INT8, seed=contract.seed))
 
 
-def _limit_threads(threads: int | None) -> None:
-    """Before torch starts its thread pool: it sizes it from OMP_NUM_THREADS (see backends.cpu_threads)."""
-    if threads is not None:
-        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
-
-
 def _say(line: str) -> None:
     # The child's console is its stdout, which jmoshi relays; one write keeps a line whole between threads.
     sys.stdout.write(line + "\n")
@@ -96,7 +90,7 @@ def _adopt(ws):
 def main() -> None:
     contract = ChildContract.from_env(os.environ)
     _die_with_parent(contract.parent_pid)
-    _limit_threads(contract.threads)
+    runtime.limit_threads(contract.threads)
     plan = plan_for(runtime.detect(), contract, sys.argv[1:])
     plan.patches.on_app.append(_tap(contract))
     plan.patches.on_websocket.append(_adopt)

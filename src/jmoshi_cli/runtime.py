@@ -306,6 +306,13 @@ def compile_setup(device: str, env: Mapping[str, str] | None = None) -> tuple[di
     return compile_env(device, env, compiler=c_compiler(env), headers=python_headers())
 
 
+def limit_threads(threads: int | None) -> None:
+    """A server child's CPU share, set before torch starts its thread pool: torch sizes it from
+    OMP_NUM_THREADS (see backends.cpu_threads)."""
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+
+
 def apply_compile_policy(device: str) -> str | None:
     """compile_setup for this process (before moshi is imported: moshi reads it at import)."""
     extra, note = compile_setup(device)

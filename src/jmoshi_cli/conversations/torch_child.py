@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import runtime
 from ..audio_io import FRAME_SIZE
 from ..backends.contract import ChildContract
 from ..model.precision import Precision
@@ -86,8 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         from ..serving.lifetime import die_with_parent
 
         die_with_parent(contract.parent_pid, signal.SIGKILL)
-    if contract.threads is not None:  # before torch sizes its thread pool
-        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(contract.threads)
+    runtime.limit_threads(contract.threads)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if contract.seed is not None and args.device.startswith("cuda"):
         # A CUDA graph replays its kernels without the per-conversation generators (upstream/moshi_sampling.py).
