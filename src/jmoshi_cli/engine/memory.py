@@ -12,9 +12,12 @@ model, float32, within 1 %).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..model.preparation import PreparedModel
 
 KV_BYTES = 2  # bf16, or float16 beside int8 weights
 # Mimi (moshi's loaders._transformer_kwargs, float32 on every backend): an encoder and a decoder
@@ -79,6 +82,17 @@ class Room:
             return f"{flag} auto: 1 on the CPU (far slower than real time even for one)"
         return (f"{flag} auto: {self.count} {unit} ({self.per_conversation / 1e9:.2f} GB each beside the model's "
                 f"{self.need_gb:.1f} GB, in {(self.free_bytes or 0) / 1e9:.1f} GB free on GPU {self.gpu})")
+
+
+def room_for(device: str, model: PreparedModel, flag: str) -> Room:
+    """`auto` for a prepared model: its variant's measured need at the precision chosen, and what one more
+    conversation costs on its LM config."""
+    from ..model import lm_config
+    from ..model.precision import Precision
+
+    variant = model.variant
+    need = variant.vram_min_int8_gb if model.precision is Precision.INT8 else variant.vram_min_gb
+    return auto(device, need, per_conversation_bytes(lm_config.lm_kwargs(model.files.config)), flag)
 
 
 def auto(device: str, need_gb: float, per_conversation: int, flag: str) -> Room:

@@ -310,16 +310,13 @@ def run(request: InferRequest, report: Reporter | None = None) -> list[FileResul
 def _batch(wanted: int | None, device: str, model: Any, inputs: int, report: Reporter) -> int:
     """How many inputs at once: as asked, or (auto) as many as fit beside the model; never more than there are."""
     from .. import runtime
-    from ..engine.memory import auto, per_conversation_bytes
-    from ..model import lm_config
-    from ..model.precision import Precision
+    from ..engine.memory import room_for
 
     if wanted is not None:
         return max(1, min(wanted, inputs))
     if inputs == 1 or not device.startswith("cuda") or not runtime.detect().has_slot_masks:
         return 1
-    need = model.variant.vram_min_int8_gb if model.precision is Precision.INT8 else model.variant.vram_min_gb
-    room = auto(device, need, per_conversation_bytes(lm_config.lm_kwargs(model.files.config)), "--batch")
+    room = room_for(device, model, "--batch")
     count = min(room.count, inputs)
     if count > 1:
         report.note(replace(room, count=count).says("--batch", "inputs at once"))

@@ -159,18 +159,16 @@ def prepare(options: ServeOptions, report: Reporter) -> Prepared:
         precision=model.precision, threads=backends.cpu_threads() if options.device == "cpu" else None,
         record=Recording(str(record_dir), model.facts()) if record_dir is not None else None,
         seed=options.sampling.seed, sampling=sampling, access=access.access, limits=access.limits)
-    count = wanted if wanted is not None else _auto(options.device, model, files.config, report)
+    count = wanted if wanted is not None else _auto(options.device, model, report)
     spec = ServerSpec(backend.kind, files, model.variant.repo, model.precision, options.host, options.port,
                       options.device, model.half, ssl_dir, contract, conversations=count)
     return Prepared(spec, model, placements, record_dir, metrics)
 
 
-def _auto(device: str, model: PreparedModel, config: Path | None, report: Reporter) -> int:
-    from ..engine.memory import auto, per_conversation_bytes
+def _auto(device: str, model: PreparedModel, report: Reporter) -> int:
+    from ..engine.memory import room_for
 
-    variant = model.variant
-    need = variant.vram_min_int8_gb if model.precision is precision.Precision.INT8 else variant.vram_min_gb
-    room = auto(device, need, per_conversation_bytes(lm_config.lm_kwargs(config)), "--conversations")
+    room = room_for(device, model, "--conversations")
     report.note(room.says("--conversations"))
     return room.count
 
