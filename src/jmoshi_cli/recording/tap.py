@@ -173,7 +173,8 @@ class Recorder:
         return folder is not None and recording_format.below_floor(folder, self.settings.min_free_bytes)
 
     def conversation_starts(self) -> None:
-        """The handler reset the generator under the server's lock: its conversation begins."""
+        """The handler reset the generator (moshi.server, under its lock) or opened a slot (jmoshi's conversation
+        server), in the request's task: its conversation begins."""
         if self.seeds and self.settings.seed is not None:
             seed_all(self.settings.seed)
         conversation = CURRENT.get()
