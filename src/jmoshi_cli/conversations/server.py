@@ -182,18 +182,23 @@ class _Conversation:
                 listener.said(said.pcm)
 
     async def _send(self, said: Said) -> None:
+        """The frame's text piece first, then its voice (as moshi.server 0.2.2 does; 0.2.13 sends the voice
+        first): a client that has heard a frame's voice has its words too, so one that hangs up once it has
+        heard every frame has read every word."""
+        text = self._text(said.text_id)
+        if text:
+            say("info", f"text token '{text}'")
+            await self.ws.send_bytes(b"\x02" + text.encode("utf-8"))
         if said.pcm is not None:
             opus = self.writer.append_pcm(said.pcm)
             if len(opus) > 0:
                 await self.ws.send_bytes(b"\x01" + opus)
-        text_id = said.text_id
+
+    def _text(self, text_id: int | None) -> str:
         if text_id is None or text_id in self.skipped or not 0 <= text_id < self.tokenizer.get_piece_size() \
                 or self.tokenizer.is_control(text_id):
-            return
-        text = self.joiner.feed(self.tokenizer.id_to_piece(text_id))
-        if text:
-            say("info", f"text token '{text}'")
-            await self.ws.send_bytes(b"\x02" + text.encode("utf-8"))
+            return ""
+        return self.joiner.feed(self.tokenizer.id_to_piece(text_id))
 
 
 def make_app(chat: ChatServer, static: str | None, contract: ChildContract) -> Any:
