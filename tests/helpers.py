@@ -215,8 +215,9 @@ def got(samples: int = 1, pieces: int = 0) -> tp.Callable[[ChatResult], bool]:
 def answered(pcm: np.ndarray) -> tp.Callable[[ChatResult], bool]:
     """A condition for :func:`converse`: the server answered every 80 ms frame of `pcm`.
 
-    moshi.server answers each frame it gets with one frame of voice, its text piece (if any) first; the
-    model's position 0 is silent and not sent, so a whole answer is one frame shorter than what was said.
+    The server answers each frame it gets with one frame of voice and its text piece, if any (moshi.server
+    0.2.13 sends the voice first, 0.2.2 and jmoshi's own server the text); the model's position 0 is silent
+    and not sent, so a whole answer is one frame shorter than what was said.
     With sphn 0.1 (the documented runtime, moshi 0.2.2) the server gets the last 80 ms said only once
     more audio follows (measured: 24 of 25 frames handled, 25 with sphn 0.2), so a conversation that
     stops there is answered one frame fewer; a live one never stops sending.
