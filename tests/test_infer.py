@@ -296,7 +296,8 @@ def test_model_problems_raise_before_any_file(tiny_files, tmp_path):
 
 
 def _load_and_step(files: ModelFiles, quiet: bool) -> subprocess.Popen:
-    """A fresh process (nothing imported yet) that loads the tiny model and makes one frame."""
+    """A fresh process (nothing imported yet) that loads the tiny model and makes one frame, having imported
+    bitsandbytes only if moshi's step would have."""
     paths = [str(p) for p in (files.moshi_weight, files.mimi_weight, files.tokenizer, files.config)]
     script = (
         "from pathlib import Path\nimport numpy as np\n"
@@ -304,6 +305,9 @@ def _load_and_step(files: ModelFiles, quiet: bool) -> subprocess.Popen:
         f"files = ModelFiles(*map(Path, {paths!r}))\n"
         f"model = Session.load(files, InferOptions(device='cpu'), quiet={quiet}).model\n"
         "model.generate(np.zeros(1920, np.float32), [(0, 1)], seed=1)\n"
+        # bitsandbytes costs seconds to import: loaded only where moshi's step needs it (0.2.2)
+        "import sys\nfrom jmoshi_cli.upstream import moshi_private\n"
+        "assert ('bitsandbytes' in sys.modules) == moshi_private.steps_import_bitsandbytes()\n"
     )
     return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -286,11 +286,16 @@ def _load_modules(files: ModelFiles, config: ModelConfig, device, dtype, capture
 
 
 def _import_bitsandbytes() -> None:
-    # moshi imports bitsandbytes at the LM's first step (moshi/utils/quantize.py), and a CPU-only build
-    # logs a warning when imported: importing it while the output is captured keeps that line off the
-    # progress display. moshi only needs it for quantized weights, so its absence is not an error here.
-    with contextlib.suppress(ImportError):
-        importlib.import_module("bitsandbytes")
+    # moshi 0.2.2 imports bitsandbytes at the LM's first step (moshi/utils/quantize.py), and a CPU-only
+    # build logs a warning when imported: importing it while the output is captured keeps that line off
+    # the progress display. Later moshi imports it only for int8 weights, while they load (captured too);
+    # importing it anyway would cost seconds (bitsandbytes 0.49 sets up torch.compile on import).
+    # moshi only needs it for quantized weights, so its absence is not an error here.
+    from ..upstream import moshi_private
+
+    if moshi_private.steps_import_bitsandbytes():
+        with contextlib.suppress(ImportError):
+            importlib.import_module("bitsandbytes")
 
 
 def _check_loaded(mimi, lm) -> None:
