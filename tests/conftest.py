@@ -147,6 +147,29 @@ def tiny_env(tmp_path, tiny_hub_root):
         yield out
 
 
+@pytest.fixture(scope="session")
+def tiny_download(tmp_path_factory, tiny_hub_root) -> Path:
+    """The tiny variant downloaded once per worker by `jmoshi download`: the cache `tiny_downloaded` links from."""
+    folder = tmp_path_factory.mktemp("tiny-download")
+    with LocalHub(tiny_hub_root) as server:
+        (folder / "variants.toml").write_text(TINY_VARIANTS)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "JMOSHI_"))}
+        env.update(HF_ENDPOINT=server.endpoint, HF_HUB_CACHE=str(folder / "cache"), JMOSHI_HOME=str(folder / "home"),
+                   JMOSHI_VARIANTS=str(folder / "variants.toml"), HF_HUB_DISABLE_TELEMETRY="1", NO_COLOR="1")
+        done = run_cli("download", "--variant", "tiny", env=env)
+    assert done.returncode == 0, done.stderr
+    return folder / "cache"
+
+
+@pytest.fixture
+def tiny_downloaded(tiny_env, tiny_download) -> None:
+    """tiny_env's cache already holding the tiny variant, for a test of what comes after the download (serving,
+    recording, killing...): hard links to the worker's one download, the hub's symlinks kept, so the test
+    saves a 200 MB download and its hashing. The files are never written in place (a hub file is replaced
+    whole), so no test changes another's."""
+    shutil.copytree(tiny_download, tiny_env["HF_HUB_CACHE"], symlinks=True, copy_function=os.link)
+
+
 def child_env(env: dict) -> dict:
     return {k: v for k, v in env.items() if isinstance(v, str)}
 

@@ -73,6 +73,7 @@ def assert_gone_within(child: int, port: int, seconds: float = 30.0) -> None:
 # --- kill -9 of jmoshi takes its child down ------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("tiny_downloaded")
 @pytest.mark.slow
 def test_kill_9_of_serve_takes_its_moshi_server_down(tiny_env):
     port = free_port()

@@ -21,6 +21,7 @@ from helpers import AUTH, LOAD_S, PAGE_TALK, Served, converse_sync, got, opus_ch
 
 pytestmark = pytest.mark.slow
 
+@pytest.mark.usefixtures("tiny_downloaded")
 def test_the_consent_page_gates_the_conversation_in_a_real_browser_and_recordings_stay_private(tiny_env, tmp_path,
                                                                                                    browser):
     study, words = tmp_path / "study", tmp_path / "consent.txt"
@@ -72,6 +73,7 @@ def _sessions(study: Path) -> list[Path]:
     return sorted(p for p in study.iterdir() if p.is_dir())  # named by their start time: oldest first
 
 
+@pytest.mark.usefixtures("tiny_downloaded")
 def test_a_recorded_conversation_does_not_start_below_the_free_space_floor(tiny_env, tmp_path):
     study = tmp_path / "study"
     port = free_port()

@@ -95,6 +95,7 @@ def test_lora_on_the_documented_runtime_is_one_line(tiny_env, tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
 
 
+@pytest.mark.usefixtures("tiny_downloaded")
 @pytest.mark.slow
 @needs_lora
 def test_serve_lora_on_the_cpu_talks_with_the_adapter(tiny_env, adapters):
@@ -113,6 +114,7 @@ def test_serve_lora_on_the_cpu_talks_with_the_adapter(tiny_env, adapters):
     assert code == 143 and "Traceback" not in err
 
 
+@pytest.mark.usefixtures("tiny_downloaded")
 @pytest.mark.slow
 @needs_lora
 def test_a_user_variant_naming_an_adapter_changes_what_jmoshi_says(tiny_env, adapters, tmp_path):

@@ -19,6 +19,7 @@ def write_wav(path: Path, seconds: float, rate: int = SAMPLE_RATE) -> Path:
     return path
 
 
+@pytest.mark.usefixtures("tiny_downloaded")
 @pytest.mark.slow
 def test_infer_writes_results_and_one_bad_file_does_not_lose_the_others(tiny_env, tmp_path):
     env = child_env(tiny_env)
@@ -50,6 +51,7 @@ def test_infer_with_no_audio_in_a_folder_is_a_usage_error(tiny_env, tmp_path):
     assert "Traceback" not in result.stderr and "error:" in result.stderr
 
 
+@pytest.mark.usefixtures("tiny_downloaded")
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_AUDIO / "prompt-62.wav").is_file(), reason="../shared/audio is not present")
 def test_infer_stereo_32k_prompt_right_channel(tiny_env, tmp_path):

@@ -156,6 +156,7 @@ def test_serve_quantize_int8_on_the_documented_runtime_is_one_line(tiny_env):
 # --- end to end on the CPU ---------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("tiny_downloaded")
 @pytest.mark.slow
 @needs_int8
 def test_serve_int8_on_the_cpu_makes_it_once_and_talks(tiny_env, tmp_path):
@@ -186,6 +187,7 @@ def test_serve_int8_on_the_cpu_makes_it_once_and_talks(tiny_env, tmp_path):
     assert "making the int8 checkpoint" not in err  # the one made before, found by the source's sha256
 
 
+@pytest.mark.usefixtures("tiny_downloaded")
 @pytest.mark.slow
 @needs_int8
 def test_infer_int8_on_the_cpu(tiny_env, tmp_path):

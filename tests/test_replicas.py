@@ -246,6 +246,7 @@ def replica_pids(jmoshi_pid: int) -> dict[int, int]:
     return found
 
 
+@pytest.mark.usefixtures("tiny_downloaded")
 @pytest.mark.slow
 def test_two_replicas_serve_two_queue_the_third_and_turn_away_in_words_when_the_wait_runs_out(tiny_env,
                                                                                               haproxy_binary):
@@ -306,6 +307,7 @@ def test_two_replicas_serve_two_queue_the_third_and_turn_away_in_words_when_the_
     assert "replicas healthy" in err and "waiting" in err
 
 
+@pytest.mark.usefixtures("tiny_downloaded")
 @pytest.mark.slow
 def test_a_killed_replica_is_replaced_while_the_other_keeps_talking(tiny_env, haproxy_binary):
     from jmoshi_cli.serving.chat import ChatError
@@ -361,6 +363,7 @@ async def _release_all(held) -> None:
         await _release(one)
 
 
+@pytest.mark.usefixtures("tiny_downloaded")
 @pytest.mark.slow
 def test_sigterm_drains_a_live_conversation_then_stops_everything(tiny_env, haproxy_binary):
     served, port = serve_replicas(tiny_env, "--drain-timeout", "60")
@@ -383,6 +386,7 @@ def test_sigterm_drains_a_live_conversation_then_stops_everything(tiny_env, hapr
     assert not listening(port)
 
 
+@pytest.mark.usefixtures("tiny_downloaded")
 @pytest.mark.slow
 def test_kill_9_of_jmoshi_takes_haproxy_and_every_replica_with_it(tiny_env, haproxy_binary):
     served, port = serve_replicas(tiny_env)
@@ -399,6 +403,7 @@ def test_kill_9_of_jmoshi_takes_haproxy_and_every_replica_with_it(tiny_env, hapr
     assert not any(folder.exists() for folder in folders)
 
 
+@pytest.mark.usefixtures("tiny_downloaded")
 @pytest.mark.slow
 def test_front_over_a_serve_elsewhere_with_health_checks(tiny_env, haproxy_binary):
     backend_port = free_port()

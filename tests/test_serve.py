@@ -110,6 +110,7 @@ def wait_gone(pids: list[int]) -> None:
     wait_until(lambda: not [p for p in pids if Path(f"/proc/{p}").exists()], 30, f"processes {pids} to exit")
 
 
+@pytest.mark.usefixtures("tiny_downloaded")
 @pytest.mark.slow
 def test_sigterm_leaves_no_process_behind_and_offline_restart_works(tiny_env):
     port = free_port()
@@ -135,6 +136,7 @@ def test_sigterm_leaves_no_process_behind_and_offline_restart_works(tiny_env):
     assert "\x1b[1;34m[Info]\x1b[0m warming up the model\n" in err and "======== Running on" in err
 
 
+@pytest.mark.usefixtures("tiny_downloaded")
 @pytest.mark.slow
 def test_https_serves_tls_with_a_certificate_that_names_the_host(tiny_env):
     port = free_port()
@@ -194,6 +196,7 @@ def test_no_nvidia_driver_is_refused_with_why(monkeypatch):
         preflight.check_device("cuda", 18.7, "ext")
 
 
+@pytest.mark.usefixtures("tiny_downloaded")
 @pytest.mark.slow
 def test_child_failure_exits_with_its_code_and_the_reason(tiny_env, tmp_path):
     bogus = tmp_path / "finetuned.safetensors"

@@ -113,6 +113,7 @@ def assert_readable_wav(path: Path, channels: int) -> int:
     return frames
 
 
+@pytest.mark.usefixtures("tiny_downloaded")
 @pytest.mark.slow
 def test_each_conversation_is_saved_aligned_with_its_transcript_and_settings(tiny_env, tmp_path):
     folder = tmp_path / "study"
@@ -250,6 +251,7 @@ def check_listing(folder: Path, tiny_env) -> None:
     assert table.returncode == 0 and "server-stop" in table.stderr and "3 conversation(s)" in table.stderr
 
 
+@pytest.mark.usefixtures("tiny_downloaded")
 @pytest.mark.slow
 def test_a_killed_server_leaves_valid_files_and_says_so(tiny_env, tmp_path):
     folder = tmp_path / "study"
@@ -301,6 +303,7 @@ def test_a_killed_server_leaves_valid_files_and_says_so(tiny_env, tmp_path):
     assert {p.name for p in cut.iterdir()} == FILES and json.loads((cut / "transcript.json").read_text())["pieces"]
 
 
+@pytest.mark.usefixtures("tiny_downloaded")
 @pytest.mark.slow
 def test_a_full_disk_stops_the_recording_not_the_conversation(tiny_env, tmp_path):
     """DIR on a 128 KiB tmpfs (a mount namespace of its own): the three wavs take 15 KiB a frame, so about 7
@@ -327,6 +330,7 @@ def test_a_full_disk_stops_the_recording_not_the_conversation(tiny_env, tmp_path
     assert "Traceback" not in err
 
 
+@pytest.mark.usefixtures("tiny_downloaded")
 @pytest.mark.slow
 def test_replicas_record_into_one_folder_each_saying_which(tiny_env, tmp_path, haproxy_binary):
     import asyncio
