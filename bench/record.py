@@ -61,7 +61,7 @@ def child_of(pid: int) -> int | None:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if int(stat[1]) == pid and b"jmoshi_cli._moshi_entry" in cmdline:
+            if int(stat[1]) == pid and b"jmoshi_cli.moshi_child" in cmdline:
                 return int(entry.name)
     return None
 

@@ -36,7 +36,7 @@ def moshi_child(parent: int, timeout: float = 120) -> int:
     while time.monotonic() < deadline:
         for pid in children_of(parent):
             try:
-                if b"jmoshi_cli._moshi_entry" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                if b"jmoshi_cli.moshi_child" in Path(f"/proc/{pid}/cmdline").read_bytes():
                     return pid
             except OSError:
                 continue
@@ -121,7 +121,7 @@ def test_a_child_whose_parent_is_already_gone_leaves_at_once():
     was handed to another one; it must leave before it imports anything or starts moshi.server.
     """
     env = dict(os.environ, **ChildContract(parent_pid=os.getppid()).to_env())
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "jmoshi_cli._moshi_entry", "--help"], env=env,
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "jmoshi_cli.moshi_child", "--help"], env=env,
                           capture_output=True, text=True, timeout=60)
     imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in done.stderr.splitlines() if "|" in line}
     assert done.returncode == 1 and "usage" not in done.stdout

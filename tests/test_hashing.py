@@ -68,7 +68,7 @@ def test_the_follower_keeps_no_reference_to_the_blocks_written(tmp_path):
     partial, final = tmp_path / "blob.incomplete", tmp_path / "blob"
     partial.touch()
     follower = FollowingHash(partial)
-    follower._open()  # followed, its thread not started: whatever it kept of a block would still be kept
+    follower.open()  # followed, its thread not started: whatever it kept of a block would still be kept
     block = os.urandom(2 * MIB)
     before = sys.getrefcount(block)
     with partial.open("ab") as raw:
@@ -76,7 +76,7 @@ def test_the_follower_keeps_no_reference_to_the_blocks_written(tmp_path):
     assert sys.getrefcount(block) == before  # read back from the file: its memory is the writer's to reuse
     partial.rename(final)
     assert follower.finish(final) == digest(block)
-    follower._close()
+    follower.close()
 
 
 def test_a_resumed_file_is_hashed_from_the_part_already_there(tmp_path):
@@ -150,19 +150,19 @@ def test_a_truncate_the_thread_missed_but_the_writer_reported_is_never_vouched_f
 
 
 def test_rewinds_are_kept_only_while_a_file_is_followed(tmp_path):
-    before = len(hashing._rewinds)
+    before = hashing.files_followed()
     for n in range(20):  # a long-lived process downloads many files: the table must not grow with them
         partial = tmp_path / f"blob{n}.incomplete"
         partial.write_bytes(b"x" * 10)
         with FollowingHash(partial, poll_s=0.005) as follower:
             wait_for(lambda: follower.hashed == 10)  # noqa: B023 - waited for before the next file
-            assert len(hashing._rewinds) == before + 1
+            assert hashing.files_followed() == before + 1
             with partial.open("r+b") as stream:
                 hashing.note_rewind(stream.fileno())
-        assert len(hashing._rewinds) == before
+        assert hashing.files_followed() == before
     with (tmp_path / "unfollowed").open("wb") as stream:
         hashing.note_rewind(stream.fileno())  # a writer nobody follows leaves nothing behind
-    assert len(hashing._rewinds) == before
+    assert hashing.files_followed() == before
 
 
 def test_a_reported_truncate_restarts_the_hash(tmp_path):

@@ -48,7 +48,7 @@ FRONT = """
 import sys, time
 from jmoshi_cli.selftest import free_port
 from jmoshi_cli.serving import haproxy, lifetime
-lifetime._has_pdeathsig = lambda: False
+lifetime.has_pdeathsig = lambda: False
 front = haproxy.Front("127.0.0.1", int(sys.argv[1]), [haproxy.Backend("r0", "127.0.0.1", free_port())], 5.0)
 front.start()
 print(front.process.pid, front.folder, flush=True)
@@ -147,9 +147,9 @@ def test_a_supervisor_whose_parent_is_already_gone_starts_nothing(tmp_path):
 
 
 def test_where_the_kernel_signals_it_execs_and_elsewhere_the_supervisor_runs(monkeypatch):
-    monkeypatch.setattr(lifetime, "_has_pdeathsig", lambda: True)
+    monkeypatch.setattr(lifetime, "has_pdeathsig", lambda: True)
     assert lifetime.SUPERVISE not in lifetime.tied_argv(["haproxy"])
     assert lifetime.SUPERVISE in lifetime.tied_argv(["haproxy"], supervise=True)
-    monkeypatch.setattr(lifetime, "_has_pdeathsig", lambda: False)
+    monkeypatch.setattr(lifetime, "has_pdeathsig", lambda: False)
     assert lifetime.SUPERVISE in lifetime.tied_argv(["haproxy"])
     assert lifetime.SUPERVISE not in lifetime.tied_argv(["haproxy"], supervise=False)

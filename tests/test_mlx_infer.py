@@ -79,8 +79,8 @@ class FakeEncoder:
 def torch_session(repo: Path, monkeypatch) -> infer.Session:
     import torch
 
-    load = generation._load_modules
-    monkeypatch.setattr(generation, "_load_modules", lambda files, config, device, dtype, captured:
+    load = generation.load_modules
+    monkeypatch.setattr(generation, "load_modules", lambda files, config, device, dtype, captured:
                         load(files, config, device, torch.float32, captured))
     session = infer.Session.load(ModelFiles(repo / MOSHI_NAME, repo / MIMI_NAME, repo / TOKENIZER_NAME,
                                             repo / "config.json"), GREEDY)

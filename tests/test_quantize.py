@@ -96,7 +96,7 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CacheError, match="cannot read .*model.safetensors: not a safetensors file"):
-        quantize._open(bad)
+        quantize.open_checkpoint(bad)
 
 
 def test_int8_on_the_documented_runtime_is_refused_with_the_fix():

@@ -138,7 +138,7 @@ def gone_server() -> dict:
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         identity = dict(recordings.server_identity(), pid=process.pid,
-                        start_ticks=recordings._start_ticks(process.pid))
+                        start_ticks=recordings.start_ticks(process.pid))
     finally:
         process.kill()
         process.wait()

@@ -241,7 +241,7 @@ def replica_pids(jmoshi_pid: int) -> dict[int, int]:
     found = {}
     for pid in children_of(jmoshi_pid):
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-        if "jmoshi_cli._moshi_entry" in argv:
+        if "jmoshi_cli.moshi_child" in argv:
             found[int(argv[argv.index("--port") + 1])] = pid
     return found
 

@@ -99,7 +99,7 @@ def test_brackets_in_a_message_are_shown_as_written(env):
     from jmoshi_cli.console import console
 
     with console.capture() as captured:
-        cli._fail(with_brackets.message, with_brackets.hint, 2, with_brackets)
+        cli.fail(with_brackets.message, with_brackets.hint, 2, with_brackets)
     assert "/data/[study]/a.wav" in captured.get() and "'.[mlx]'" in captured.get()
 
 

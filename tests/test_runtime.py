@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jmoshi_cli import _moshi_entry, runtime
+from jmoshi_cli import moshi_child, runtime
 from jmoshi_cli.backends.contract import ChildContract
 from jmoshi_cli.model.precision import Precision
 from jmoshi_cli.runtime import CURRENT, DOCUMENTED, INSTALL, UNTESTED, Runtime
@@ -143,19 +143,19 @@ def test_compiler_lookup_follows_cc_and_path(tmp_path):
 
 def test_entry_patches_everything_on_022():
     contract = ChildContract(bind_host="127.0.0.1", config_path="/c.json", precision=Precision.INT8, seed=4)
-    plan = _moshi_entry.plan_for(rt(**DOC), contract, ["--host", "127.0.0.1", "--port", "1"])
-    assert plan == _moshi_entry.Plan(["--host", "127.0.0.1", "--port", "1"], Patches(
+    plan = moshi_child.plan_for(rt(**DOC), contract, ["--host", "127.0.0.1", "--port", "1"])
+    assert plan == moshi_child.Plan(["--host", "127.0.0.1", "--port", "1"], Patches(
         bind_host="127.0.0.1", config_path="/c.json", int8_scales=True, seed=4))
 
 
 def test_entry_passes_flags_on_0213():
-    plan = _moshi_entry.plan_for(rt(), ChildContract(bind_host="::1", config_path="/c.json"), ["--host", "::1"])
-    assert plan == _moshi_entry.Plan(["--host", "::1", "--config-path", "/c.json"], Patches())
-    assert _moshi_entry.plan_for(rt(), ChildContract(), ["--port", "1"]) == _moshi_entry.Plan(["--port", "1"],
+    plan = moshi_child.plan_for(rt(), ChildContract(bind_host="::1", config_path="/c.json"), ["--host", "::1"])
+    assert plan == moshi_child.Plan(["--host", "::1", "--config-path", "/c.json"], Patches())
+    assert moshi_child.plan_for(rt(), ChildContract(), ["--port", "1"]) == moshi_child.Plan(["--port", "1"],
                                                                                               Patches())
-    between = _moshi_entry.plan_for(rt(moshi="0.2.4", sphn="0.1.12"),
+    between = moshi_child.plan_for(rt(moshi="0.2.4", sphn="0.1.12"),
                                     ChildContract(bind_host="0.0.0.0", config_path="/c"), [])
-    assert between == _moshi_entry.Plan(["--config-path", "/c"], Patches(bind_host="0.0.0.0"))
+    assert between == moshi_child.Plan(["--config-path", "/c"], Patches(bind_host="0.0.0.0"))
 
 
 # --- what a dying server says, for the runtime in use ------------------------------------------------------

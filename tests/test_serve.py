@@ -248,7 +248,7 @@ def test_launch_argv_and_env_are_exact(tmp_path, monkeypatch):
     launch = render(_spec(files, repo="nu-dialogue/j-moshi-ext", host="0.0.0.0", port=9000, half=True,
                           ssl_dir=tmp_path / "tls", contract=contract, base_env=stale))
     assert launch.argv == [
-        sys.executable, "-m", "jmoshi_cli._moshi_entry", "--host", "0.0.0.0", "--port", "9000",
+        sys.executable, "-m", "jmoshi_cli.moshi_child", "--host", "0.0.0.0", "--port", "9000",
         "--hf-repo", "nu-dialogue/j-moshi-ext", "--moshi-weight", str(files.moshi_weight),
         "--mimi-weight", str(files.mimi_weight), "--tokenizer", str(files.tokenizer),
         "--static", str(tmp_path / "dist"), "--device", "cuda", "--half", "--ssl", str(tmp_path / "tls")]

@@ -19,6 +19,7 @@ from jmoshi_cli.tiny_model import (  # noqa: E402
     build_web_ui_bundle,
     cached_tiny_repo,
 )
+from jmoshi_cli.upstream import moshi_private  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +64,14 @@ def test_files_and_sizes(repo):
 
 
 def test_config_is_moshi_config_with_sizes_shrunk(config, tokenizer):
-    from moshi.models import loaders
-
-    assert set(config) == set(loaders._lm_kwargs)
-    changed = {k for k in config if config[k] != loaders._lm_kwargs[k]}
-    assert changed <= set(tiny._LM_SIZE_OVERRIDES) | {"text_card"}
+    builtin = moshi_private.builtin_lm_kwargs()
+    assert set(config) == set(builtin)
+    changed = {k for k in config if config[k] != builtin[k]}
+    assert changed <= set(tiny.LM_SIZE_OVERRIDES) | {"text_card"}
     assert config["dim"] <= 128 and config["num_layers"] <= 4
     assert 25 <= config["text_card"] <= tokenizer.get_piece_size()
     for key in ("n_q", "dep_q", "card", "existing_text_padding_id", "delays"):
-        assert config[key] == loaders._lm_kwargs[key]
+        assert config[key] == builtin[key]
 
 
 def test_tokenizer_japanese(tokenizer):

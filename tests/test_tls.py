@@ -23,9 +23,9 @@ def pair_bytes(folder: Path) -> tuple[bytes, bytes]:
 
 
 def assert_matching_pair(folder: Path) -> None:
-    pair = tls._load_pair(folder)
-    assert pair is not None and tls._matches(*pair)
-    assert NAMES <= tls._names_in(pair[0])
+    pair = tls.load_pair(folder)
+    assert pair is not None and tls.matches(*pair)
+    assert NAMES <= tls.names_in(pair[0])
 
 
 def test_a_new_pair_matches_and_only_its_owner_reads_the_key(tmp_path):

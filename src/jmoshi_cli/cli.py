@@ -487,14 +487,14 @@ def run(argv: list[str]) -> int:
     try:
         result = app(args=argv, prog_name="jmoshi", standalone_mode=False)
     except JMoshiError as exc:
-        return _fail(exc.message, exc.hint, exc.exit_code, exc)
+        return fail(exc.message, exc.hint, exc.exit_code, exc)
     except typer.TyperException as exc:  # click's errors, as typer ships them: usage, bad values, files
         return _click_failed(exc, argv)
     except (typer.Abort, KeyboardInterrupt):
         console.print("[yellow]interrupted[/]")
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no bare traceback
-        return _fail(f"unexpected error: {type(exc).__name__}: {exc}",
+        return fail(f"unexpected error: {type(exc).__name__}: {exc}",
                      "please report it with the output of `jmoshi --verbose ...`", 1, exc)
     return result if isinstance(result, int) else 0
 
@@ -510,10 +510,10 @@ def _click_failed(exc: typer.TyperException, argv: list[str]) -> int:
         console.print(f"usage: {usage}", markup=False, highlight=False, soft_wrap=True)
     command = next((arg for arg in argv if not arg.startswith("-")), None)  # the parser may have no context
     where = ctx.command_path if ctx is not None else " ".join(["jmoshi", *filter(None, [command])])
-    return _fail(exc.format_message(), f"`{where} --help` shows what it takes", 2, exc)
+    return fail(exc.format_message(), f"`{where} --help` shows what it takes", 2, exc)
 
 
-def _fail(message: str, hint: str, code: int, exc: BaseException) -> int:
+def fail(message: str, hint: str, code: int, exc: BaseException) -> int:
     if ui.settings.show_tracebacks:
         import traceback
 

@@ -54,7 +54,7 @@ _COMPLETE_MARKER = ".complete.json"
 WEB_UI_TITLE = "J-Moshi test UI"
 
 # Sizes that replace those of moshi's built-in 7B config; every other key is kept as is.
-_LM_SIZE_OVERRIDES: dict[str, tp.Any] = {
+LM_SIZE_OVERRIDES: dict[str, tp.Any] = {
     "dim": 64,
     "num_heads": 4,
     "num_layers": 2,
@@ -161,7 +161,7 @@ def tiny_lm_config(text_card: int, overrides: dict[str, tp.Any] | None = None) -
     if text_card < _MIN_TEXT_CARD:
         raise ValueError(f"text_card {text_card} < {_MIN_TEXT_CARD} (LMGen's top_k_text)")
     config = builtin_lm_kwargs()
-    config.update(_LM_SIZE_OVERRIDES)
+    config.update(LM_SIZE_OVERRIDES)
     config.update(overrides or {})
     config["text_card"] = int(text_card)
     return config

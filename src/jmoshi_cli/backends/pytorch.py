@@ -1,4 +1,4 @@
-"""The torch backend: Kyutai's moshi.server, run unchanged through jmoshi's bootstrap (_moshi_entry); with
+"""The torch backend: Kyutai's moshi.server, run unchanged through jmoshi's bootstrap (moshi_child); with
 --conversations N > 1, jmoshi's conversation server over N slots of one loaded model
 (conversations/torch_child.py)."""
 
@@ -49,7 +49,7 @@ class TorchBackend(Backend):
         """Explicit local paths and an offline hub; the rest travels in the child's contract."""
 
         files = spec.files
-        entry = ["jmoshi_cli._moshi_entry"] if spec.conversations == 1 else \
+        entry = ["jmoshi_cli.moshi_child"] if spec.conversations == 1 else \
             ["jmoshi_cli.conversations.torch_child", "--conversations", str(spec.conversations)]
         argv = [sys.executable, "-m", *entry,
                 "--host", spec.host, "--port", str(spec.port),

@@ -87,6 +87,11 @@ class _Rewinds:
 _rewinds = _Rewinds()
 
 
+def files_followed() -> int:
+    """How many files' rewinds are being kept: one per file a FollowingHash has open, none once it is closed."""
+    return len(_rewinds)
+
+
 def note_rewind(fd: int) -> None:
     """Record that the writer of this open file cut it back: a follower of it starts over."""
     stat = os.fstat(fd)
@@ -137,14 +142,14 @@ class FollowingHash:
         self._buffer = bytearray(BLOCK)
 
     def __enter__(self) -> FollowingHash:
-        self._open()  # a partial file already there is followed from before the writer resumes it
+        self.open()  # a partial file already there is followed from before the writer resumes it
         self._thread = threading.Thread(target=self._run, name=f"hash {self.growing.name}", daemon=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._halt()
-        self._close()
+        self.close()
 
     @property
     def hashed(self) -> int:
@@ -182,7 +187,7 @@ class FollowingHash:
 
     def _step(self) -> bool:
         """Hash one more block when there is one; False when there is nothing new yet."""
-        fd = self._fd if self._fd is not None else self._open()
+        fd = self._fd if self._fd is not None else self.open()
         if fd is None:
             return False
         if self._replaced():
@@ -198,7 +203,7 @@ class FollowingHash:
         self._arrived(size)
         return size > self._offset and self._read_block(fd, size)
 
-    def _open(self) -> int | None:
+    def open(self) -> int | None:
         """The descriptor of the followed file, now open; None while it does not exist yet."""
         try:
             fd = os.open(self.growing, os.O_RDONLY)
@@ -227,8 +232,8 @@ class FollowingHash:
         self._offset = 0
         self._rewinds_seen = _rewinds.count(self._identity)
         if reopen:
-            self._close()
-            self._open()
+            self.close()
+            self.open()
 
     def _read_block(self, fd: int, size: int) -> bool:
         want = min(BLOCK, size - self._offset)
@@ -248,9 +253,9 @@ class FollowingHash:
             self._thread.join()
             self._thread = None
 
-    def _close(self) -> None:
+    def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-            assert self._identity is not None  # _open sets it along with _fd
+            assert self._identity is not None  # open sets it along with _fd
             _rewinds.unfollow(self._identity)

@@ -263,7 +263,7 @@ class _Adapter(TypedDict, total=False):
     lora_weights: Path  # a field since moshi 0.2.4: passed only when there is an adapter
 
 
-def _load_modules(files: ModelFiles, config: ModelConfig, device, dtype, captured: io.StringIO):
+def load_modules(files: ModelFiles, config: ModelConfig, device, dtype, captured: io.StringIO):
     """(mimi, tokenizer, lm) through moshi's own loaders; errors become PreflightError / CacheError."""
     import torch
     from moshi.models import loaders
@@ -347,7 +347,7 @@ def load_model(files: ModelFiles, device: str = "cuda", half: bool = False,
     sampling = resolve_sampling(overrides or {}, config.lm_gen_config or {})
     with captured_output(quiet) as captured:
         _import_bitsandbytes()
-        mimi, tokenizer, lm = _load_modules(files, config, torch_device,
+        mimi, tokenizer, lm = load_modules(files, config, torch_device,
                                             torch.float16 if half else torch.bfloat16, captured)
     if (config.lm_config or {}).get("quantize"):
         from ..model.quantize import restore_scales

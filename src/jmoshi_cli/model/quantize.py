@@ -164,7 +164,7 @@ def make_int8(source: Path, folder: Path, source_sha256: str, lm_config: dict) -
 
     started = time.monotonic()
     model = _meta_model(lm_config)
-    reader = _open(source)
+    reader = open_checkpoint(source)
     layout = _layout(reader, model)
     size = _file_size(layout)
     derived.check_room(folder, size, "the int8 checkpoint")
@@ -182,7 +182,7 @@ def _torch_dtypes() -> None:
                   U8=torch.uint8, I16=torch.int16, I32=torch.int32, I64=torch.int64, BOOL=torch.bool)
 
 
-def _open(source: Path) -> derived.SafetensorsReader:
+def open_checkpoint(source: Path) -> derived.SafetensorsReader:
     return derived.SafetensorsReader(source)
 
 
@@ -203,7 +203,7 @@ def _check_written(partial: Path, written: str, layout: list[_Out]) -> None:
     if derived.sha256_of(partial) != written:
         raise CacheError(f"the int8 checkpoint read back from {partial} differs from what was written",
                          "check the disk (`dmesg`), then run the command again")
-    if set(_open(partial).keys()) != {o.name for o in layout}:
+    if set(open_checkpoint(partial).keys()) != {o.name for o in layout}:
         raise CacheError(f"the int8 checkpoint {partial} lost tensors", "run the command again")
 
 

@@ -162,7 +162,7 @@ def _boot_id() -> str:
         return ""
 
 
-def _start_ticks(pid: int) -> int | None:
+def start_ticks(pid: int) -> int | None:
     """When a process started (clock ticks since boot): tells a reused pid from the original."""
     try:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
@@ -173,7 +173,7 @@ def _start_ticks(pid: int) -> int | None:
 def server_identity() -> dict:
     """This process, as meta.json records it, so that a later reader can tell whether it still runs."""
     pid = os.getpid()
-    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": pid, "start_ticks": _start_ticks(pid)}
+    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": pid, "start_ticks": start_ticks(pid)}
 
 
 def server_gone(identity: dict) -> bool:

@@ -37,7 +37,7 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
     """Make the kernel send `sig` to this process when its parent dies; exit now if it already has."""
-    if not _has_pdeathsig():
+    if not has_pdeathsig():
         _watch_parent(parent_pid, sig)
         return
     libc = ctypes.CDLL(None, use_errno=True)
@@ -63,11 +63,11 @@ def tied_argv(argv: list[str], parent_pid: int | None = None, supervise: bool | 
     """The command line that runs `argv` tied to this process (or to `parent_pid`).
 
     supervise: run it under a supervisor rather than exec it (default: where PR_SET_PDEATHSIG is missing)."""
-    flag = [SUPERVISE] if (not _has_pdeathsig() if supervise is None else supervise) else []
+    flag = [SUPERVISE] if (not has_pdeathsig() if supervise is None else supervise) else []
     return [sys.executable, "-m", "jmoshi_cli.serving.lifetime", *flag, str(parent_pid or os.getpid()), *argv]
 
 
-def _has_pdeathsig() -> bool:
+def has_pdeathsig() -> bool:
     return sys.platform.startswith("linux")
 
 

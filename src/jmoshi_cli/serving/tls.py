@@ -14,7 +14,7 @@ VALID_DAYS = 365
 RENEW_BEFORE = dt.timedelta(days=7)
 
 
-def _names_in(cert) -> set[str]:
+def names_in(cert) -> set[str]:
     from cryptography import x509
 
     try:
@@ -25,7 +25,7 @@ def _names_in(cert) -> set[str]:
         str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
 
 
-def _load_pair(folder: Path):
+def load_pair(folder: Path):
     """folder's (certificate, private key), or None when either is missing or cannot be read as PEM."""
     from cryptography import x509
     from cryptography.exceptions import UnsupportedAlgorithm
@@ -39,7 +39,7 @@ def _load_pair(folder: Path):
     return cert, key
 
 
-def _matches(cert, key) -> bool:
+def matches(cert, key) -> bool:
     """Whether the private key is the one whose public half the certificate carries."""
     from cryptography.hazmat.primitives import serialization
 
@@ -48,11 +48,11 @@ def _matches(cert, key) -> bool:
 
 
 def _usable(folder: Path, names: set[str]) -> bool:
-    pair = _load_pair(folder)
-    if pair is None or not _matches(*pair):
+    pair = load_pair(folder)
+    if pair is None or not matches(*pair):
         return False
     now = dt.datetime.now(dt.timezone.utc)
-    return pair[0].not_valid_after_utc - RENEW_BEFORE > now and names <= _names_in(pair[0])
+    return pair[0].not_valid_after_utc - RENEW_BEFORE > now and names <= names_in(pair[0])
 
 
 def ensure_certificate(folder: Path, names: set[str]) -> Path:
@@ -151,8 +151,8 @@ def check_ssl_dir(folder: Path) -> Path:
     for name in ("cert.pem", "key.pem"):
         if not (folder / name).is_file():
             raise UsageError(f"--ssl {folder}: no {name} there", "the folder needs cert.pem and key.pem (PEM)")
-    pair = _load_pair(folder)
-    if pair is not None and not _matches(*pair):
+    pair = load_pair(folder)
+    if pair is not None and not matches(*pair):
         raise UsageError(f"--ssl {folder}: key.pem does not match cert.pem",
                          "put the certificate's own private key in key.pem (the pair that was issued together)")
     try:
