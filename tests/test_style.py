@@ -152,3 +152,29 @@ def test_no_import_cycle_in_src():
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def private_reaches(source: str) -> list[str]:
+    """`module._name` in test code where `module` was imported from jmoshi_cli: a private name reached
+    from outside (dunders aside)."""
+    import ast
+
+    tree = ast.parse(source)
+    modules = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+               and (node.module or "").startswith("jmoshi_cli") for alias in node.names}
+    modules |= {alias.asname or alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names if alias.name.startswith("jmoshi_cli")}
+    return [f"{node.lineno}: {ast.unparse(node)}" for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+            and isinstance(node.value, ast.Name) and node.value.id in modules]
+
+
+def test_tests_reach_no_private_name_of_jmoshi():
+    """Tests go through the public face; what they need is made public on purpose."""
+    found = {path.name: reaches for path in sorted((ROOT / "tests").glob("*.py"))
+             if (reaches := private_reaches(path.read_text()))}
+    assert found == {}
+
+
+def test_the_private_name_finder_finds_one():
+    assert private_reaches("from jmoshi_cli import hub\nhub._resolve(1)\nhub.public()\nx._y\n") == ["2: hub._resolve"]
