@@ -268,6 +268,8 @@ def load_modules(files: ModelFiles, config: ModelConfig, device, dtype, captured
     import torch
     from moshi.models import loaders
 
+    from ..upstream import torch_cpu
+
     # By keyword: 0.2.4+ inserted fields (mimi_config, lora_weights, ...) between these.
     adapter: _Adapter = {"lora_weights": Path(files.lora)} if files.lora is not None else {}
     info = loaders.CheckpointInfo(moshi_weights=Path(files.moshi_weight), mimi_weights=Path(files.mimi_weight),
@@ -276,8 +278,9 @@ def load_modules(files: ModelFiles, config: ModelConfig, device, dtype, captured
                                   lm_gen_config=config.lm_gen_config or {}, **adapter)
     fuse = {"fuse_lora": True} if adapter else {}  # as moshi.server does; get_moshi alone would not fuse
     try:
-        return (info.get_mimi(device=device), info.get_text_tokenizer(),
-                info.get_moshi(device=device, dtype=dtype, **fuse))
+        mimi = info.get_mimi(device=device)
+        torch_cpu.fast_transposed_convs(mimi)
+        return mimi, info.get_text_tokenizer(), info.get_moshi(device=device, dtype=dtype, **fuse)
     except torch.cuda.OutOfMemoryError as exc:
         raise PreflightError("not enough GPU memory to load the model",
                              hint="close other GPU programs or use a smaller variant") from exc

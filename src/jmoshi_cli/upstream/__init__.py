@@ -4,6 +4,7 @@ versions it was checked against.
 - `moshi_private`: reads of moshi's private names (the built-in Moshi-7B kwargs, the Mimi kwargs, the
   bytes a streaming state holds), checked on moshi 0.2.2 and 0.2.13.
 - `moshi_sampling`: each conversation of a batch sampling from its own generator, checked on 0.2.13.
+- `torch_cpu`: Mimi's transposed convolutions off torch's slow CPU path, the same numbers (torch 2.9).
 - `moshi_server`: the patches the server child applies before running moshi.server unchanged (bind
   address, CPU warm-up, config path, int8 scales, the seed, the recording tap's hook, the browser's
   Japanese text), checked on moshi 0.2.2 and 0.2.13.

@@ -9,6 +9,7 @@
 - `web.WebSocketResponse` (made by moshi.server's handle_chat): each one is handed to jmoshi's gate as it is
   made, so that a conversation can be ended from outside its handler (idle, time limit, disk).
 - `torch.cuda.synchronize`: a no-op without CUDA (the warm-up calls it unconditionally).
+- `loaders.get_mimi`: Mimi's transposed convolutions off torch's slow CPU path (`torch_cpu`; same numbers).
 - `loaders.get_moshi_lm`: put back the float32 int8 scales moshi casts to the model's dtype (int8).
 - The conversation tap: moshi.server's `ServerState` (found through its /api/chat route) gets proxies
   around `mimi`, `lm_gen` and `text_tokenizer`, which tell the listeners (the recorder) what the
@@ -56,6 +57,7 @@ class Patches:
 
 def apply(patches: Patches) -> None:
     _cpu_synchronize()
+    _get_mimi()
     _run_app(patches.bind_host, patches.on_app)
     if patches.on_websocket:
         _websockets(patches.on_websocket)
@@ -101,6 +103,23 @@ def _cpu_synchronize() -> None:
 
     if not torch.cuda.is_available():
         torch.cuda.synchronize = lambda *args, **kwargs: None
+
+
+def _get_mimi() -> None:
+    from moshi.models import loaders
+
+    from . import torch_cpu
+
+    get_mimi = loaders.get_mimi
+
+    @functools.wraps(get_mimi)
+    def patched(*args, **kwargs):
+        mimi = get_mimi(*args, **kwargs)
+        torch_cpu.fast_transposed_convs(mimi)
+        return mimi
+
+    # CheckpointInfo.get_mimi calls the module's get_mimi (both versions): every Mimi the child loads.
+    loaders.get_mimi = patched
 
 
 def _from_hf_repo(config_path: str | None, seed: int | None) -> None:
