@@ -92,7 +92,7 @@ def _load_float32(files):
     runtime.apply_compile_policy("cpu")
     config = generation.read_config(files.config)
     sampling = generation.resolve_sampling({}, config.lm_gen_config or {})
-    mimi, tokenizer, lm = generation._load_modules(files, config, torch.device("cpu"), torch.float32, io.StringIO())
+    mimi, tokenizer, lm = generation.load_modules(files, config, torch.device("cpu"), torch.float32, io.StringIO())
     lm_gen = generation._generator(lm, sampling, files.config)
     mimi.streaming_forever(1)
     lm_gen.streaming_forever(1)
