@@ -12,6 +12,8 @@ import os
 import statistics
 import time
 
+from jmoshi_cli.audio_io import FRAME_SIZE
+
 os.environ.setdefault("NO_TORCH_COMPILE", "1")  # as jmoshi runs moshi on the CPU
 
 
@@ -22,7 +24,7 @@ def per_frame(mimi, pcm, frames: int) -> tuple[float, float, list]:
     encode, decode, out = [], [], []
     with torch.no_grad(), mimi.streaming(1):
         for i in range(frames):
-            frame = pcm[:, :, i * 1920:(i + 1) * 1920]
+            frame = pcm[:, :, i * FRAME_SIZE:(i + 1) * FRAME_SIZE]
             started = time.perf_counter()
             codes = mimi.encode(frame)
             encode.append(time.perf_counter() - started)
@@ -40,15 +42,15 @@ def main() -> None:
     import torch
     from moshi.models import loaders
 
-    from jmoshi_cli.tiny_model import cached_tiny_repo
+    from jmoshi_cli.tiny_model import MIMI_NAME, cached_tiny_repo
     from jmoshi_cli.upstream import torch_cpu
 
     torch.set_num_threads(1)
-    weights = str(cached_tiny_repo() / "tokenizer-e351c8d8-checkpoint125.safetensors")
+    weights = str(cached_tiny_repo() / MIMI_NAME)
     upstream, mine = loaders.get_mimi(weights, device="cpu"), loaders.get_mimi(weights, device="cpu")
     changed = torch_cpu.fast_transposed_convs(mine)
     torch.manual_seed(0)
-    pcm = 0.1 * torch.randn(1, 1, 1920 * args.frames)
+    pcm = 0.1 * torch.randn(1, 1, FRAME_SIZE * args.frames)
     rows = {"upstream Mimi": [], "jmoshi's": []}
     same = True
     for _ in range(args.repeat):

@@ -9,7 +9,7 @@ pytest.importorskip("moshi")
 
 from jmoshi_cli.upstream import torch_cpu  # noqa: E402
 
-APPLIES = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= torch_cpu.SINCE
+APPLIES = torch_cpu.applies()
 needs_it = pytest.mark.skipif(not APPLIES, reason=f"torch {torch.__version__}: rounds otherwise, left alone")
 
 
@@ -52,9 +52,9 @@ def test_mimi_decodes_the_same_audio_frame_by_frame():
     """The tiny model's Mimi (moshi's architecture, random weights), streaming: every frame's samples equal."""
     from moshi.models import loaders
 
-    from jmoshi_cli.tiny_model import cached_tiny_repo
+    from jmoshi_cli.tiny_model import MIMI_NAME, cached_tiny_repo
 
-    weights = cached_tiny_repo() / "tokenizer-e351c8d8-checkpoint125.safetensors"
+    weights = cached_tiny_repo() / MIMI_NAME
     plain, fast = (loaders.get_mimi(str(weights), device="cpu") for _ in range(2))
     assert torch_cpu.fast_transposed_convs(fast) == 4  # SEANet's four upsamplings; the channel-wise one stays
     torch.manual_seed(1)

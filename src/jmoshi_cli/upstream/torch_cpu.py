@@ -28,7 +28,7 @@ def fast_transposed_convs(module: Any) -> int:
     dilation) the matmul + fold forward; how many got it."""
     import torch
 
-    if tuple(int(part) for part in torch.__version__.split(".")[:2]) < SINCE:
+    if not applies():
         return 0
     count = 0
     for conv in module.modules():
@@ -38,6 +38,15 @@ def fast_transposed_convs(module: Any) -> int:
             conv.forward = types.MethodType(_forward, conv)  # type: ignore[method-assign]
             count += 1
     return count
+
+
+def applies() -> bool:
+    """Whether this torch gets the matmul + fold forward (where it rounds as torch's slow path does)."""
+    import torch
+
+    from .. import runtime
+
+    return runtime.version_tuple(torch.__version__) >= SINCE
 
 
 # aten's use_mkldnn: a float32 transposed convolution of one group and a kernel longer than 1 goes to oneDNN
