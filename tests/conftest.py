@@ -133,16 +133,22 @@ def tiny_hub_root(tmp_path_factory) -> Path:
     return root
 
 
+def tiny_variant_env(folder: Path, endpoint: str) -> dict:
+    """This environment without the hub's or jmoshi's settings, then the tiny variant (variants.toml, written
+    into `folder`) on the hub at `endpoint`, with its cache and jmoshi's home in `folder`."""
+    (folder / "variants.toml").write_text(TINY_VARIANTS)
+    out = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "JMOSHI_"))}
+    out.update(HF_ENDPOINT=endpoint, HF_HUB_CACHE=str(folder / "cache"), JMOSHI_HOME=str(folder / "home"),
+               JMOSHI_VARIANTS=str(folder / "variants.toml"), HF_HUB_DISABLE_TELEMETRY="1", NO_COLOR="1")
+    return out
+
+
 @pytest.fixture
 def tiny_env(tmp_path, tiny_hub_root):
     """Environment for jmoshi with the tiny variant on a loopback hub and an empty cache."""
     with LocalHub(tiny_hub_root) as server:
-        variants = tmp_path / "variants.toml"
-        variants.write_text(TINY_VARIANTS)
-        out = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "JMOSHI_"))}
-        out.update(HF_ENDPOINT=server.endpoint, HF_HUB_CACHE=str(tmp_path / "cache"),
-                   JMOSHI_HOME=str(tmp_path / "home"), JMOSHI_VARIANTS=str(variants), HF_HUB_DISABLE_TELEMETRY="1",
-                   JMOSHI_RETRY_BASE_S="0.05", NO_COLOR="1", JMOSHI_TOKEN=TEST_TOKEN)
+        out = tiny_variant_env(tmp_path, server.endpoint)
+        out.update(JMOSHI_RETRY_BASE_S="0.05", JMOSHI_TOKEN=TEST_TOKEN)
         out["hub"] = server  # removed before use; lets tests reach the server
         yield out
 
@@ -152,11 +158,7 @@ def tiny_download(tmp_path_factory, tiny_hub_root) -> Path:
     """The tiny variant downloaded once per worker by `jmoshi download`: the cache `tiny_downloaded` links from."""
     folder = tmp_path_factory.mktemp("tiny-download")
     with LocalHub(tiny_hub_root) as server:
-        (folder / "variants.toml").write_text(TINY_VARIANTS)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "JMOSHI_"))}
-        env.update(HF_ENDPOINT=server.endpoint, HF_HUB_CACHE=str(folder / "cache"), JMOSHI_HOME=str(folder / "home"),
-                   JMOSHI_VARIANTS=str(folder / "variants.toml"), HF_HUB_DISABLE_TELEMETRY="1", NO_COLOR="1")
-        done = run_cli("download", "--variant", "tiny", env=env)
+        done = run_cli("download", "--variant", "tiny", env=tiny_variant_env(folder, server.endpoint))
     assert done.returncode == 0, done.stderr
     return folder / "cache"
 

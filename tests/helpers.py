@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import os
 import signal
 import socket
 import subprocess
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import SHARED_AUDIO, TEST_TOKEN, TINY_VARIANTS, child_env
+from conftest import SHARED_AUDIO, TEST_TOKEN, child_env, tiny_variant_env
 from jmoshi_cli import hardware, runtime
 from jmoshi_cli.audio_io import FRAME_SIZE, SAMPLE_RATE
 from jmoshi_cli.hardware import GPU, NvidiaFacts, Probe
@@ -129,11 +128,7 @@ def module_server(tmp: Path, hub_root: Path, *flags: str) -> tp.Iterator[tuple[S
     from jmoshi_cli.selftest import free_port
 
     with LocalHub(hub_root) as hub:
-        (tmp / "variants.toml").write_text(TINY_VARIANTS)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "JMOSHI_"))}
-        env.update(HF_ENDPOINT=hub.endpoint, HF_HUB_CACHE=str(tmp / "cache"), JMOSHI_HOME=str(tmp / "home"),
-                   JMOSHI_VARIANTS=str(tmp / "variants.toml"), HF_HUB_DISABLE_TELEMETRY="1", NO_COLOR="1",
-                   JMOSHI_TOKEN=TEST_TOKEN)
+        env = dict(tiny_variant_env(tmp, hub.endpoint), JMOSHI_TOKEN=TEST_TOKEN)
         port = free_port()
         served = Served(["--variant", "tiny", "--device", "cpu", "--port", str(port), *flags], child_env(env))
         try:
