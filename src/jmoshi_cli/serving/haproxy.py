@@ -159,6 +159,11 @@ def render_config(cfg: FrontConfig) -> str:
 global
     stats socket {cfg.runtime_socket} mode 600 level admin
     maxconn 2000
+    # One thread picks the replicas one conversation at a time. With a thread per core, two conversations
+    # that arrive together can each pick the same free replica before either is counted (leastconn), and the
+    # second then waits in that replica's queue while another replica is free. A few dozen audio streams are
+    # nothing to one thread.
+    nbthread 1
 
 defaults
     mode http
