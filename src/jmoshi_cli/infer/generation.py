@@ -268,7 +268,7 @@ def load_modules(files: ModelFiles, config: ModelConfig, device, dtype, captured
     import torch
     from moshi.models import loaders
 
-    from ..upstream import torch_cpu
+    from ..upstream import torch_cpu, torch_init
 
     # By keyword: 0.2.4+ inserted fields (mimi_config, lora_weights, ...) between these.
     adapter: _Adapter = {"lora_weights": Path(files.lora)} if files.lora is not None else {}
@@ -278,9 +278,12 @@ def load_modules(files: ModelFiles, config: ModelConfig, device, dtype, captured
                                   lm_gen_config=config.lm_gen_config or {}, **adapter)
     fuse = {"fuse_lora": True} if adapter else {}  # as moshi.server does; get_moshi alone would not fuse
     try:
-        mimi = info.get_mimi(device=device)
+        with torch_init.no_random_init(everywhere=True):  # Mimi's file replaces every weight, strictly
+            mimi = info.get_mimi(device=device)
         torch_cpu.fast_transposed_convs(mimi)
-        return mimi, info.get_text_tokenizer(), info.get_moshi(device=device, dtype=dtype, **fuse)
+        with torch_init.no_random_init():
+            lm = info.get_moshi(device=device, dtype=dtype, **fuse)
+        return mimi, info.get_text_tokenizer(), lm
     except torch.cuda.OutOfMemoryError as exc:
         raise PreflightError("not enough GPU memory to load the model",
                              hint="close other GPU programs or use a smaller variant") from exc

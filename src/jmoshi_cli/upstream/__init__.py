@@ -5,6 +5,8 @@ versions it was checked against.
   bytes a streaming state holds), checked on moshi 0.2.2 and 0.2.13.
 - `moshi_sampling`: each conversation of a batch sampling from its own generator, checked on 0.2.13.
 - `torch_cpu`: Mimi's transposed convolutions off torch's slow CPU path, the same numbers (torch 2.9).
+- `torch_init`: moshi's modules built without the random values their files replace (no torch._dynamo
+  import for an LM on the meta device), the same weights.
 - `moshi_server`: the patches the server child applies before running moshi.server unchanged (bind
   address, CPU warm-up, config path, int8 scales, the seed, the recording tap's hook, the browser's
   Japanese text), checked on moshi 0.2.2 and 0.2.13.

@@ -9,8 +9,10 @@
 - `web.WebSocketResponse` (made by moshi.server's handle_chat): each one is handed to jmoshi's gate as it is
   made, so that a conversation can be ended from outside its handler (idle, time limit, disk).
 - `torch.cuda.synchronize`: a no-op without CUDA (the warm-up calls it unconditionally).
-- `loaders.get_mimi`: Mimi's transposed convolutions off torch's slow CPU path (`torch_cpu`; same numbers).
-- `loaders.get_moshi_lm`: put back the float32 int8 scales moshi casts to the model's dtype (int8).
+- `loaders.get_mimi`: built without drawing the weights its file then replaces (`torch_init`), and its
+  transposed convolutions off torch's slow CPU path (`torch_cpu`; same numbers).
+- `loaders.get_moshi_lm`: built on the meta device without torch's initialisers (`torch_init`: no import
+  of torch._dynamo); the float32 int8 scales moshi casts to the model's dtype put back (int8).
 - The conversation tap: moshi.server's `ServerState` (found through its /api/chat route) gets proxies
   around `mimi`, `lm_gen` and `text_tokenizer`, which tell the listeners (the recorder) what the
   model heard, stepped and said, and send the browser J-Moshi's text joined by jmoshi's rule.
@@ -58,6 +60,7 @@ class Patches:
 def apply(patches: Patches) -> None:
     _cpu_synchronize()
     _get_mimi()
+    _get_moshi_lm()
     _run_app(patches.bind_host, patches.on_app)
     if patches.on_websocket:
         _websockets(patches.on_websocket)
@@ -108,18 +111,36 @@ def _cpu_synchronize() -> None:
 def _get_mimi() -> None:
     from moshi.models import loaders
 
-    from . import torch_cpu
+    from . import torch_cpu, torch_init
 
     get_mimi = loaders.get_mimi
 
     @functools.wraps(get_mimi)
     def patched(*args, **kwargs):
-        mimi = get_mimi(*args, **kwargs)
+        filename = args[0] if args else kwargs.get("filename")
+        with torch_init.no_random_init(everywhere=filename is not None):  # then loaded strictly from the file
+            mimi = get_mimi(*args, **kwargs)
         torch_cpu.fast_transposed_convs(mimi)
         return mimi
 
     # CheckpointInfo.get_mimi calls the module's get_mimi (both versions): every Mimi the child loads.
     loaders.get_mimi = patched
+
+
+def _get_moshi_lm() -> None:
+    from moshi.models import loaders
+
+    from . import torch_init
+
+    get_moshi_lm = loaders.get_moshi_lm
+
+    @functools.wraps(get_moshi_lm)
+    def patched(*args, **kwargs):
+        with torch_init.no_random_init():
+            return get_moshi_lm(*args, **kwargs)
+
+    # CheckpointInfo.get_moshi calls the module's get_moshi_lm (both versions).
+    loaders.get_moshi_lm = patched
 
 
 def _from_hf_repo(config_path: str | None, seed: int | None) -> None:
