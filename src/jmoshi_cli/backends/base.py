@@ -94,6 +94,11 @@ class Backend(ABC):
         """The child's argv and environment: everything it gets, as data."""
 
     @abstractmethod
+    def for_infer(self, device: str) -> None:
+        """Settings `jmoshi infer` gives its own process before anything imports the runtime (preparing the
+        model may import it: the int8 checkpoint is made with moshi's own LM)."""
+
+    @abstractmethod
     def load_for_infer(self, files: ModelFiles, options: Any, device: str, quiet: bool = True) -> Any:
         """The model loaded for `jmoshi infer` (infer.pipeline.Generating), from the files `prepare` gave;
         `options`: infer.options.InferOptions, `device` as `self.device` resolved it."""

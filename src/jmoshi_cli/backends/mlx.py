@@ -125,6 +125,9 @@ class MlxBackend(Backend):
         return preparation.PreparedModel(catalogue, chosen, plan, files, precision, False, fine_tune,
                                          request.revision)
 
+    def for_infer(self, device):
+        pass  # MLX reads no setting when it is imported
+
     def load_for_infer(self, files, options, device, quiet=True):
         from ..infer import mlx_engine
 

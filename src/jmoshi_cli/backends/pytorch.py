@@ -39,6 +39,10 @@ class TorchBackend(Backend):
 
         return prepare_model(request, web_ui=web_ui, watch=watch, on_note=on_note)
 
+    def for_infer(self, device):
+        # moshi reads NO_TORCH_COMPILE once, when it is imported (runtime.compile_setup: off on the CPU).
+        runtime.apply_compile_policy(device)
+
     def load_for_infer(self, files, options, device, quiet=True):
         from ..infer import generation
 

@@ -286,6 +286,7 @@ def run(request: InferRequest, report: Reporter | None = None) -> list[FileResul
     backend.refuse(backends.Features(lora=request.lora is not None, half=options.half, device=options.device,
                                      conversations="--batch" if wanted not in (1, None) else None))
     device = backend.device(options.device)
+    backend.for_infer(device)
     asked = precision.parse(options.quantize, backend.precisions)
     sources = collect_inputs(request.inputs, on_warning=report.note)
     prepare_out_dir(request.out_dir)
