@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -200,6 +202,38 @@ def pytest_configure(config) -> None:
         from test_style import Mypy
 
         Mypy.start()
+
+
+# Each test file's seconds in a recorded run of the whole suite (setup, call and teardown of its tests).
+FILE_SECONDS = Path(__file__).with_name("file_seconds.json")
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--record-file-seconds", action="store_true", default=False,
+                     help=f"write each test file's seconds in this run to tests/{FILE_SECONDS.name}, the order in "
+                          "which the workers take the files")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The heaviest files first, by their recorded seconds (a file not recorded yet counts as light). Whole
+    files go to the workers in this order (pyproject.toml: --dist loadfile --no-loadscope-reorder): a
+    30-second file of one test taken last would keep one worker busy while the other waits. The sort is
+    stable, so each file's tests stay together and in their order, the same on every worker."""
+    seconds = json.loads(FILE_SECONDS.read_text()) if FILE_SECONDS.exists() else {}
+    items.sort(key=lambda item: -seconds.get(item.nodeid.partition("::")[0], 0.0))
+
+
+_spent: collections.Counter = collections.Counter()
+
+
+def pytest_runtest_logreport(report) -> None:
+    _spent[report.nodeid.partition("::")[0]] += report.duration
+
+
+def pytest_sessionfinish(session) -> None:
+    if session.config.getoption("record_file_seconds") and not hasattr(session.config, "workerinput"):
+        recorded = {name: round(seconds, 1) for name, seconds in _spent.most_common()}
+        FILE_SECONDS.write_text(json.dumps(recorded, indent=1) + "\n")
 
 
 def pytest_unconfigure(config) -> None:
