@@ -22,6 +22,10 @@ from hub_server import LocalHub
 # multi-threaded torch processes on two busy cores stall each other at every parallel region. Set before
 # anything imports torch; every child inherits it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# moshi on the CPU runs uncompiled, as jmoshi runs it there (runtime.compile_env: NO_TORCH_COMPILE=1 in each child
+# and in `jmoshi infer`): a test that steps moshi in its own process would otherwise compile RMSNorm with inductor
+# (seconds per worker and per shape). moshi reads it when imported; tests of the policy pass their own environment.
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 SHARED_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "audio"
 # Every server a test starts checks this token (JMOSHI_TOKEN), and the tests' clients send it.

@@ -23,13 +23,16 @@ def model():
     from moshi.models import loaders
 
     from jmoshi_cli.tiny_model import cached_tiny_repo
+    from jmoshi_cli.upstream import torch_cpu
 
     torch.manual_seed(0)
     repo = cached_tiny_repo()
     info = loaders.CheckpointInfo.from_hf_repo(
         "jmoshi-test/tiny", repo / "model.safetensors", repo / "tokenizer-e351c8d8-checkpoint125.safetensors",
         repo / "tokenizer_spm_32k_3.model", config_path=repo / "config.json")
-    return info.get_mimi(device="cpu"), info.get_moshi(device="cpu", dtype=torch.float32)
+    mimi = info.get_mimi(device="cpu")
+    torch_cpu.fast_transposed_convs(mimi)  # as the conversation child's Mimi (moshi_server.apply)
+    return mimi, info.get_moshi(device="cpu", dtype=torch.float32)
 
 
 def _voices() -> list[np.ndarray]:
