@@ -314,19 +314,24 @@ def _load_and_step(files: ModelFiles, quiet: bool) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_loading_keeps_moshi_noise_off_the_console_unless_asked(tiny_files):
-    """bitsandbytes, imported by moshi at the first LM step, logs a warning on CPU-only builds: not
-    on the console of a quiet load (the progress display), but there when details are asked for.
-    The three processes are independent and run side by side."""
-    importing = subprocess.Popen([sys.executable, "-c", "import bitsandbytes"], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
+    """Nothing on the console of a quiet load (the progress display). Where moshi's step imports bitsandbytes
+    (0.2.2), whose CPU-only build logs a warning when imported, that warning is there when details are asked
+    for. The processes are independent and run side by side."""
+    from jmoshi_cli.upstream import moshi_private
+
+    importing = None
+    if moshi_private.steps_import_bitsandbytes():
+        importing = subprocess.Popen([sys.executable, "-c", "import bitsandbytes"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
     quiet, loud = _load_and_step(tiny_files, quiet=True), _load_and_step(tiny_files, quiet=False)
-    said_on_import = importing.communicate(timeout=120)[1].strip()
     quiet_out, quiet_err = quiet.communicate(timeout=300)
     assert quiet.returncode == 0, quiet_err
     assert (quiet_out, quiet_err) == ("", "")
     loud_err = loud.communicate(timeout=300)[1]
     assert loud.returncode == 0, loud_err
-    assert said_on_import in loud_err
+    if importing is not None:
+        said_on_import = importing.communicate(timeout=120)[1].strip()
+        assert said_on_import and said_on_import in loud_err
 
 
 def test_bad_options():
