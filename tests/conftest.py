@@ -208,36 +208,44 @@ def pytest_configure(config) -> None:
         Mypy.start()
 
 
-# Each test file's seconds in a recorded run of the whole suite (setup, call and teardown of its tests).
-FILE_SECONDS = Path(__file__).with_name("file_seconds.json")
+# Each test's seconds in a recorded run of the whole suite (setup, call and teardown).
+TEST_SECONDS = Path(__file__).with_name("test_seconds.json")
 
 
 def pytest_addoption(parser) -> None:
-    parser.addoption("--record-file-seconds", action="store_true", default=False,
-                     help=f"write each test file's seconds in this run to tests/{FILE_SECONDS.name}, the order in "
-                          "which the workers take the files")
+    parser.addoption("--record-test-seconds", action="store_true", default=False,
+                     help=f"write each test's seconds in this run to tests/{TEST_SECONDS.name}, by which the "
+                          "workers take the heaviest files first")
 
 
+def _file(item) -> str:
+    return item.nodeid.partition("::")[0]
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected: the weight of what runs
 def pytest_collection_modifyitems(config, items) -> None:
-    """The heaviest files first, by their recorded seconds (a file not recorded yet counts as light). Whole
-    files go to the workers in this order (pyproject.toml: --dist loadfile --no-loadscope-reorder): a
-    30-second file of one test taken last would keep one worker busy while the other waits. The sort is
-    stable, so each file's tests stay together and in their order, the same on every worker."""
-    seconds = json.loads(FILE_SECONDS.read_text()) if FILE_SECONDS.exists() else {}
-    items.sort(key=lambda item: -seconds.get(item.nodeid.partition("::")[0], 0.0))
+    """The heaviest files first, by the recorded seconds of their selected tests (a test not recorded yet counts
+    as light). Whole files go to the workers in this order (pyproject.toml: --dist loadfile
+    --no-loadscope-reorder): a 30-second file of one test taken last would keep one worker busy while the other
+    waits. The sort is stable, so each file's tests stay together and in their order, the same on every worker."""
+    seconds = json.loads(TEST_SECONDS.read_text()) if TEST_SECONDS.exists() else {}
+    weight: collections.Counter = collections.Counter()
+    for item in items:
+        weight[_file(item)] += seconds.get(item.nodeid, 0.0)
+    items.sort(key=lambda item: -weight[_file(item)])
 
 
 _spent: collections.Counter = collections.Counter()
 
 
 def pytest_runtest_logreport(report) -> None:
-    _spent[report.nodeid.partition("::")[0]] += report.duration
+    _spent[report.nodeid] += report.duration
 
 
 def pytest_sessionfinish(session) -> None:
-    if session.config.getoption("record_file_seconds") and not hasattr(session.config, "workerinput"):
-        recorded = {name: round(seconds, 1) for name, seconds in _spent.most_common()}
-        FILE_SECONDS.write_text(json.dumps(recorded, indent=1) + "\n")
+    if session.config.getoption("record_test_seconds") and not hasattr(session.config, "workerinput"):
+        recorded = {nodeid: round(seconds, 2) for nodeid, seconds in sorted(_spent.items())}
+        TEST_SECONDS.write_text(json.dumps(recorded, indent=0) + "\n")
 
 
 def pytest_unconfigure(config) -> None:
