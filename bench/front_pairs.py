@@ -36,8 +36,11 @@ def holder(name: str) -> int:
                 request += piece
             conn.sendall(f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                          f"Sec-WebSocket-Accept: {ACCEPT}\r\n\r\n{name}".encode())
-            while conn.recv(4096):
-                pass
+            try:
+                while conn.recv(4096):
+                    pass
+            except OSError:
+                pass  # the client reset it: it hung up all the same
 
     def accept() -> None:
         while True:
