@@ -12,59 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from jmoshi_cli.selftest import free_port
 from jmoshi_cli.serving import haproxy
 
-KEY, ACCEPT = "dGhlIHNhbXBsZSBub25jZQ==", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455's example pair
-
-
-def holder(name: str) -> int:
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def hold(conn) -> None:
-        with conn:
-            request = b""
-            while b"\r\n\r\n" not in request:
-                piece = conn.recv(4096)
-                if not piece:
-                    return
-                request += piece
-            conn.sendall(f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                         f"Sec-WebSocket-Accept: {ACCEPT}\r\n\r\n{name}".encode())
-            try:
-                while conn.recv(4096):
-                    pass
-            except OSError:
-                pass  # the client reset it: it hung up all the same
-
-    def accept() -> None:
-        while True:
-            conn, _ = listener.accept()
-            threading.Thread(target=hold, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    return listener.getsockname()[1]
-
-
-def upgrade(port: int) -> tuple[str | None, socket.socket]:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.sendall(f"GET /api/chat HTTP/1.1\r\nHost: front\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 f"Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
-    answer = b""
-    try:
-        while b"\r\n\r\n" not in answer or answer.endswith(b"\r\n\r\n"):
-            piece = sock.recv(4096)
-            if not piece:
-                break
-            answer += piece
-    except OSError:
-        pass  # queued behind the other one
-    return answer.rpartition(b"\r\n\r\n")[2].decode() or None, sock
+import _common  # noqa: F401 - puts tests/ on the path, where the backends live
+from upgrades import Holder, pair_at_once
 
 
 def measure(threads: int | None, pairs: int, backends: list[haproxy.Backend]) -> int:
@@ -76,15 +30,10 @@ def measure(threads: int | None, pairs: int, backends: list[haproxy.Backend]) ->
     front.start()
     together = 0
     try:
-        with ThreadPoolExecutor(2) as pool:
-            for _ in range(pairs):
-                opened = list(pool.map(lambda _: upgrade(port), range(2)))
-                names = {name for name, _ in opened}
-                together += names != {"r0", "r1"}
-                for _, sock in opened:
-                    sock.close()
-                while (front.load() or haproxy.Load(1, 0, ())).active:
-                    time.sleep(0.02)
+        for _ in range(pairs):
+            together += pair_at_once(port, timeout=5) != ("r0", "r1")
+            while (front.load() or haproxy.Load(1, 0, ())).active:
+                time.sleep(0.02)
     finally:
         front.stop()
     return together
@@ -94,7 +43,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=200)
     args = parser.parse_args()
-    backends = [haproxy.Backend(name, "127.0.0.1", holder(name)) for name in ("r0", "r1")]
+    holders = [Holder("r0"), Holder("r1")]
+    backends = [haproxy.Backend(h.name, "127.0.0.1", h.port) for h in holders]
     cores = os.cpu_count() or 1
     version = ".".join(map(str, haproxy.find().version))
     print(f"{args.pairs} pairs of conversations opened together, two free replicas of maxconn 1, HAProxy {version}, "

@@ -36,6 +36,7 @@ from helpers import (
     listening,
     wait_until,
 )
+from upgrades import Holder, pair_at_once
 
 # --- the pieces, without processes -----------------------------------------------------------------
 
@@ -175,80 +176,11 @@ def test_haproxy_says_whether_it_took_a_state_change(haproxy_binary):
     assert not front.set_state("r0", "maint")  # HAProxy is gone: the supervisor asks again next tick
 
 
-class _Holder:
-    """A backend that takes websocket upgrades, says its name, and holds each until the client closes."""
-
-    ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455's example, for the key in _upgrade_to below
-
-    def __init__(self, name: str):
-        import socket
-        import threading
-
-        self.name = name
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import threading
-
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
-
-    def _hold(self, conn) -> None:
-        with conn:
-            request = b""
-            while b"\r\n\r\n" not in request:
-                piece = conn.recv(4096)
-                if not piece:
-                    return  # a health check: connect and close
-                request += piece
-            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                         b"Sec-WebSocket-Accept: " + self.ACCEPT.encode() + b"\r\n\r\n" + self.name.encode())
-            while conn.recv(4096):
-                pass
-
-
-def _upgrade_to(port: int, timeout: float):
-    """One conversation through the front: the name of the backend that answered (None if none did in
-    time), and the open socket that holds it."""
-    import socket
-
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    sock.sendall(b"GET /api/chat HTTP/1.1\r\nHost: front\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-    answer = b""
-    try:
-        while b"\r\n\r\n" not in answer or answer.endswith(b"\r\n\r\n"):
-            piece = sock.recv(4096)
-            if not piece:
-                break
-            answer += piece
-    except OSError:
-        pass  # still queued when the time ran out
-    return answer.rpartition(b"\r\n\r\n")[2].decode() or None, sock
-
-
-def _pair_at_once(port: int) -> tuple:
-    """Two conversations opened together and held until both have their answer: who answered each."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(2) as pool:
-        opened = list(pool.map(lambda _: _upgrade_to(port, timeout=10), range(2)))
-    for _, sock in opened:
-        sock.close()
-    return tuple(sorted((name for name, _ in opened), key=str))
-
-
 def test_two_conversations_that_arrive_together_land_on_both_free_replicas(haproxy_binary):
     """Each pair of conversations opened at once, on two free replicas of one conversation each, gets both
     replicas: neither waits behind the other (HAProxy's leastconn on several threads could pick one replica
     for both; the second then sat in that replica's queue)."""
-    holders = [_Holder("r0"), _Holder("r1")]
+    holders = [Holder("r0"), Holder("r1")]
     port = free_port()
     front = haproxy.Front("127.0.0.1", port, [haproxy.Backend(h.name, "127.0.0.1", h.port) for h in holders],
                           queue_timeout_s=60)
@@ -256,13 +188,13 @@ def test_two_conversations_that_arrive_together_land_on_both_free_replicas(hapro
     pairs = []
     try:
         for _ in range(30):
-            pairs.append(_pair_at_once(port))
+            pairs.append(pair_at_once(port, timeout=10))
             # Both replicas free again before the next pair: HAProxy has seen both conversations end.
             wait_until(lambda: (front.load() or haproxy.Load(1, 0, ())).active == 0, 30, "both replicas free")
     finally:
         front.stop()
         for holder in holders:
-            holder.listener.close()
+            holder.close()
     assert all(pair == ("r0", "r1") for pair in pairs), pairs
 
 
