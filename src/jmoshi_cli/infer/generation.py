@@ -56,7 +56,6 @@ the error when the model files cannot be loaded; with ``quiet=False`` it goes wh
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import logging
 import warnings
@@ -291,17 +290,16 @@ def load_modules(files: ModelFiles, config: ModelConfig, device, dtype, captured
         raise loading_failed(exc, captured) from exc
 
 
-def _import_bitsandbytes() -> None:
-    # moshi 0.2.2 imports bitsandbytes at the LM's first step (moshi/utils/quantize.py), and a CPU-only
-    # build logs a warning when imported: importing it while the output is captured keeps that line off
-    # the progress display. Later moshi imports it only for int8 weights, while they load (captured too);
-    # importing it anyway would cost seconds (bitsandbytes 0.49 sets up torch.compile on import).
-    # moshi only needs it for quantized weights, so its absence is not an error here.
-    from ..upstream import moshi_private
+def _import_bitsandbytes(int8: bool) -> None:
+    # Only int8 weights need bitsandbytes (moshi 0.2.2 imports it for every layer: moshi_int8 stops that).
+    # A CPU-only build logs a warning when imported: importing it while the output is captured keeps that
+    # line off the progress display. Its absence is moshi's error to raise, as it loads the int8 layers.
+    from ..upstream import moshi_int8
 
-    if moshi_private.steps_import_bitsandbytes():
+    moshi_int8.plain_layers_skip_bitsandbytes()
+    if int8:
         with contextlib.suppress(ImportError):
-            importlib.import_module("bitsandbytes")
+            moshi_int8.import_bitsandbytes()
 
 
 def _check_loaded(mimi, lm) -> None:
@@ -351,11 +349,12 @@ def load_model(files: ModelFiles, device: str = "cuda", half: bool = False,
         raise UsageError(f"model type {config.model_type!r} is not supported by jmoshi infer",
                          hint="only moshi-type (dialogue) models are")
     sampling = resolve_sampling(overrides or {}, config.lm_gen_config or {})
+    int8 = bool((config.lm_config or {}).get("quantize"))
     with captured_output(quiet) as captured:
-        _import_bitsandbytes()
+        _import_bitsandbytes(int8)
         mimi, tokenizer, lm = load_modules(files, config, torch_device,
                                             torch.float16 if half else torch.bfloat16, captured)
-    if (config.lm_config or {}).get("quantize"):
+    if int8:
         from ..model.quantize import restore_scales
 
         restore_scales(lm, Path(files.moshi_weight))  # moshi cast them to the LM's dtype (quantize.py)

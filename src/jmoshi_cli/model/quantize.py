@@ -162,7 +162,10 @@ def make_int8(source: Path, folder: Path, source_sha256: str, lm_config: dict) -
     """Quantize `source` into `folder` (weights, config, manifest), one tensor in memory at a time."""
     import torch
 
+    from ..upstream import moshi_int8
+
     started = time.monotonic()
+    moshi_int8.import_bitsandbytes()  # before moshi's QLinear imports it (with torch.compile's start-up)
     model = _meta_model(lm_config)
     reader = open_checkpoint(source)
     layout = _layout(reader, model)

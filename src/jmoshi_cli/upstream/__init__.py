@@ -7,6 +7,8 @@ versions it was checked against.
 - `torch_cpu`: Mimi's transposed convolutions off torch's slow CPU path, the same numbers (torch 2.9).
 - `torch_init`: moshi's modules built without the random values their files replace (no torch._dynamo
   import for an LM on the meta device), the same weights.
+- `moshi_int8`: bitsandbytes imported for int8 weights only (moshi 0.2.2 imports it for every layer), and
+  without the torch.compile set-up of its optimizers (bitsandbytes 0.46+).
 - `moshi_server`: the patches the server child applies before running moshi.server unchanged (bind
   address, CPU warm-up, config path, int8 scales, the seed, the recording tap's hook, the browser's
   Japanese text), checked on moshi 0.2.2 and 0.2.13.

@@ -28,14 +28,6 @@ def mimi_kwargs() -> dict[str, dict[str, Any]]:
             "quantizer": dict(loaders._quantizer_kwargs)}
 
 
-def steps_import_bitsandbytes() -> bool:
-    """Whether moshi imports bitsandbytes at the LM's first step whatever the weights: 0.2.2's
-    `moshi.utils.quantize.linear` does at every call; from 0.2.5 only the int8 `QLinear` does."""
-    from moshi.utils import quantize
-
-    return hasattr(quantize, "linear")
-
-
 def streaming_state_bytes(*modules: Any) -> int:
     """Bytes of every tensor held by the streaming states under `modules` (KV caches, convolution buffers,
     LMGen's token cache...), each storage once; the modules' own parameters and buffers are not counted.

@@ -8,6 +8,8 @@
   seeded 42424242 (nothing draws a random number in between).
 - `web.WebSocketResponse` (made by moshi.server's handle_chat): each one is handed to jmoshi's gate as it is
   made, so that a conversation can be ended from outside its handler (idle, time limit, disk).
+- `quantize.linear` / `multi_linear` (0.2.2): bitsandbytes imported for int8 layers only, and for an int8
+  LM before it loads, without torch.compile's start-up (`moshi_int8`).
 - `torch.cuda.synchronize`: a no-op without CUDA (the warm-up calls it unconditionally).
 - `loaders.get_mimi`: built without drawing the weights its file then replaces (`torch_init`), and its
   transposed convolutions off torch's slow CPU path (`torch_cpu`; same numbers).
@@ -24,6 +26,7 @@ starts a conversation; then per 80 ms frame `mimi.encode`, `lm_gen.step`, and wh
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +62,7 @@ class Patches:
 
 def apply(patches: Patches) -> None:
     _cpu_synchronize()
+    _bitsandbytes(patches.int8_scales)
     _get_mimi()
     _get_moshi_lm()
     _run_app(patches.bind_host, patches.on_app)
@@ -99,6 +103,15 @@ def _websockets(hooks: list[Callable[[Any], Any]]) -> None:
 
     # moshi.server looks the class up on aiohttp.web at each request; nothing else in the child makes one.
     web.WebSocketResponse = Told  # type: ignore[misc]
+
+
+def _bitsandbytes(int8: bool) -> None:
+    from . import moshi_int8
+
+    moshi_int8.plain_layers_skip_bitsandbytes()
+    if int8:  # moshi's QLinear imports it while the LM loads: imported first, without torch.compile
+        with contextlib.suppress(ImportError):  # moshi's own import then says what is missing
+            moshi_int8.import_bitsandbytes()
 
 
 def _cpu_synchronize() -> None:
