@@ -338,8 +338,10 @@ def load_model(files: ModelFiles, device: str = "cuda", half: bool = False,
     infer does not run). ``batch`` > 1: inputs run that many at a time (infer/batched.py; moshi 0.2.5+).
     """
     from .. import runtime
+    from ..upstream import einops_torch
 
     runtime.apply_compile_policy(device)  # before moshi is imported: it reads NO_TORCH_COMPILE then
+    einops_torch.skip_compile_registration()
     import torch
 
     torch_device = _check_device(device)

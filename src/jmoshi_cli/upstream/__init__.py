@@ -9,6 +9,8 @@ versions it was checked against.
   import for an LM on the meta device), the same weights.
 - `moshi_int8`: bitsandbytes imported for int8 weights only (moshi 0.2.2 imports it for every layer), and
   without the torch.compile set-up of its optimizers (bitsandbytes 0.46+).
+- `einops_torch`: einops' torch backend without importing torch._dynamo where nothing compiles (torch < 2.8,
+  the documented runtime's).
 - `moshi_server`: the patches the server child applies before running moshi.server unchanged (bind
   address, CPU warm-up, config path, int8 scales, the seed, the recording tap's hook, the browser's
   Japanese text), checked on moshi 0.2.2 and 0.2.13.

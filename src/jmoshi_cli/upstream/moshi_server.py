@@ -10,6 +10,7 @@
   made, so that a conversation can be ended from outside its handler (idle, time limit, disk).
 - `quantize.linear` / `multi_linear` (0.2.2): bitsandbytes imported for int8 layers only, and for an int8
   LM before it loads, without torch.compile's start-up (`moshi_int8`).
+- einops' torch backend: no torch._dynamo import where nothing compiles (`einops_torch`, torch < 2.8).
 - `torch.cuda.synchronize`: a no-op without CUDA (the warm-up calls it unconditionally).
 - `loaders.get_mimi`: built without drawing the weights its file then replaces (`torch_init`), and its
   transposed convolutions off torch's slow CPU path (`torch_cpu`; same numbers).
@@ -31,6 +32,8 @@ import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
+
+from . import einops_torch
 
 CHECKED = ("0.2.2", "0.2.13")
 CHAT_PATH = "/api/chat"
@@ -63,6 +66,7 @@ class Patches:
 def apply(patches: Patches) -> None:
     _cpu_synchronize()
     _bitsandbytes(patches.int8_scales)
+    einops_torch.skip_compile_registration()
     _get_mimi()
     _get_moshi_lm()
     _run_app(patches.bind_host, patches.on_app)
