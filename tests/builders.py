@@ -110,18 +110,18 @@ def shared_voices(path: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
     audio = read_audio(path)
     pcm = np.stack([resample(c, audio.sample_rate, DIALOGUE_RATE) for c in audio.pcm])
 
-    def cut(channel: int, start: float, end: float) -> np.ndarray:
-        return trimmed(pcm[channel, int((start - LEAD_S) * DIALOGUE_RATE):int(end * DIALOGUE_RATE)])
-
-    return [cut(*u) for u in SHARED_USER], [cut(*u) for u in SHARED_JMOSHI]
+    cut = trimmed([pcm[channel, int((start - LEAD_S) * DIALOGUE_RATE):int(end * DIALOGUE_RATE)]
+                   for channel, start, end in (*SHARED_USER, *SHARED_JMOSHI)])
+    return cut[:len(SHARED_USER)], cut[len(SHARED_USER):]
 
 
 def formant_voices(seed: int = 5) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """A higher and a lower synthetic voice (:func:`formant_speech`), utterances as long as the shared ones."""
     rng = np.random.default_rng(seed)
-    user = [trimmed(formant_speech(s, 215.0, 1.17, rng)) for s in (1.1, 2.3, 0.8, 1.7, 3.2, 1.1)]
-    jmoshi = [trimmed(formant_speech(s, 115.0, 1.0, rng)) for s in (1.5, 1.1, 4.2, 1.0, 2.6, 1.5)]
-    return user, jmoshi
+    user = [formant_speech(s, 215.0, 1.17, rng) for s in (1.1, 2.3, 0.8, 1.7, 3.2, 1.1)]
+    jmoshi = [formant_speech(s, 115.0, 1.0, rng) for s in (1.5, 1.1, 4.2, 1.0, 2.6, 1.5)]
+    cut = trimmed(user + jmoshi)
+    return cut[:len(user)], cut[len(user):]
 
 
 def formant_speech(seconds: float, pitch_hz: float, formant_scale: float, rng: np.random.Generator) -> np.ndarray:
@@ -173,22 +173,31 @@ def _syllables(seconds: float, times: np.ndarray, scale: float, rng: np.random.G
     return formants, gain, hiss
 
 
-def trimmed(piece: np.ndarray) -> np.ndarray:
-    """An utterance cut to where `jmoshi analyze` finds it when it is heard alone (with the light noise),
+def trimmed(pieces: list[np.ndarray]) -> list[np.ndarray]:
+    """Each utterance cut to where `jmoshi analyze` finds it when it is heard alone (with the light noise),
     with LEAD_S of what came before (Silero needs the start of a sound to hear its onset where it did): its
-    IPU is then found from LEAD_S into it to its end."""
-    from jmoshi_cli.analysis import Params
-    from jmoshi_cli.analysis.pipeline import find_in_audio
+    IPU is then found from LEAD_S into it to its end. Each is analysed as find_in_audio does it, the VAD run
+    once for all of them (its batch rows are independent)."""
+    from jmoshi_cli.analysis import Params, vad
+    from jmoshi_cli.analysis.events import find_events
+    from jmoshi_cli.analysis.leak import Levels
     from jmoshi_cli.analysis.vad import WINDOW_S
 
     pad = np.zeros(int(0.5 * DIALOGUE_RATE), dtype=np.float32)
-    alone = np.concatenate([pad, piece, pad, pad])
-    stereo = np.stack([alone, np.zeros_like(alone)])
-    found = find_in_audio(with_leak(stereo, None, 0.0, 0.0, seed=99), DIALOGUE_RATE, Params()).ipus["user"]
-    if len(found) != 1:
-        raise ValueError(f"an utterance must be one IPU alone, found {len(found)}")
-    start, end = (round(w * WINDOW_S * DIALOGUE_RATE) for w in (found[0].start, found[0].end))
-    return alone[start - round(LEAD_S * DIALOGUE_RATE):end]
+    alone = [np.concatenate([pad, piece, pad, pad]) for piece in pieces]
+    windows = [vad.windows_of(vad.to_vad_rate(with_leak(np.stack([a, np.zeros_like(a)]), None, 0.0, 0.0, seed=99),
+                                              DIALOGUE_RATE)) for a in alone]
+    longest = max(w.shape[1] for w in windows)
+    probs = vad.speech_probs(np.concatenate([np.pad(w, ((0, 0), (0, longest - w.shape[1]), (0, 0)))
+                                             for w in windows]))
+    out = []
+    for i, (sound, own) in enumerate(zip(alone, windows, strict=True)):
+        found = find_events(probs[2 * i:2 * i + 2, :own.shape[1]], Levels.of(own), Params()).ipus["user"]
+        if len(found) != 1:
+            raise ValueError(f"an utterance must be one IPU alone, found {len(found)}")
+        start, end = (round(w * WINDOW_S * DIALOGUE_RATE) for w in (found[0].start, found[0].end))
+        out.append(sound[start - round(LEAD_S * DIALOGUE_RATE):end])
+    return out
 
 
 def scripted_dialogue(voices: tuple[list[np.ndarray], list[np.ndarray]]

@@ -26,6 +26,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # and in `jmoshi infer`): a test that steps moshi in its own process would otherwise compile RMSNorm with inductor
 # (seconds per worker and per shape). moshi reads it when imported; tests of the policy pass their own environment.
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
+# The suite starts about 150 Python processes over the same sources: each compiles them once, not each time.
+# Where PYTHONDONTWRITEBYTECODE is set (container images often set it), every child compiled jmoshi_cli's
+# modules again, and every worker rewrote the assertions of every test module again (pytest caches them
+# only where bytecode may be written). The caches go to __pycache__ folders, which git ignores.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 SHARED_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "audio"
 # Every server a test starts checks this token (JMOSHI_TOKEN), and the tests' clients send it.

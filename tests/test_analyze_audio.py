@@ -113,6 +113,7 @@ def test_jmoshi_on_the_left(tmp_path):
     assert figures.speakers[JMOSHI].turns == 4 and figures.speakers[USER].turns == 5
 
 
+@pytest.mark.slow  # the real VAD over a real dialogue, end to end through the CLI, with its plot
 def test_cli_json_csv_plot_and_bad_inputs(tmp_path):
     good = tmp_path / "talk.wav"
     good.write_bytes(DAILY.read_bytes())
@@ -154,6 +155,7 @@ def test_cli_json_csv_plot_and_bad_inputs(tmp_path):
     assert only_failures.stdout == ""
 
 
+@pytest.mark.slow  # two sets of dialogues through the real VAD, end to end through the CLI
 def test_cli_against_and_sessions(tmp_path, daily):
     from jmoshi_cli.recording.format import write_json
 

@@ -80,6 +80,7 @@ def check(clean, lines, cases) -> None:
                                 for (db, delay, reverb), miss in wrong.items())
 
 
+@pytest.mark.slow  # the VAD over seven whole dialogues per voice; the inner loop keeps the leak tests below
 def test_the_issues_leaks_give_the_scripts_events(voices):
     check(*scripted_dialogue(voices[1]), ISSUE_ROWS)
 

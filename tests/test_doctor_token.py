@@ -48,7 +48,9 @@ class _Server:
 def _servers() -> Iterator[tuple[_Server, _Server]]:
     """The hub, and a CDN on another host (here: another port of the loopback, so another netloc)."""
     hub, cdn = _Server(), _Server()
-    threads = [threading.Thread(target=s.httpd.serve_forever, daemon=True) for s in (hub, cdn)]
+    # Polled every 20 ms: shutdown() waits for the next poll (0.5 s by default, twice per test).
+    threads = [threading.Thread(target=s.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+               for s in (hub, cdn)]
     for thread in threads:
         thread.start()
     try:

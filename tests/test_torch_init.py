@@ -63,6 +63,7 @@ def test_real_tensors_are_still_initialised_unless_everywhere_and_torch_gets_its
     assert torch.nn.init.normal_ is own
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and moshi
 def test_an_lm_built_on_the_meta_device_does_not_import_torch_dynamo(repo):
     """The saving itself, in a fresh interpreter: torch's meta `normal_` would import torch._dynamo."""
     code = f"""
