@@ -173,26 +173,33 @@ def _syllables(seconds: float, times: np.ndarray, scale: float, rng: np.random.G
     return formants, gain, hiss
 
 
-def trimmed(pieces: list[np.ndarray]) -> list[np.ndarray]:
-    """Each utterance cut to where `jmoshi analyze` finds it when it is heard alone (with the light noise),
-    with LEAD_S of what came before (Silero needs the start of a sound to hear its onset where it did): its
-    IPU is then found from LEAD_S into it to its end. Each is analysed as find_in_audio does it, the VAD run
-    once for all of them (its batch rows are independent)."""
+def events_of_each(dialogues: list[np.ndarray], params=None) -> list:
+    """Each stereo dialogue's events as find_in_audio finds them, the VAD run once for all of them (its batch
+    rows are independent: the same scores as one file at a time); shorter ones padded with silent windows that
+    are left out of their own events."""
     from jmoshi_cli.analysis import Params, vad
     from jmoshi_cli.analysis.events import find_events
     from jmoshi_cli.analysis.leak import Levels
+
+    windows = [vad.windows_of(vad.to_vad_rate(d, DIALOGUE_RATE)) for d in dialogues]
+    longest = max(w.shape[1] for w in windows)
+    probs = vad.speech_probs(np.concatenate([np.pad(w, ((0, 0), (0, longest - w.shape[1]), (0, 0)))
+                                             for w in windows]))
+    return [find_events(probs[2 * i:2 * i + 2, :own.shape[1]], Levels.of(own), params or Params())
+            for i, own in enumerate(windows)]
+
+
+def trimmed(pieces: list[np.ndarray]) -> list[np.ndarray]:
+    """Each utterance cut to where `jmoshi analyze` finds it when it is heard alone (with the light noise),
+    with LEAD_S of what came before (Silero needs the start of a sound to hear its onset where it did): its
+    IPU is then found from LEAD_S into it to its end."""
     from jmoshi_cli.analysis.vad import WINDOW_S
 
     pad = np.zeros(int(0.5 * DIALOGUE_RATE), dtype=np.float32)
     alone = [np.concatenate([pad, piece, pad, pad]) for piece in pieces]
-    windows = [vad.windows_of(vad.to_vad_rate(with_leak(np.stack([a, np.zeros_like(a)]), None, 0.0, 0.0, seed=99),
-                                              DIALOGUE_RATE)) for a in alone]
-    longest = max(w.shape[1] for w in windows)
-    probs = vad.speech_probs(np.concatenate([np.pad(w, ((0, 0), (0, longest - w.shape[1]), (0, 0)))
-                                             for w in windows]))
+    events = events_of_each([with_leak(np.stack([a, np.zeros_like(a)]), None, 0.0, 0.0, seed=99) for a in alone])
     out = []
-    for i, (sound, own) in enumerate(zip(alone, windows, strict=True)):
-        found = find_events(probs[2 * i:2 * i + 2, :own.shape[1]], Levels.of(own), Params()).ipus["user"]
+    for sound, found in zip(alone, (e.ipus["user"] for e in events), strict=True):
         if len(found) != 1:
             raise ValueError(f"an utterance must be one IPU alone, found {len(found)}")
         start, end = (round(w * WINDOW_S * DIALOGUE_RATE) for w in (found[0].start, found[0].end))

@@ -17,13 +17,21 @@ import pytest
 
 from conftest import SHARED_AUDIO, run_cli
 from jmoshi_cli.analysis import Params
-from jmoshi_cli.analysis.events import JMOSHI, USER, Events, find_events
-from jmoshi_cli.analysis.leak import Levels
+from jmoshi_cli.analysis.events import JMOSHI, USER, Events
 from jmoshi_cli.analysis.pipeline import find_in_audio
 from jmoshi_cli.analysis.vad import WINDOW_S
 from jmoshi_cli.audio_io import write_wav
 
-from builders import DIALOGUE_RATE, REVERB_S, SCRIPT_COUNTS, formant_voices, scripted_dialogue, shared_voices, with_leak
+from builders import (
+    DIALOGUE_RATE,
+    REVERB_S,
+    SCRIPT_COUNTS,
+    events_of_each,
+    formant_voices,
+    scripted_dialogue,
+    shared_voices,
+    with_leak,
+)
 
 DAILY = SHARED_AUDIO / "daily-5-0276.wav"
 EDGE_S = 0.1
@@ -47,15 +55,8 @@ def voices(request):
 
 
 def analysed(clean: np.ndarray, cases: list[tuple[float | None, float, float]]) -> list[Events]:
-    """Each case's dialogue analysed as analyze_file does it, the VAD run once for all of them (its batch rows
-    are independent: the same scores as one file at a time)."""
-    from jmoshi_cli.analysis import vad
-
-    dialogues = [with_leak(clean, *case) for case in cases]
-    windows = vad.windows_of(vad.to_vad_rate(np.concatenate(dialogues), DIALOGUE_RATE))
-    probs = vad.speech_probs(windows)
-    return [find_events(probs[2 * i:2 * i + 2], Levels.of(windows[2 * i:2 * i + 2]), Params())
-            for i in range(len(cases))]
+    """Each case's dialogue analysed as analyze_file does it, the VAD run once for all of them."""
+    return events_of_each([with_leak(clean, *case) for case in cases])
 
 
 def misses(events: Events, lines: list[tuple[int, float, float]]) -> list[str]:

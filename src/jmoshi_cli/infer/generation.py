@@ -290,18 +290,6 @@ def load_modules(files: ModelFiles, config: ModelConfig, device, dtype, captured
         raise loading_failed(exc, captured) from exc
 
 
-def _import_bitsandbytes(int8: bool) -> None:
-    # Only int8 weights need bitsandbytes (moshi 0.2.2 imports it for every layer: moshi_int8 stops that).
-    # A CPU-only build logs a warning when imported: importing it while the output is captured keeps that
-    # line off the progress display. Its absence is moshi's error to raise, as it loads the int8 layers.
-    from ..upstream import moshi_int8
-
-    moshi_int8.plain_layers_skip_bitsandbytes()
-    if int8:
-        with contextlib.suppress(ImportError):
-            moshi_int8.import_bitsandbytes()
-
-
 def _check_loaded(mimi, lm) -> None:
     if lm.condition_provider is not None:
         raise UsageError("this model needs conditioning, which jmoshi infer does not support")
@@ -338,7 +326,7 @@ def load_model(files: ModelFiles, device: str = "cuda", half: bool = False,
     infer does not run). ``batch`` > 1: inputs run that many at a time (infer/batched.py; moshi 0.2.5+).
     """
     from .. import runtime
-    from ..upstream import einops_torch
+    from ..upstream import einops_torch, moshi_int8
 
     runtime.apply_compile_policy(device)  # before moshi is imported: it reads NO_TORCH_COMPILE then
     einops_torch.skip_compile_registration()
@@ -352,8 +340,8 @@ def load_model(files: ModelFiles, device: str = "cuda", half: bool = False,
                          hint="only moshi-type (dialogue) models are")
     sampling = resolve_sampling(overrides or {}, config.lm_gen_config or {})
     int8 = bool((config.lm_config or {}).get("quantize"))
-    with captured_output(quiet) as captured:
-        _import_bitsandbytes(int8)
+    with captured_output(quiet) as captured:  # a CPU-only bitsandbytes logs a warning when imported
+        moshi_int8.prepare(int8)
         mimi, tokenizer, lm = load_modules(files, config, torch_device,
                                             torch.float16 if half else torch.bfloat16, captured)
     if int8:

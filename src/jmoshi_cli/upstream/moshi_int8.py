@@ -16,11 +16,21 @@ Checked on moshi 0.2.2 and 0.2.13, bitsandbytes 0.45.5 and 0.49.2 (tests/test_mo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import sys
 from types import ModuleType
 from typing import Any, Callable
+
+
+def prepare(int8: bool) -> None:
+    """Before moshi loads an LM: plain layers skip bitsandbytes, and for int8 weights it is imported first, without
+    torch.compile (moshi's QLinear would import it while the LM loads). Its absence is moshi's error to raise."""
+    plain_layers_skip_bitsandbytes()
+    if int8:
+        with contextlib.suppress(ImportError):
+            import_bitsandbytes()
 
 
 def import_bitsandbytes() -> ModuleType:

@@ -27,13 +27,12 @@ starts a conversation; then per 80 ms frame `mimi.encode`, `lm_gen.step`, and wh
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from . import einops_torch
+from . import einops_torch, moshi_int8
 
 CHECKED = ("0.2.2", "0.2.13")
 CHAT_PATH = "/api/chat"
@@ -65,7 +64,7 @@ class Patches:
 
 def apply(patches: Patches) -> None:
     _cpu_synchronize()
-    _bitsandbytes(patches.int8_scales)
+    moshi_int8.prepare(patches.int8_scales)
     einops_torch.skip_compile_registration()
     _get_mimi()
     _get_moshi_lm()
@@ -107,15 +106,6 @@ def _websockets(hooks: list[Callable[[Any], Any]]) -> None:
 
     # moshi.server looks the class up on aiohttp.web at each request; nothing else in the child makes one.
     web.WebSocketResponse = Told  # type: ignore[misc]
-
-
-def _bitsandbytes(int8: bool) -> None:
-    from . import moshi_int8
-
-    moshi_int8.plain_layers_skip_bitsandbytes()
-    if int8:  # moshi's QLinear imports it while the LM loads: imported first, without torch.compile
-        with contextlib.suppress(ImportError):  # moshi's own import then says what is missing
-            moshi_int8.import_bitsandbytes()
 
 
 def _cpu_synchronize() -> None:
