@@ -183,7 +183,6 @@ class LocalHub:
         self.port = port
         self.requests: list[tuple[str, str, dict]] = []
         self._lock = threading.RLock()
-        self._hash_cache: dict[Path, tuple[int, int, str, str]] = {}
         self._faults: list[_Fault] = []
         self._gated: dict[str, str] = {}
         self._revisions: dict[str, dict[str, Path | None]] = {}
@@ -285,12 +284,18 @@ class LocalHub:
         folder = self.root / parts[0] / parts[1]
         return folder if folder.is_dir() else None
 
+    # The files' hashes, shared by every hub of this process: each test's hub serves the same tiny model (symlinks
+    # to one cache), whose 200 MB would otherwise be hashed again by each. A file is known by what its stat says
+    # (device, inode, size, modification and change times), so one written or replaced since is hashed anew.
+    _hashes: dict[tuple[int, int, int, int, int], tuple[str, str]] = {}
+    _hashes_lock = threading.Lock()
+
     def _hash_file(self, path: Path, st: os.stat_result) -> tuple[str, str]:
-        key = (st.st_size, st.st_mtime_ns)
-        with self._lock:
-            cached = self._hash_cache.get(path)
-        if cached is not None and cached[:2] == key:
-            return cached[2], cached[3]
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        with LocalHub._hashes_lock:
+            cached = LocalHub._hashes.get(key)
+        if cached is not None:
+            return cached
         sha256 = hashlib.sha256()
         sha1 = hashlib.sha1(_git_blob_sha1_prefix(st.st_size))
         with open(path, "rb") as f:
@@ -301,8 +306,8 @@ class LocalHub:
                 sha256.update(block)
                 sha1.update(block)
         result = (sha256.hexdigest(), sha1.hexdigest())
-        with self._lock:
-            self._hash_cache[path] = (*key, *result)
+        with LocalHub._hashes_lock:
+            LocalHub._hashes[key] = result
         return result
 
     def _snapshot(self, folder: Path) -> _Snapshot:

@@ -258,3 +258,50 @@ def test_a_conversation_without_audio_leaves_no_folder(tmp_path, tokenizer):
     writer.close(Ended.IDLE, None)
     writer.join(10)
     assert not writer.is_alive() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("raised, ended", [(ConnectionResetError, "hang-up"), (BrokenPipeError, "hang-up"),
+                                           (ConnectionAbortedError, "hang-up"), (RuntimeError, "error")])
+def test_a_client_that_left_is_a_hang_up_however_its_socket_says_so(tmp_path, tokenizer, raised, ended):
+    """The recorder's middleware on a real aiohttp server, a real websocket client: the handler records two
+    frames, then fails as sending to a client that has gone fails (a reset, EPIPE, an abort), or as a bug does."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    recorder = tap.Recorder(tap.Settings(record_dir=tmp_path), lambda note: None)
+
+    async def chat(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        recorder.conversation_starts()
+        for position in range(2):
+            recorder.heard(frame(0.1))
+            recorder.stepped(None if position == 0 else np.full((1, 1, 1), 3))
+            if position:
+                recorder.said(frame(-0.1))
+        raise raised("as the socket said")
+
+    async def scenario():
+        app = web.Application()
+        app.router.add_get("/api/chat", chat)
+        recorder.attach(app, tap.ModelFacts(tokenizer, 1, {}), runtime={})
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            async with aiohttp.ClientSession() as session, session.ws_connect(f"ws://127.0.0.1:{port}/api/chat") as ws:
+                await ws.receive(timeout=30)  # the server's end of the conversation
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(scenario())
+    for writer in recorder.writers:
+        writer.join(30)
+    (session,) = store.list_sessions(tmp_path)
+    meta = json.loads((session.path / "meta.json").read_text())
+    assert meta["ended"] == ended
+    assert (meta["error"] is None) == (ended == "hang-up"), meta["error"]

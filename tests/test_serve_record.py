@@ -59,11 +59,22 @@ def recorded_frames(folder: Path, at_least: int) -> bool:
     return user is not None and user.exists() and user.stat().st_size >= 44 + 2 * FRAME_SIZE * at_least
 
 
-def talk_in_background(url: str, seconds: float) -> subprocess.Popen:
-    """A browser talking for `seconds`, in its own process: the tests stop it (or its server) mid-conversation."""
-    script = ("import sys; from jmoshi_cli.serving.chat import chat_sync; from jmoshi_cli.selftest import speech_like; "
-              "chat_sync(sys.argv[1], speech_like(float(sys.argv[2])), tail_s=1.0, token=sys.argv[3])")
-    return subprocess.Popen([sys.executable, "-c", script, url, str(seconds), TEST_TOKEN], stderr=subprocess.DEVNULL)
+class Talking:
+    """A browser talking for `seconds` in its own process: the tests stop it (or its server) mid-conversation.
+    What it wrote on stderr (why it left, if it left early) is kept for the assertions' messages."""
+
+    def __init__(self, url: str, seconds: float, log: Path):
+        script = ("import sys; from jmoshi_cli.serving.chat import chat_sync; from jmoshi_cli.selftest import "
+                  "speech_like; chat_sync(sys.argv[1], speech_like(float(sys.argv[2])), tail_s=1.0, token=sys.argv[3])")
+        self.log = log
+        with log.open("wb") as err:
+            self.process = subprocess.Popen([sys.executable, "-c", script, url, str(seconds), TEST_TOKEN], stderr=err)
+
+    def stop(self) -> str:
+        """Kill it if it still talks; what it said on stderr."""
+        self.process.kill()
+        self.process.wait()
+        return f"the client's stderr: {self.log.read_text(errors='replace')[-2000:]!r}"
 
 
 def lag_of_peak(reference: np.ndarray, signal_: np.ndarray, max_lag: int) -> int:
@@ -126,11 +137,10 @@ def test_each_conversation_is_saved_aligned_with_its_transcript_and_settings(tin
         wait_until(lambda: ended(folder, 1), 60, "the first recording to close")
         second = converse_sync(url, then, until=answered(then))
         wait_until(lambda: ended(folder, 2), 60, "the second recording to close")
-        client = talk_in_background(url, 120.0)
+        client = Talking(url, 120.0, tmp_path / "client.log")
         wait_until(lambda: len(sessions(folder)) == 3 and recorded_frames(folder, 10), 120, "a third conversation")
         code, err = served.stop(signal.SIGTERM)
-        client.kill()
-        client.wait()
+        client_said = client.stop()
     finally:
         served.stop()
     assert code == 143, err
@@ -146,7 +156,7 @@ def test_each_conversation_is_saved_aligned_with_its_transcript_and_settings(tin
     check_first(one, sent, first)
     check_second(two, first, second)
     check_reseeded(one, two)
-    check_stopped(three)
+    check_stopped(three, client_said)
     check_listing(folder, tiny_env)
 
 
@@ -233,12 +243,12 @@ def check_reseeded(one: Path, two: Path) -> None:
     assert opening(one) == opening(two) and opening(one), (opening(one), opening(two))
 
 
-def check_stopped(session: Path) -> None:
+def check_stopped(session: Path, client_said: str) -> None:
     frames = assert_consistent_wav(session / "dialogue.wav", 2)
     assert frames >= 10 * FRAME_SIZE
     assert assert_consistent_wav(session / "user.wav", 1) == frames
     info = meta(session)
-    assert info["ended"] == "server-stop" and info["frames"] * FRAME_SIZE == frames
+    assert info["ended"] == "server-stop" and info["frames"] * FRAME_SIZE == frames, (info, client_said)
 
 
 def check_listing(folder: Path, tiny_env) -> None:
@@ -257,7 +267,7 @@ def test_a_killed_server_leaves_valid_files_and_says_so(tiny_env, tmp_path):
     folder = tmp_path / "study"
     # moshi.server killed with SIGKILL: jmoshi closes the files it left and says so.
     served, url = serve_recording(tiny_env, folder)
-    client = talk_in_background(url, 30.0)
+    client = Talking(url, 30.0, tmp_path / "client.log")
     try:
         wait_until(lambda: recorded_frames(folder, 10), 120, "a conversation on disk")
         for pid in children_of(served.process.pid):
@@ -266,21 +276,21 @@ def test_a_killed_server_leaves_valid_files_and_says_so(tiny_env, tmp_path):
         code, err = served.stop()
     finally:
         served.stop()
-        client.kill()
-        client.wait()
+        client_said = client.stop()
     assert code == 137, err
     assert "a recording was cut when its server died" in err
     (killed,) = sessions(folder)
     frames = assert_consistent_wav(killed / "dialogue.wav", 2)
     assert frames >= 10 * FRAME_SIZE and assert_consistent_wav(killed / "jmoshi.wav", 1) > 0
     info = meta(killed)
-    assert info["ended"] == "interrupted" and info["frames"] == frames // FRAME_SIZE and info["end_utc"]
+    assert info["ended"] == "interrupted" and info["frames"] == frames // FRAME_SIZE and info["end_utc"], \
+        (info, client_said)
     assert {p.name for p in killed.iterdir()} == FILES and json.loads((killed / "transcript.json").read_text())
 
     # jmoshi itself killed with SIGKILL: its child dies with it and nobody closes anything. The files
     # still open; the listing says the conversation was interrupted; settling fixes the headers.
     served, url = serve_recording(tiny_env, folder)
-    client = talk_in_background(url, 30.0)
+    client = Talking(url, 30.0, tmp_path / "client2.log")
     try:
         wait_until(lambda: len(sessions(folder)) == 2 and recorded_frames(folder, 25), 120, "a second conversation")
         kids = children_of(served.process.pid)
@@ -288,12 +298,11 @@ def test_a_killed_server_leaves_valid_files_and_says_so(tiny_env, tmp_path):
         wait_until(lambda: not any(Path(f"/proc/{k}").exists() for k in kids), 30, "the child to die")
     finally:
         served.stop()
-        client.kill()
-        client.wait()
+        client_said = client.stop()
     cut = sessions(folder)[1]
     for name, channels in recordings.WAV_CHANNELS.items():
         assert assert_readable_wav(cut / name, channels) >= 12 * FRAME_SIZE  # headers lag at most a second
-    assert meta(cut)["ended"] == "running"
+    assert meta(cut)["ended"] == "running", (meta(cut), client_said)
     rows = json.loads(run_cli("recordings", str(folder), "--json", env=child_env(tiny_env)).stdout)["sessions"]
     assert [r["ended"] for r in rows] == ["interrupted", "interrupted"]
     assert (cut / ".transcript.jsonl").exists()  # the text so far, as it streamed

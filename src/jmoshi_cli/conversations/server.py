@@ -27,6 +27,7 @@ import numpy as np
 from ..audio_io import FRAME_SIZE, SAMPLE_RATE
 from ..backends.contract import ChildContract
 from ..engine.base import Engine, Said
+from ..serving.visits import CLIENT_LEFT
 from .ticks import Tick, Ticker
 
 SHUTDOWN_S = 3.0  # asked to stop, how long the server waits for its handlers after hanging up (jmoshi waits 10 s)
@@ -117,7 +118,7 @@ class ChatServer:
             async for pcm in _user_audio(ws, sphn.OpusStreamReader(SAMPLE_RATE)):
                 if not await conversation.feed(pcm):
                     break
-        except ConnectionResetError:  # the browser left while the server was sending
+        except CLIENT_LEFT:  # the browser left while the server was sending
             pass
         finally:
             await self.ticker.close(slot)
@@ -168,7 +169,7 @@ class _Conversation:
             self._tell(chunk, said)
             try:
                 await self._send(said)
-            except ConnectionResetError:  # aiohttp's "Cannot write to closing transport": the browser left
+            except CLIENT_LEFT:  # the browser left (aiohttp: "Cannot write to closing transport", or EPIPE)
                 return False
         return True
 

@@ -151,6 +151,8 @@ class Recorder:
             self.notify(f"{PREFIX}a conversation was turned away: less than {self.settings.min_free_mb} MB free in "
                         f"{self.settings.record_dir} (--min-free-mb)")
             return gate.html_response(503, pages.DISK_FULL, **{"Retry-After": "300"})
+        from ..serving.visits import CLIENT_LEFT
+
         conversation = Conversation()
         token = CURRENT.set(conversation)
         ended, error = Ended.HANG_UP, None
@@ -159,7 +161,7 @@ class Recorder:
         except asyncio.CancelledError:
             ended = Ended.SERVER_STOP
             raise
-        except ConnectionResetError:
+        except CLIENT_LEFT:
             raise  # the client left while the server was sending: a hang-up
         except Exception as exc:
             ended, error = Ended.ERROR, f"{type(exc).__name__}: {exc}"

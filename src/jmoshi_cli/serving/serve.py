@@ -190,7 +190,8 @@ def _place_replicas(options: ServeOptions, chosen: Variant, asked: precision.Pre
         if not value >= 0:
             raise UsageError(f"{name} {value} must be 0 or more seconds", f"e.g. {name} 60")
     int8_possible = options.lora is None and not chosen.lora and _int8_runs()
-    more = (conversations - 1) * _conversation_gb()  # each replica holds this many beyond its first
+    # Each replica holds this many beyond its first; sized by moshi's model, imported only where it counts.
+    more = (conversations - 1) * _conversation_gb() if conversations > 1 else 0.0
     need = replicas.Need(chosen.vram_min_gb + more, chosen.vram_min_int8_gb + more if int8_possible else None)
     return replicas.place(count, options.device, replicas.parse_gpus(options.gpus), need, asked)
 

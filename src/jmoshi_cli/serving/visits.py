@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable
 
+# What writing to a client that has left raises, whichever way its socket was found closed: the peer's reset,
+# a write after the peer closed (EPIPE), or aiohttp's "Cannot write to closing transport" (a
+# ConnectionResetError). A hang-up, not a server error.
+CLIENT_LEFT = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 KEEPALIVE = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}  # a dead peer is dropped within ~25 s
 WATCH_S = 0.5
 
