@@ -153,3 +153,33 @@ def test_where_the_kernel_signals_it_execs_and_elsewhere_the_supervisor_runs(mon
     monkeypatch.setattr(lifetime, "has_pdeathsig", lambda: False)
     assert lifetime.SUPERVISE in lifetime.tied_argv(["haproxy"])
     assert lifetime.SUPERVISE not in lifetime.tied_argv(["haproxy"], supervise=False)
+
+
+# A child tied to this process whose console (a pipe) this process stops reading, as a dying jmoshi does for
+# a moment before the kernel signals its children: a write then raises BrokenPipeError in whatever wrote.
+BROKEN_CONSOLE = """
+import os, sys
+from jmoshi_cli.serving.lifetime import die_with_parent
+die_with_parent(os.getppid())
+print("ready", flush=True)
+sys.stdin.readline()  # the parent has closed its end of our console
+try:
+    for _ in range(1000):
+        print("a line of the server's log", flush=True)
+except BrokenPipeError:
+    os._exit(3)  # what the server's code would have seen
+os._exit(4)
+"""
+
+
+def test_a_child_whose_console_breaks_takes_its_signal_at_once_rather_than_an_error():
+    child = subprocess.Popen([sys.executable, "-c", BROKEN_CONSOLE], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"ready\n"
+        child.stdout.close()
+        child.stdin.write(b"go\n")
+        child.stdin.close()
+        assert child.wait(DEADLINE_S) == -signal.SIGKILL
+    finally:
+        child.kill()
+        child.wait()

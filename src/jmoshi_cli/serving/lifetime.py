@@ -36,7 +36,9 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
-    """Make the kernel send `sig` to this process when its parent dies; exit now if it already has."""
+    """Make the kernel send `sig` to this process when its parent dies; exit now if it already has. From now
+    on a write to this process's console that finds it broken takes `sig` at once as well (_TiedConsole)."""
+    _tie_console(sig)
     if not has_pdeathsig():
         _watch_parent(parent_pid, sig)
         return
@@ -45,6 +47,47 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+class _TiedConsole:
+    """sys.stdout or sys.stderr of a child whose console is the pipe its parent reads for as long as it lives.
+
+    A write that finds that pipe broken means the parent has died. A dying process's files are closed before
+    the kernel signals its children, so the child runs on for a moment (longer on a busy machine), and the
+    code that wrote (a conversation's handler, logging a line) would get BrokenPipeError: caught as any error,
+    a recording of the conversation would end as "error" instead of being left as it was cut. The process
+    takes the signal the kernel is about to send instead, at once."""
+
+    def __init__(self, stream, sig: int):
+        self._stream = stream
+        self._sig = sig
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            _take(self._sig)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            _take(self._sig)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _tie_console(sig: int) -> None:
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _TiedConsole):
+            setattr(sys, name, _TiedConsole(stream, sig))
+
+
+def _take(sig: int) -> NoReturn:
+    os.kill(os.getpid(), sig)
+    os._exit(128 + sig)  # still here: the signal is caught or blocked; exit as the shell would report it
 
 
 def _watch_parent(parent_pid: int, sig: int) -> None:
