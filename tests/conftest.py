@@ -17,7 +17,7 @@ import pytest
 
 from hub_server import LocalHub
 
-# The suite runs on a worker per core (pyproject.toml: pytest-xdist), each test's torch on one
+# The suite runs on a worker per core and one more (pyproject.toml: pytest-xdist), each test's torch on one
 # thread, as jmoshi gives each server child on the CPU (backends.cpu_threads): OpenMP's threads wait for their
 # slowest, so multi-threaded torch processes on busy cores stall each other at every parallel region. Set before
 # anything imports torch; every child inherits it.
@@ -212,6 +212,15 @@ def pytest_configure(config) -> None:
         from test_style import Mypy
 
         Mypy.start()
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject.toml) starts one worker more than there are cores. Part of the suite waits on real time
+    (audio paced at 80 ms a frame, HAProxy's queue timeout, idle timeouts, retry back-offs, a browser), and two
+    such waits at once left one core of two idle: 67 core-seconds of a 308 s run on 2 cores. A third worker
+    fills them (the same tree: 292 s, 7 idle core-seconds)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores + 1
 
 
 # Each test's seconds in a recorded run of the whole suite (setup, call and teardown).
