@@ -59,8 +59,9 @@ def test_a_batch_gives_each_input_exactly_what_it_gives_alone(files, tmp_path):
     sources = _inputs(tmp_path / "in")
     options = InferOptions(device="cpu", sampling=Sampling(seed=SEED))
     alone = Session.load(files, options).run_many(sources, tmp_path / "alone")
-    assert Session.load(files, replace(options, batch=3)).model.batch == 3
-    batched = Session.load(files, replace(options, batch=3)).run_many(sources, tmp_path / "batched")
+    session = Session.load(files, replace(options, batch=3))
+    assert session.model.batch == 3
+    batched = session.run_many(sources, tmp_path / "batched")
     assert [r.source for r in batched] == sources
     assert _outputs(batched) == _outputs(alone)
     for one, many in zip(alone, batched, strict=True):
