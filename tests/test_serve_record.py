@@ -138,9 +138,11 @@ def test_each_conversation_is_saved_aligned_with_its_transcript_and_settings(tin
         second = converse_sync(url, then, until=answered(then))
         wait_until(lambda: ended(folder, 2), 60, "the second recording to close")
         client = Talking(url, 120.0, tmp_path / "client.log")
-        wait_until(lambda: len(sessions(folder)) == 3 and recorded_frames(folder, 10), 120, "a third conversation")
-        code, err = served.stop(signal.SIGTERM)
-        client_said = client.stop()
+        try:
+            wait_until(lambda: len(sessions(folder)) == 3 and recorded_frames(folder, 10), 120, "a third conversation")
+            code, err = served.stop(signal.SIGTERM)
+        finally:
+            client_said = client.stop()
     finally:
         served.stop()
     assert code == 143, err
